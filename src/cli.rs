@@ -1,0 +1,558 @@
+//! The command line: clap definitions, raw arguments validated once, and one
+//! function per command.
+//!
+//! Every command returns `Result<(), Failure>`; a [`Failure`] knows its exit
+//! code (2 for bad usage, config or argument; 1 for a runtime failure), and
+//! `main` prints its whole error chain. Argument checks that clap can do
+//! (UUIDs, portal ids, `KEY=VALUE`) are value parsers, so clap reports them
+//! with the argument's name and exits 2 on its own.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::store::{DeliveryState, NewWatch, Store};
+use crate::upstream::PortalId;
+
+/// Turns Dari job polling into push: every transition of a watched job,
+/// delivered to signed webhooks, Slack and Discord, in order.
+#[derive(Debug, Parser)]
+#[command(name = "dari-relay", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `--config`, shared by every command that reads the config.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArg {
+    /// The config file [default: $DARI_RELAY_CONFIG, else /etc/dari-relay/config.toml].
+    #[arg(long, value_name = "FILE", env = "DARI_RELAY_CONFIG", default_value = DEFAULT_CONFIG_PATH, hide_default_value = true, hide_env = true)]
+    pub config: PathBuf,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon; stops cleanly on SIGTERM or SIGINT.
+    Run(ConfigArg),
+    /// Run the whole pipeline against a built-in simulated portal (no credentials, no network).
+    Demo,
+    /// Validate the config and print it resolved, secrets redacted.
+    CheckConfig(ConfigArg),
+    /// Add, import, list or remove watched jobs.
+    #[command(subcommand)]
+    Watch(WatchCommand),
+    /// List deliveries or retry failed ones.
+    #[command(subcommand)]
+    Deliveries(DeliveriesCommand),
+    /// Send a sample notification to one webhook and show its answer.
+    SendTest {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The webhook's name.
+        webhook: String,
+    },
+}
+
+/// `watch ...`
+#[derive(Debug, Subcommand)]
+pub enum WatchCommand {
+    /// Watch a job. Writes to the database; a running daemon polls it within a second.
+    Add {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The portal, as <org_id>/<endpoint_name>.
+        #[arg(value_parser = parse_portal)]
+        portal: PortalId,
+        /// The job's UUID.
+        #[arg(value_parser = parse_job_id)]
+        job_id: String,
+        /// Deliver to this webhook (repeatable) instead of those whose `portals` match.
+        #[arg(long = "webhook", value_name = "NAME")]
+        webhooks: Vec<String>,
+        /// A label passed through in every notification (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Treat what the first poll sees as already known.
+        #[arg(long)]
+        from_now: bool,
+    },
+    /// Add many watches from JSON lines, in one transaction.
+    Import {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// A file of JSON lines, or - for standard input.
+        file: PathBuf,
+    },
+    /// List watches.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Include finished, failed and removed watches.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop watching a job (its pending deliveries are still sent).
+    Rm {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The job's UUID.
+        #[arg(value_parser = parse_job_id)]
+        job_id: String,
+    },
+}
+
+/// `deliveries ...`
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// List deliveries, newest first.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only deliveries in this state.
+        #[arg(long, value_parser = ["pending", "delivered", "failed"])]
+        status: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send failed deliveries again, same webhook-id, on a fresh schedule.
+    #[command(group = clap::ArgGroup::new("which").required(true))]
+    Retry {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The delivery's id (see `deliveries list`).
+        #[arg(group = "which")]
+        delivery_id: Option<i64>,
+        /// Every failed delivery.
+        #[arg(long, group = "which")]
+        all_failed: bool,
+    },
+}
+
+/// A command's failure, with the exit code it maps to.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad usage, config or argument: exit 2.
+    Usage(anyhow::Error),
+    /// Something failed at run time: exit 1.
+    Runtime(anyhow::Error),
+}
+
+impl Failure {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) => 2,
+            Failure::Runtime(_) => 1,
+        }
+    }
+
+    /// The error, for printing with its chain.
+    pub fn error(&self) -> &anyhow::Error {
+        match self {
+            Failure::Usage(e) | Failure::Runtime(e) => e,
+        }
+    }
+}
+
+fn usage(e: impl Into<anyhow::Error>) -> Failure {
+    Failure::Usage(e.into())
+}
+
+fn runtime(e: impl Into<anyhow::Error>) -> Failure {
+    Failure::Runtime(e.into())
+}
+
+/// Parses a job id: a UUID, normalised to lower-case hyphenated form.
+pub fn parse_job_id(s: &str) -> Result<String, String> {
+    uuid::Uuid::parse_str(s.trim())
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| {
+            format!("{s:?} is not a UUID (expected e.g. 550e8400-e29b-41d4-a716-446655440000)")
+        })
+}
+
+fn parse_portal(s: &str) -> Result<PortalId, String> {
+    s.parse()
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// Runs a parsed command line.
+pub fn execute(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Run(c) => run(&c.config),
+        Command::Demo => block_on(crate::demo::run(std::io::stdout())).map_err(runtime),
+        Command::CheckConfig(c) => {
+            let config = load_config(&c.config)?;
+            print!("{}", config.redacted_toml());
+            Ok(())
+        }
+        Command::Watch(w) => watch(w),
+        Command::Deliveries(d) => deliveries(d),
+        Command::SendTest { config, webhook } => send_test(&config.config, &webhook),
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+        .block_on(f)
+}
+
+/// Loads the config; any problem is a usage failure (exit 2).
+pub fn load_config(path: &Path) -> Result<Config, Failure> {
+    Config::load(path).map_err(usage)
+}
+
+fn open_store(config: &Config) -> Result<Store, Failure> {
+    Store::open(&config.database)
+        .with_context(|| format!("cannot open database {}", config.database.display()))
+        .map_err(runtime)
+}
+
+fn run(path: &Path) -> Result<(), Failure> {
+    let config = Arc::new(load_config(path)?);
+    block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            signals.cancel();
+        });
+        crate::app::run(config, shutdown).await.map_err(runtime)
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn watch(command: WatchCommand) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        WatchCommand::Add {
+            config,
+            portal,
+            job_id,
+            webhooks,
+            labels,
+            from_now,
+        } => {
+            let config = load_config(&config.config)?;
+            let watch = NewWatch {
+                job_id,
+                portal,
+                webhooks: (!webhooks.is_empty()).then_some(webhooks),
+                labels: labels.into_iter().collect(),
+                from_now,
+            };
+            check_watch(&config, &watch).map_err(usage)?;
+            let store = open_store(&config)?;
+            let summary = store
+                .add_watches(std::slice::from_ref(&watch))
+                .map_err(runtime)?;
+            let verb = if summary.added == 1 {
+                "watching"
+            } else {
+                "already watching"
+            };
+            let _ = writeln!(out, "{verb} job {} on {}", watch.job_id, watch.portal);
+            Ok(())
+        }
+        WatchCommand::Import { config, file } => {
+            let config = load_config(&config.config)?;
+            let watches = read_import(&config, &file)?;
+            let store = open_store(&config)?;
+            let summary = store.add_watches(&watches).map_err(runtime)?;
+            let _ = writeln!(
+                out,
+                "imported {} watches ({} new, {} already watched)",
+                watches.len(),
+                summary.added,
+                summary.existing
+            );
+            Ok(())
+        }
+        WatchCommand::List { config, all, json } => {
+            let config = load_config(&config.config)?;
+            let watches = open_store(&config)?.list_watches(all).map_err(runtime)?;
+            if json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&watches).expect("rows serialise")
+                );
+                return Ok(());
+            }
+            let _ = writeln!(
+                out,
+                "{:<36}  {:<28}  {:<9}  {:<18}  LABELS",
+                "JOB_ID", "PORTAL", "STATE", "LAST_STATUS"
+            );
+            for w in &watches {
+                let labels: Vec<String> = w
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "{:<36}  {:<28}  {:<9}  {:<18}  {}",
+                    w.job_id,
+                    w.portal_id,
+                    w.state,
+                    w.last_status.as_deref().unwrap_or("-"),
+                    labels.join(",")
+                );
+            }
+            Ok(())
+        }
+        WatchCommand::Rm { config, job_id } => {
+            let config = load_config(&config.config)?;
+            if open_store(&config)?
+                .remove_watch(&job_id)
+                .map_err(runtime)?
+            {
+                let _ = writeln!(out, "stopped watching job {job_id}");
+                Ok(())
+            } else {
+                Err(usage(anyhow!(
+                    "job {job_id} is not watched (see `dari-relay watch list --all`)"
+                )))
+            }
+        }
+    }
+}
+
+/// The rules `watch add` and `watch import` share: the org has credentials
+/// and every named webhook exists.
+fn check_watch(config: &Config, watch: &NewWatch) -> anyhow::Result<()> {
+    if !config.orgs.contains_key(&watch.portal.org) {
+        return Err(anyhow!(
+            "org {:?} has no [orgs.{}] table in {}; add its api_key_env or api_key_file first",
+            watch.portal.org,
+            watch.portal.org,
+            config.path.display()
+        ));
+    }
+    for name in watch.webhooks.iter().flatten() {
+        if config.webhook(name).is_none() {
+            let known: Vec<&str> = config.webhooks.iter().map(|w| w.name.as_str()).collect();
+            return Err(anyhow!(
+                "--webhook {name:?} is not a webhook in {} (known: {})",
+                config.path.display(),
+                known.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One line of `watch import`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportLine {
+    portal_id: String,
+    job_id: String,
+    #[serde(default)]
+    webhooks: Option<Vec<String>>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    from_now: bool,
+}
+
+/// Reads and validates every line before anything is imported, so a bad
+/// line imports nothing.
+fn read_import(config: &Config, file: &Path) -> Result<Vec<NewWatch>, Failure> {
+    let reader: Box<dyn BufRead> = if file == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let f = std::fs::File::open(file)
+            .with_context(|| format!("cannot read {}", file.display()))
+            .map_err(usage)?;
+        Box::new(std::io::BufReader::new(f))
+    };
+    let name = if file == Path::new("-") {
+        "<stdin>".to_owned()
+    } else {
+        file.display().to_string()
+    };
+    let mut watches = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let at = |e: String| usage(anyhow!("{name}:{}: {e}; nothing was imported", i + 1));
+        let line = line.map_err(|e| at(e.to_string()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let raw: ImportLine = serde_json::from_str(&line).map_err(|e| at(e.to_string()))?;
+        let watch = NewWatch {
+            job_id: parse_job_id(&raw.job_id).map_err(at)?,
+            portal: parse_portal(&raw.portal_id).map_err(at)?,
+            webhooks: raw.webhooks.filter(|w| !w.is_empty()),
+            labels: raw.labels,
+            from_now: raw.from_now,
+        };
+        check_watch(config, &watch).map_err(|e| at(e.to_string()))?;
+        watches.push(watch);
+    }
+    Ok(watches)
+}
+
+fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        DeliveriesCommand::List {
+            config,
+            status,
+            json,
+        } => {
+            let config = load_config(&config.config)?;
+            let state = status.as_deref().and_then(DeliveryState::parse);
+            let rows = open_store(&config)?
+                .list_deliveries(state, 1000)
+                .map_err(runtime)?;
+            if json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&rows).expect("rows serialise")
+                );
+                return Ok(());
+            }
+            let _ = writeln!(
+                out,
+                "{:>6}  {:<22}  {:<14}  {:<36}  {:<9}  {:>8}  LAST_ERROR",
+                "ID", "TYPE", "WEBHOOK", "JOB_ID", "STATE", "ATTEMPTS"
+            );
+            for d in &rows {
+                let _ = writeln!(
+                    out,
+                    "{:>6}  {:<22}  {:<14}  {:<36}  {:<9}  {:>8}  {}",
+                    d.id,
+                    d.kind,
+                    d.webhook,
+                    d.job_id,
+                    d.state,
+                    d.attempts,
+                    d.last_error.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        DeliveriesCommand::Retry {
+            config,
+            delivery_id,
+            all_failed,
+        } => {
+            let config = load_config(&config.config)?;
+            let store = open_store(&config)?;
+            let id = if all_failed { None } else { delivery_id };
+            let count = store.retry_failed(id).map_err(runtime)?;
+            if count == 0 && id.is_some() {
+                return Err(usage(anyhow!(
+                    "delivery {} does not exist or is not failed",
+                    id.unwrap_or_default()
+                )));
+            }
+            let _ = writeln!(
+                out,
+                "requeued {count} failed deliveries; a running daemon sends them within a second"
+            );
+            Ok(())
+        }
+    }
+}
+
+fn send_test(path: &Path, name: &str) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let webhook = config.webhook(name).cloned().ok_or_else(|| {
+        usage(anyhow!(
+            "{name:?} is not a webhook in {}",
+            config.path.display()
+        ))
+    })?;
+    let http = crate::deliver::http_client(&config).map_err(runtime)?;
+    let labels = serde_json::Map::new();
+    let sample = crate::notification::watch_failed(
+        crate::notification::WatchContext {
+            job_id: "00000000-0000-4000-8000-000000000000",
+            portal_id: "example-org/example_portal",
+            labels: &labels,
+        },
+        "send-test: a sample notification from dari-relay",
+        None,
+        &crate::notification::now_timestamp(),
+    );
+    let body = crate::format::render(webhook.format, &sample.body).map_err(runtime)?;
+    let response = block_on(crate::deliver::send(
+        &http,
+        &webhook,
+        &crate::poller::new_msg_id(),
+        body,
+    ));
+    let mut out = std::io::stdout().lock();
+    match response.status {
+        Some(status) => {
+            let _ = writeln!(out, "{name}: HTTP {status}");
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "{name}: no answer: {}",
+                response.error.as_deref().unwrap_or("unknown error")
+            );
+        }
+    }
+    if let Some(excerpt) = &response.excerpt {
+        let _ = writeln!(out, "{}", crate::format::truncate(excerpt, 500));
+    }
+    if response.is_success() {
+        Ok(())
+    } else {
+        Err(runtime(anyhow!("webhook {name} did not answer 2xx")))
+    }
+}

@@ -1,0 +1,827 @@
+//! Configuration: the TOML file as written ([`RawConfig`], private) and the
+//! resolved form the rest of the program uses ([`Config`]).
+//!
+//! The file is read and validated exactly once: durations become
+//! [`Duration`]s, URLs are parsed, glob patterns are checked and every secret
+//! is loaded from the environment or a file. Whatever is wrong is reported as
+//! a [`ConfigError`] that names the file, the key and, where the TOML parser
+//! knows it, the line, so `main` can print one clear message and exit 2.
+//! Secrets are wrapped in `secrecy` types and never printed: `check-config`
+//! shows where each one came from instead.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::Url;
+use secrecy::SecretString;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::glob::Glob;
+use crate::signature::SigningKey;
+
+/// Where the config file is looked for when neither `--config` nor
+/// `$DARI_RELAY_CONFIG` names one.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dari-relay/config.toml";
+
+/// The resolved configuration. Built by [`Config::load`] (or
+/// [`Config::from_toml`] in tests and the demo), then shared read-only.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, for messages.
+    pub path: PathBuf,
+    /// The SQLite database file.
+    pub database: PathBuf,
+    /// How Dari is polled.
+    pub upstream: Upstream,
+    /// How webhooks are delivered.
+    pub delivery: Delivery,
+    /// Credentials per org id, sorted by id.
+    pub orgs: BTreeMap<String, Org>,
+    /// Every configured webhook, in file order; names are unique.
+    pub webhooks: Vec<Webhook>,
+}
+
+/// `[upstream]`: the Dari API and the polling rhythm.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Base URL of the Dari API, without a trailing path.
+    pub base_url: Url,
+    /// Interval while a job keeps changing; also the first backoff step.
+    pub poll_interval: Duration,
+    /// Ceiling for the interval of an unchanged or failing job.
+    pub max_poll_interval: Duration,
+    /// Timeout of one status request, connect to last byte.
+    pub request_timeout: Duration,
+    /// Status requests in flight at once, all orgs together.
+    pub max_in_flight: usize,
+    /// Normalised statuses that end polling; always holds `completed` and `failed`.
+    pub terminal_statuses: Vec<String>,
+    /// Largest status body read; a longer one is refused unread.
+    pub max_response_bytes: usize,
+}
+
+/// `[delivery]`: retries and timeouts of webhook deliveries.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Waits before retries 1..n; after the last one a delivery is `failed`.
+    pub retry_schedule: Vec<Duration>,
+    /// Timeout of one delivery attempt.
+    pub request_timeout: Duration,
+    /// How long `run` lets in-flight deliveries finish after SIGTERM.
+    pub shutdown_timeout: Duration,
+}
+
+/// `[orgs.<org_id>]`: one Dari org and its API key.
+#[derive(Clone)]
+pub struct Org {
+    /// The org id, as in portal ids `org_id/endpoint_name`.
+    pub id: String,
+    /// The `X-API-Key` value. Never printed.
+    pub api_key: SecretString,
+    /// Where the key came from, which is what `check-config` prints.
+    pub api_key_source: SecretSource,
+}
+
+impl fmt::Debug for Org {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Org")
+            .field("id", &self.id)
+            .field("api_key", &self.api_key_source)
+            .finish()
+    }
+}
+
+/// Where a secret was loaded from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An environment variable, by name.
+    Env(String),
+    /// A file, by path.
+    File(PathBuf),
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Env(name) => write!(f, "<redacted, from ${name}>"),
+            SecretSource::File(path) => write!(f, "<redacted, from {}>", path.display()),
+        }
+    }
+}
+
+/// Body format of a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// The Standard Webhooks JSON body of INTERFACE.md.
+    Standard,
+    /// A Slack incoming-webhook message.
+    Slack,
+    /// A Discord webhook message.
+    Discord,
+}
+
+impl Format {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Standard => "standard",
+            Format::Slack => "slack",
+            Format::Discord => "discord",
+        }
+    }
+}
+
+/// `[[webhooks]]`: one receiver.
+#[derive(Clone)]
+pub struct Webhook {
+    /// Unique name, used by `--webhook`, in the database and in logs.
+    pub name: String,
+    /// Where deliveries are POSTed. Chat URLs are secrets, so this is never
+    /// logged; `url_source` says whether it may be shown.
+    pub url: Url,
+    /// `None` when the URL is written in the config, else where it came from.
+    pub url_source: Option<SecretSource>,
+    /// Body format.
+    pub format: Format,
+    /// Standard Webhooks signing key, when the webhook has a secret.
+    pub secret: Option<SigningKey>,
+    /// Where the secret came from.
+    pub secret_source: Option<SecretSource>,
+    /// Notification types this webhook accepts; empty means all.
+    pub types: Vec<Glob>,
+    /// Portal ids this webhook follows when a watch names no webhooks; empty means all.
+    pub portals: Vec<Glob>,
+}
+
+impl fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Webhook")
+            .field("name", &self.name)
+            .field("format", &self.format)
+            .field("signed", &self.secret.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Webhook {
+    /// Whether a notification of `kind` for a watch on `portal_id` goes to this
+    /// webhook. `named` is the watch's own webhook list: when present, it
+    /// replaces the `portals` patterns, but the `types` filter still applies.
+    pub fn accepts(&self, kind: &str, portal_id: &str, named: Option<&[String]>) -> bool {
+        let chosen = match named {
+            Some(names) => names.iter().any(|n| n == &self.name),
+            None => crate::glob::any_matches(&self.portals, portal_id),
+        };
+        chosen && crate::glob::any_matches(&self.types, kind)
+    }
+}
+
+/// A configuration problem, reported before anything runs.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not fit the schema; the parser's message
+    /// already names the line, column and key.
+    #[error("invalid config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    /// A value parsed but is not acceptable.
+    #[error("{}{}: {key}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        line: Option<usize>,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and resolves the config file at `path`, taking secrets
+    /// from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and resolves `text`; `env` looks up environment variables, so
+    /// tests and the demo need not touch the process environment.
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Resolver { text, path, env }.resolve(raw)
+    }
+
+    /// The webhook called `name`.
+    pub fn webhook(&self, name: &str) -> Option<&Webhook> {
+        self.webhooks.iter().find(|w| w.name == name)
+    }
+
+    /// Whether `status` (normalised) ends polling.
+    pub fn is_terminal(&self, status: &str) -> bool {
+        self.upstream.terminal_statuses.iter().any(|s| s == status)
+    }
+
+    /// The resolved configuration as TOML, every secret replaced by where it
+    /// came from. This is what `check-config` prints.
+    pub fn redacted_toml(&self) -> String {
+        use std::fmt::Write as _;
+        let dur = |d: Duration| format!("{:?}", humantime::format_duration(d).to_string());
+        let list = |items: Vec<String>| format!("[{}]", items.join(", "));
+        let globs = |g: &[Glob]| list(g.iter().map(|g| format!("{:?}", g.as_str())).collect());
+        let mut out = String::new();
+        let _ = writeln!(out, "# resolved from {}", self.path.display());
+        let _ = writeln!(
+            out,
+            "database = {:?}\n",
+            self.database.display().to_string()
+        );
+        let u = &self.upstream;
+        let _ = writeln!(out, "[upstream]");
+        let _ = writeln!(out, "base_url = {:?}", u.base_url.as_str());
+        let _ = writeln!(out, "poll_interval = {}", dur(u.poll_interval));
+        let _ = writeln!(out, "max_poll_interval = {}", dur(u.max_poll_interval));
+        let _ = writeln!(out, "request_timeout = {}", dur(u.request_timeout));
+        let _ = writeln!(out, "max_in_flight = {}", u.max_in_flight);
+        let statuses = u
+            .terminal_statuses
+            .iter()
+            .map(|s| format!("{s:?}"))
+            .collect();
+        let _ = writeln!(out, "terminal_statuses = {}", list(statuses));
+        let _ = writeln!(out, "max_response_bytes = {}\n", u.max_response_bytes);
+        let d = &self.delivery;
+        let _ = writeln!(out, "[delivery]");
+        let schedule = d.retry_schedule.iter().map(|&s| dur(s)).collect();
+        let _ = writeln!(out, "retry_schedule = {}", list(schedule));
+        let _ = writeln!(out, "request_timeout = {}", dur(d.request_timeout));
+        let _ = writeln!(out, "shutdown_timeout = {}", dur(d.shutdown_timeout));
+        for org in self.orgs.values() {
+            let _ = writeln!(out, "\n[orgs.{:?}]", org.id);
+            let _ = writeln!(out, "api_key = {:?}", org.api_key_source.to_string());
+        }
+        for w in &self.webhooks {
+            let _ = writeln!(out, "\n[[webhooks]]");
+            let _ = writeln!(out, "name = {:?}", w.name);
+            let url = match &w.url_source {
+                None => w.url.to_string(),
+                Some(source) => source.to_string(),
+            };
+            let _ = writeln!(out, "url = {url:?}");
+            let _ = writeln!(out, "format = {:?}", w.format.as_str());
+            if let Some(source) = &w.secret_source {
+                let _ = writeln!(out, "secret = {:?}", source.to_string());
+            }
+            let _ = writeln!(out, "types = {}", globs(&w.types));
+            let _ = writeln!(out, "portals = {}", globs(&w.portals));
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written. Every table denies unknown keys, so a typo is an error
+// with a line number instead of a silently ignored setting.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database: Option<Spanned<String>>,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    delivery: RawDelivery,
+    #[serde(default)]
+    orgs: BTreeMap<String, Spanned<RawOrg>>,
+    #[serde(default)]
+    webhooks: Vec<Spanned<RawWebhook>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    base_url: Option<Spanned<HttpUrl>>,
+    poll_interval: Option<Spanned<DurationValue>>,
+    max_poll_interval: Option<Spanned<DurationValue>>,
+    request_timeout: Option<Spanned<DurationValue>>,
+    max_in_flight: Option<Spanned<i64>>,
+    terminal_statuses: Option<Vec<String>>,
+    max_response_bytes: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    retry_schedule: Option<Vec<DurationValue>>,
+    request_timeout: Option<Spanned<DurationValue>>,
+    shutdown_timeout: Option<Spanned<DurationValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrg {
+    api_key_env: Option<Spanned<String>>,
+    api_key_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    name: Spanned<String>,
+    url: Option<Spanned<HttpUrl>>,
+    url_env: Option<Spanned<String>>,
+    #[serde(default = "default_format")]
+    format: Format,
+    secret_env: Option<Spanned<String>>,
+    secret_file: Option<Spanned<String>>,
+    #[serde(default)]
+    types: Vec<Spanned<String>>,
+    #[serde(default)]
+    portals: Vec<Spanned<String>>,
+}
+
+fn default_format() -> Format {
+    Format::Standard
+}
+
+/// A duration written as `"500ms"`, `"2s"`, `"5m"`; rejected with a clear
+/// message (and, through the TOML parser, the line) when it is anything else.
+#[derive(Debug, Clone, Copy)]
+struct DurationValue(Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text)
+            .map(DurationValue)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a duration such as `"500ms"`, `"2s"`, `"5m"`, `"1h 30m"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!(
+            "invalid duration {text:?} ({e}); write it like \"500ms\", \"2s\", \"5m\" or \"1h\""
+        )
+    })
+}
+
+/// An absolute `http` or `https` URL.
+#[derive(Debug, Clone)]
+struct HttpUrl(Url);
+
+impl<'de> Deserialize<'de> for HttpUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_http_url(&text)
+            .map(HttpUrl)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn parse_http_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text.trim()).map_err(|e| format!("invalid URL {text:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "invalid URL {text:?}: expected an http:// or https:// URL with a host"
+        ));
+    }
+    Ok(url)
+}
+
+/// Turns a [`RawConfig`] into a [`Config`], with the text at hand to turn
+/// byte spans into line numbers.
+struct Resolver<'a> {
+    text: &'a str,
+    path: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Resolver<'_> {
+    fn error(
+        &self,
+        span: Option<Range<usize>>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line: span.map(|s| {
+                self.text[..s.start.min(self.text.len())]
+                    .matches('\n')
+                    .count()
+                    + 1
+            }),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn resolve(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let database = match raw.database {
+            Some(db) if db.get_ref().trim().is_empty() => {
+                return Err(self.error(Some(db.span()), "database", "must not be empty"));
+            }
+            Some(db) => PathBuf::from(db.into_inner()),
+            None => PathBuf::from("/var/lib/dari-relay/relay.db"),
+        };
+        let upstream = self.upstream(raw.upstream)?;
+        let delivery = self.delivery(raw.delivery)?;
+        let mut orgs = BTreeMap::new();
+        for (id, org) in raw.orgs {
+            let span = org.span();
+            let key = format!("orgs.{id}");
+            if !crate::upstream::is_valid_segment(&id) {
+                return Err(self.error(
+                    Some(span),
+                    &key,
+                    "an org id must be non-empty, without '/', spaces or control characters",
+                ));
+            }
+            let org = org.into_inner();
+            let (api_key, api_key_source) = self.secret(
+                &key,
+                Some(span.clone()),
+                ("api_key_env", org.api_key_env),
+                ("api_key_file", org.api_key_file),
+            )?;
+            let api_key = api_key
+                .ok_or_else(|| self.error(Some(span), &key, "needs api_key_env or api_key_file"))?;
+            let api_key_source = api_key_source.expect("source is set with the key");
+            orgs.insert(
+                id.clone(),
+                Org {
+                    id,
+                    api_key: SecretString::from(api_key),
+                    api_key_source,
+                },
+            );
+        }
+        let mut webhooks = Vec::new();
+        let mut names = HashSet::new();
+        for (i, hook) in raw.webhooks.into_iter().enumerate() {
+            let span = hook.span();
+            let hook = hook.into_inner();
+            let webhook = self.webhook(i, span.clone(), hook)?;
+            if !names.insert(webhook.name.clone()) {
+                return Err(self.error(
+                    Some(span),
+                    &format!("webhooks[{i}].name"),
+                    format!(
+                        "webhook name {:?} is used twice; names must be unique",
+                        webhook.name
+                    ),
+                ));
+            }
+            webhooks.push(webhook);
+        }
+        Ok(Config {
+            path: self.path.to_owned(),
+            database,
+            upstream,
+            delivery,
+            orgs,
+            webhooks,
+        })
+    }
+
+    fn upstream(&self, raw: RawUpstream) -> Result<Upstream, ConfigError> {
+        let base_url = match raw.base_url {
+            Some(url) => url.into_inner().0,
+            None => Url::parse("https://agent.usedari.com").expect("default URL parses"),
+        };
+        let poll_interval = self.positive("upstream.poll_interval", raw.poll_interval, 2_000)?;
+        let max_poll_interval = self.positive(
+            "upstream.max_poll_interval",
+            raw.max_poll_interval.clone(),
+            60_000,
+        )?;
+        if max_poll_interval < poll_interval {
+            let span = raw.max_poll_interval.map(|s| s.span());
+            return Err(self.error(
+                span,
+                "upstream.max_poll_interval",
+                "must be at least upstream.poll_interval",
+            ));
+        }
+        let request_timeout =
+            self.positive("upstream.request_timeout", raw.request_timeout, 15_000)?;
+        let max_in_flight = self.count("upstream.max_in_flight", raw.max_in_flight, 64)?;
+        let mut terminal_statuses: Vec<String> = raw
+            .terminal_statuses
+            .unwrap_or_else(|| {
+                ["completed", "failed", "stopped", "cancelled"]
+                    .map(String::from)
+                    .to_vec()
+            })
+            .iter()
+            .map(|s| crate::diff::normalize_status(s))
+            .collect();
+        // completed and failed end a job whatever the list says (INTERFACE.md).
+        for always in ["completed", "failed"] {
+            if !terminal_statuses.iter().any(|s| s == always) {
+                terminal_statuses.push(always.to_owned());
+            }
+        }
+        let max_response_bytes = self.count(
+            "upstream.max_response_bytes",
+            raw.max_response_bytes,
+            10 * 1024 * 1024,
+        )?;
+        Ok(Upstream {
+            base_url,
+            poll_interval,
+            max_poll_interval,
+            request_timeout,
+            max_in_flight,
+            terminal_statuses,
+            max_response_bytes,
+        })
+    }
+
+    fn delivery(&self, raw: RawDelivery) -> Result<Delivery, ConfigError> {
+        let retry_schedule = match raw.retry_schedule {
+            Some(list) => list.into_iter().map(|d| d.0).collect(),
+            None => ["5s", "5m", "30m", "2h", "5h", "10h", "10h"]
+                .iter()
+                .map(|s| parse_duration(s).expect("default schedule parses"))
+                .collect(),
+        };
+        Ok(Delivery {
+            retry_schedule,
+            request_timeout: self.positive(
+                "delivery.request_timeout",
+                raw.request_timeout,
+                15_000,
+            )?,
+            shutdown_timeout: match raw.shutdown_timeout {
+                Some(d) => d.into_inner().0,
+                None => Duration::from_secs(10),
+            },
+        })
+    }
+
+    fn positive(
+        &self,
+        key: &str,
+        value: Option<Spanned<DurationValue>>,
+        default_ms: u64,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(Duration::from_millis(default_ms)),
+            Some(v) if v.get_ref().0.is_zero() => {
+                Err(self.error(Some(v.span()), key, "must be more than zero"))
+            }
+            Some(v) => Ok(v.into_inner().0),
+        }
+    }
+
+    fn count(
+        &self,
+        key: &str,
+        value: Option<Spanned<i64>>,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => usize::try_from(*v.get_ref())
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    self.error(Some(v.span()), key, "must be a whole number of at least 1")
+                }),
+        }
+    }
+
+    /// Loads a secret given either as `<name>_env` or `<name>_file` (not both).
+    /// Returns `(None, None)` when neither is set.
+    fn secret(
+        &self,
+        table: &str,
+        table_span: Option<Range<usize>>,
+        env_key: (&str, Option<Spanned<String>>),
+        file_key: (&str, Option<Spanned<String>>),
+    ) -> Result<(Option<String>, Option<SecretSource>), ConfigError> {
+        match (env_key.1, file_key.1) {
+            (Some(_), Some(_)) => Err(self.error(
+                table_span,
+                table,
+                format!("set either {} or {}, not both", env_key.0, file_key.0),
+            )),
+            (Some(name), None) => {
+                let key = format!("{table}.{}", env_key.0);
+                let var = name.get_ref().trim();
+                match (self.env)(var) {
+                    Some(value) if !value.trim().is_empty() => Ok((
+                        Some(value.trim().to_owned()),
+                        Some(SecretSource::Env(var.to_owned())),
+                    )),
+                    Some(_) => Err(self.error(
+                        Some(name.span()),
+                        &key,
+                        format!("environment variable {var} is empty"),
+                    )),
+                    None => Err(self.error(
+                        Some(name.span()),
+                        &key,
+                        format!("environment variable {var} is not set"),
+                    )),
+                }
+            }
+            (None, Some(file)) => {
+                let key = format!("{table}.{}", file_key.0);
+                let path = PathBuf::from(file.get_ref().trim());
+                match std::fs::read_to_string(&path) {
+                    Ok(value) if !value.trim().is_empty() => Ok((
+                        Some(value.trim().to_owned()),
+                        Some(SecretSource::File(path)),
+                    )),
+                    Ok(_) => Err(self.error(
+                        Some(file.span()),
+                        &key,
+                        format!("{} is empty", path.display()),
+                    )),
+                    Err(e) => Err(self.error(
+                        Some(file.span()),
+                        &key,
+                        format!("cannot read {}: {e}", path.display()),
+                    )),
+                }
+            }
+            (None, None) => Ok((None, None)),
+        }
+    }
+
+    fn webhook(
+        &self,
+        index: usize,
+        span: Range<usize>,
+        raw: RawWebhook,
+    ) -> Result<Webhook, ConfigError> {
+        let name_span = raw.name.span();
+        let name = raw.name.into_inner();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(self.error(
+                Some(name_span),
+                &format!("webhooks[{index}].name"),
+                format!(
+                    "{name:?} is not a valid webhook name: use letters, digits, '-', '_' or '.'"
+                ),
+            ));
+        }
+        let key = format!("webhooks[{index}] ({name})");
+        let (url, url_source) = match (raw.url, raw.url_env) {
+            (Some(_), Some(_)) => {
+                return Err(self.error(Some(span), &key, "set either url or url_env, not both"));
+            }
+            (None, None) => return Err(self.error(Some(span), &key, "needs url or url_env")),
+            (Some(url), None) => (url.into_inner().0, None),
+            (None, Some(var_name)) => {
+                let var = var_name.get_ref().trim().to_owned();
+                let k = format!("{key}.url_env");
+                let value = (self.env)(&var)
+                    .filter(|v| !v.trim().is_empty())
+                    .ok_or_else(|| {
+                        self.error(
+                            Some(var_name.span()),
+                            &k,
+                            format!("environment variable {var} is not set"),
+                        )
+                    })?;
+                // The value is a secret: the message names the variable only.
+                let url = parse_http_url(&value).map_err(|_| {
+                    self.error(
+                        Some(var_name.span()),
+                        &k,
+                        format!("environment variable {var} is not an http(s) URL"),
+                    )
+                })?;
+                (url, Some(SecretSource::Env(var)))
+            }
+        };
+        let (secret, secret_source) = self.secret(
+            &key,
+            Some(span.clone()),
+            ("secret_env", raw.secret_env),
+            ("secret_file", raw.secret_file),
+        )?;
+        let secret = match secret {
+            None => None,
+            Some(text) => Some(SigningKey::parse(&text).map_err(|e| {
+                self.error(Some(span.clone()), &format!("{key}.secret"), e.to_string())
+            })?),
+        };
+        let globs = |field: &str, list: Vec<Spanned<String>>| -> Result<Vec<Glob>, ConfigError> {
+            list.into_iter()
+                .map(|p| {
+                    Glob::new(p.get_ref()).ok_or_else(|| {
+                        self.error(
+                            Some(p.span()),
+                            &format!("{key}.{field}"),
+                            "a pattern must not be empty",
+                        )
+                    })
+                })
+                .collect()
+        };
+        Ok(Webhook {
+            name,
+            url,
+            url_source,
+            format: raw.format,
+            secret,
+            secret_source,
+            types: globs("types", raw.types)?,
+            portals: globs("portals", raw.portals)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let env = |name: &str| match name {
+            "KEY" => Some("sk-test".to_owned()),
+            "SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
+            _ => None,
+        };
+        Config::from_toml(text, Path::new("relay.toml"), &env)
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let c = load("").unwrap();
+        assert_eq!(c.upstream.poll_interval, Duration::from_secs(2));
+        assert_eq!(c.upstream.max_poll_interval, Duration::from_secs(60));
+        assert_eq!(c.upstream.max_in_flight, 64);
+        assert_eq!(c.delivery.retry_schedule.len(), 7);
+        assert_eq!(c.database, PathBuf::from("/var/lib/dari-relay/relay.db"));
+        assert!(c.is_terminal("completed") && c.is_terminal("cancelled"));
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let cases = [
+            ("[upstream]\npoll_interval = \"soon\"\n", "line 2"),
+            ("[upstream]\nbase_url = \"ftp://x\"\n", "line 2"),
+            (
+                "[upstream]\npol_interval = \"2s\"\n",
+                "unknown field `pol_interval`",
+            ),
+            (
+                "[orgs.a]\napi_key_env = \"NOPE\"\n",
+                "relay.toml:2: orgs.a.api_key_env: environment variable NOPE is not set",
+            ),
+            (
+                "[[webhooks]]\nname = \"a\"\nurl = \"http://x\"\n[[webhooks]]\nname = \"a\"\nurl = \"http://y\"\n",
+                "webhook name \"a\" is used twice",
+            ),
+            (
+                "[upstream]\npoll_interval = \"5s\"\nmax_poll_interval = \"1s\"\n",
+                "relay.toml:3: upstream.max_poll_interval",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let c = load(
+            "[orgs.acme]\napi_key_env = \"KEY\"\n[[webhooks]]\nname = \"b\"\nurl = \"http://127.0.0.1/h\"\nsecret_env = \"SECRET\"\n",
+        )
+        .unwrap();
+        let shown = format!("{}\n{:?}", c.redacted_toml(), c);
+        assert!(
+            !shown.contains("sk-test") && !shown.contains("MfKQ9r8"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted, from $KEY>"));
+    }
+}

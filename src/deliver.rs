@@ -1,0 +1,475 @@
+//! Delivery: the only module that sends webhooks.
+//!
+//! The outbox is the `deliveries` table. [`Deliverer::deliver_due_once`] asks
+//! the store for the head of each (job, webhook) chain, and starts an attempt
+//! for every head that is due and not already in flight; a chain's next
+//! delivery is not even looked at until its head is delivered or has given
+//! up, which is the ordering guarantee. Each attempt signs the stored body
+//! (Standard Webhooks), POSTs it without following redirects, counts only a
+//! 2xx as delivered, and records the attempt and the delivery's next state in
+//! one transaction. A crash between sending and recording means the attempt
+//! is made again after the restart, with the same `webhook-id`: at least once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::config::{Config, Webhook};
+use crate::retry;
+use crate::store::{AttemptRecord, DeliveryUpdate, OutboundDelivery, Store, StoreError, now_ms};
+
+/// Attempts in flight to one webhook at once. Chains of different jobs go
+/// out in parallel; this keeps one slow receiver from being flooded.
+pub const PER_WEBHOOK_IN_FLIGHT: usize = 4;
+/// Longest wait between looks at the outbox, so deliveries requeued by the
+/// CLI (`deliveries retry`) start within about a second.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// Largest part of a receiver's answer kept with an attempt.
+const EXCERPT_BYTES: usize = 4096;
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// 2xx.
+    Delivered { status: u16 },
+    /// Non-2xx or transport failure; try again at this time (Unix ms).
+    RetryAt { at_ms: i64, error: String },
+    /// The schedule is exhausted; the delivery is now `failed`.
+    GaveUp { error: String },
+}
+
+/// The raw result of one HTTP POST to a receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The receiver's status, when it answered.
+    pub status: Option<u16>,
+    /// Its `Retry-After`, parsed.
+    pub retry_after: Option<Duration>,
+    /// The start of its body.
+    pub excerpt: Option<String>,
+    /// A transport error (timeout, refused, TLS), never containing the URL.
+    pub error: Option<String>,
+}
+
+impl Response {
+    /// Whether this counts as delivered.
+    pub fn is_success(&self) -> bool {
+        self.status.is_some_and(|s| (200..300).contains(&s))
+    }
+}
+
+/// The HTTP client for receivers: redirects are never followed (a 3xx is a
+/// failed attempt), and the timeout is `[delivery] request_timeout`.
+pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .user_agent(crate::USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(config.delivery.request_timeout)
+        .connect_timeout(config.delivery.request_timeout)
+        .build()
+}
+
+/// Sends `body` (already rendered for the webhook's format) to `webhook` with
+/// the Standard Webhooks headers, signing it for this attempt's timestamp.
+pub async fn send(
+    http: &reqwest::Client,
+    webhook: &Webhook,
+    msg_id: &str,
+    body: String,
+) -> Response {
+    let timestamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let text_header =
+        |s: &str| HeaderValue::from_str(s).expect("ids, digits and base64 are valid header values");
+    headers.insert("webhook-id", text_header(msg_id));
+    headers.insert("webhook-timestamp", text_header(&timestamp.to_string()));
+    if let Some(key) = &webhook.secret {
+        headers.insert(
+            "webhook-signature",
+            text_header(&key.sign(msg_id, timestamp, body.as_bytes())),
+        );
+    }
+    let result = http
+        .post(webhook.url.clone())
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
+    let mut response = match result {
+        Ok(r) => r,
+        // The URL may be a secret (Slack, Discord): never let it into the message.
+        Err(e) => {
+            return Response {
+                status: None,
+                retry_after: None,
+                excerpt: None,
+                error: Some(describe(e)),
+            };
+        }
+    };
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
+    let mut excerpt = Vec::new();
+    let mut error = None;
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                excerpt.extend_from_slice(&chunk[..chunk.len().min(EXCERPT_BYTES - excerpt.len())]);
+                if excerpt.len() >= EXCERPT_BYTES {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                error = Some(describe(e));
+                break;
+            }
+        }
+    }
+    let excerpt = (!excerpt.is_empty()).then(|| String::from_utf8_lossy(&excerpt).into_owned());
+    Response {
+        status: Some(status),
+        retry_after,
+        excerpt,
+        error,
+    }
+}
+
+fn describe(e: reqwest::Error) -> String {
+    let timeout = e.is_timeout();
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut cause: &dyn std::error::Error = &e;
+    while let Some(next) = cause.source() {
+        text = format!("{text}: {next}");
+        cause = next;
+    }
+    if timeout {
+        format!("timed out: {text}")
+    } else {
+        text
+    }
+}
+
+/// Decides what an attempt's response means for its delivery, given how many
+/// attempts were made before it. Pure, so the rule is tested on its own.
+pub fn classify(
+    response: &Response,
+    attempts_before: u32,
+    schedule: &[Duration],
+    now_ms: i64,
+    unit: f64,
+) -> AttemptOutcome {
+    if let Some(status) = response.status.filter(|_| response.is_success()) {
+        return AttemptOutcome::Delivered { status };
+    }
+    let error = match (&response.error, response.status) {
+        (Some(e), _) => e.clone(),
+        (None, Some(s)) => format!("HTTP {s}"),
+        (None, None) => "no answer".to_owned(),
+    };
+    let retry_number = attempts_before as usize + 1;
+    match retry::delivery_retry_delay(schedule, retry_number, response.retry_after, unit) {
+        Some(wait) => AttemptOutcome::RetryAt {
+            at_ms: now_ms + wait.as_millis() as i64,
+            error,
+        },
+        None => AttemptOutcome::GaveUp { error },
+    }
+}
+
+/// The delivery loop. Created by `app`, consumed by [`Deliverer::run`].
+pub struct Deliverer {
+    config: Arc<Config>,
+    store: Arc<Store>,
+    http: reqwest::Client,
+    /// Rung by the poller when it stored deliveries.
+    wake: Arc<Notify>,
+    /// (job, webhook) chains with an attempt out; their heads are skipped.
+    in_flight: HashSet<(String, String)>,
+    /// Attempts out per webhook.
+    per_webhook: HashMap<String, usize>,
+    /// Webhooks named by deliveries but absent from the config, logged once.
+    unknown_webhooks: HashSet<String>,
+    tasks: JoinSet<(String, String)>,
+}
+
+impl Deliverer {
+    /// A deliverer over `store`'s outbox.
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        wake: Arc<Notify>,
+    ) -> Result<Deliverer, reqwest::Error> {
+        Ok(Deliverer {
+            http: http_client(&config)?,
+            config,
+            store,
+            wake,
+            in_flight: HashSet::new(),
+            per_webhook: HashMap::new(),
+            unknown_webhooks: HashSet::new(),
+            tasks: JoinSet::new(),
+        })
+    }
+
+    /// Delivers until `shutdown` is cancelled, then lets attempts in flight
+    /// finish for up to `shutdown_timeout`. Whatever is left stays pending.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        loop {
+            let wait = match self.deliver_due_once().await {
+                Ok(Some(next_ms)) => {
+                    Duration::from_millis((next_ms - now_ms()).max(0) as u64).min(IDLE_CHECK)
+                }
+                Ok(None) => IDLE_CHECK,
+                Err(e) => {
+                    error!(error = %e, "cannot read the outbox; will retry");
+                    IDLE_CHECK
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                Some(done) = self.tasks.join_next() => self.finish(done),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let in_flight = self.tasks.len();
+        if in_flight > 0 {
+            info!(in_flight, "waiting for deliveries in flight");
+            let limit = self.config.delivery.shutdown_timeout;
+            let drain = async {
+                while let Some(done) = self.tasks.join_next().await {
+                    self.finish(done);
+                }
+            };
+            if tokio::time::timeout(limit, drain).await.is_err() {
+                warn!(
+                    left = self.tasks.len(),
+                    "shutdown timeout: unfinished deliveries stay pending for the next start"
+                );
+                self.tasks.abort_all();
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, done: Result<(String, String), tokio::task::JoinError>) {
+        match done {
+            Ok(chain) => {
+                if let Some(n) = self.per_webhook.get_mut(&chain.1) {
+                    *n = n.saturating_sub(1);
+                }
+                self.in_flight.remove(&chain);
+            }
+            Err(e) => error!(error = %e, "a delivery task ended abnormally"),
+        }
+    }
+
+    /// Starts an attempt for every due chain head that is not in flight.
+    /// Returns when the earliest head not started is due (Unix ms), if any.
+    /// The loop's one step; tests call it directly.
+    pub async fn deliver_due_once(&mut self) -> Result<Option<i64>, StoreError> {
+        let limit = self.in_flight.len() + 256;
+        let heads = self.store.call(move |s| s.pending_heads(limit)).await?;
+        let now = now_ms();
+        let mut next_due: Option<i64> = None;
+        for head in heads {
+            let chain = (head.job_id.clone(), head.webhook.clone());
+            if self.in_flight.contains(&chain) {
+                continue;
+            }
+            let Some(webhook) = self.config.webhook(&head.webhook).cloned() else {
+                if self.unknown_webhooks.insert(head.webhook.clone()) {
+                    warn!(webhook = %head.webhook, "deliveries wait for a webhook that is no longer in the config");
+                }
+                continue;
+            };
+            if head.next_attempt_at > now {
+                next_due =
+                    Some(next_due.map_or(head.next_attempt_at, |n| n.min(head.next_attempt_at)));
+                continue;
+            }
+            let busy = self.per_webhook.entry(head.webhook.clone()).or_default();
+            if *busy >= PER_WEBHOOK_IN_FLIGHT {
+                continue;
+            }
+            let id = head.id;
+            let Some(delivery) = self.store.call(move |s| s.outbound(id)).await? else {
+                continue;
+            };
+            *busy += 1;
+            self.in_flight.insert(chain.clone());
+            let attempt = Attempt {
+                http: self.http.clone(),
+                store: Arc::clone(&self.store),
+                schedule: self.config.delivery.retry_schedule.clone(),
+                webhook,
+                delivery,
+            };
+            let span = info_span!("deliver", job_id = %chain.0, webhook = %chain.1, delivery_id = id, attempt = attempt.delivery.attempts + 1);
+            self.tasks.spawn(
+                async move {
+                    attempt.run().await;
+                    chain
+                }
+                .instrument(span),
+            );
+        }
+        Ok(next_due)
+    }
+}
+
+/// One attempt of one delivery, run in its own task.
+struct Attempt {
+    http: reqwest::Client,
+    store: Arc<Store>,
+    schedule: Vec<Duration>,
+    webhook: Webhook,
+    delivery: OutboundDelivery,
+}
+
+impl Attempt {
+    async fn run(self) {
+        let started_ms = now_ms();
+        let clock = Instant::now();
+        let (response, outcome) =
+            match crate::format::render(self.webhook.format, &self.delivery.body) {
+                Ok(body) => {
+                    let response =
+                        send(&self.http, &self.webhook, &self.delivery.msg_id, body).await;
+                    let outcome = classify(
+                        &response,
+                        self.delivery.attempts,
+                        &self.schedule,
+                        now_ms(),
+                        fastrand::f64(),
+                    );
+                    (response, outcome)
+                }
+                Err(e) => {
+                    // A body that cannot be rendered will not render next time either.
+                    let error = format!(
+                        "cannot render the {} body: {e}",
+                        self.webhook.format.as_str()
+                    );
+                    let response = Response {
+                        status: None,
+                        retry_after: None,
+                        excerpt: None,
+                        error: Some(error.clone()),
+                    };
+                    (response, AttemptOutcome::GaveUp { error })
+                }
+            };
+        let (update, error) = match &outcome {
+            AttemptOutcome::Delivered { status } => {
+                let latency_ms = now_ms() - self.delivery.detected_at;
+                info!(status, kind = %self.delivery.kind, latency_ms, "delivered");
+                (DeliveryUpdate::Delivered, None)
+            }
+            AttemptOutcome::RetryAt { at_ms, error } => {
+                warn!(%error, kind = %self.delivery.kind, retry_in_ms = at_ms - now_ms(), "delivery failed; will retry");
+                (DeliveryUpdate::RetryAt(*at_ms), Some(error.clone()))
+            }
+            AttemptOutcome::GaveUp { error } => {
+                error!(%error, kind = %self.delivery.kind, "delivery failed for the last time; kept as failed");
+                (DeliveryUpdate::GaveUp, Some(error.clone()))
+            }
+        };
+        let record = AttemptRecord {
+            attempted_at: started_ms,
+            duration_ms: clock.elapsed().as_millis() as i64,
+            http_status: response.status,
+            response_excerpt: response.excerpt,
+            error: error.or(response.error),
+        };
+        let id = self.delivery.id;
+        let store = &self.store;
+        let write = || async {
+            let record = record.clone();
+            store
+                .call(move |s| s.record_attempt(id, &record, update))
+                .await
+        };
+        if let Err(e) = write
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_times(5),
+            )
+            .await
+        {
+            // The delivery stays as it was (pending) and is attempted again,
+            // with the same webhook-id: a duplicate, never a loss.
+            error!(error = %e, "cannot record the attempt; the delivery stays pending");
+        } else {
+            debug!("attempt recorded");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: Option<u16>, retry_after: Option<u64>) -> Response {
+        Response {
+            status,
+            retry_after: retry_after.map(Duration::from_secs),
+            excerpt: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn only_2xx_is_delivered_and_the_schedule_runs_out() {
+        let schedule = [Duration::from_secs(5), Duration::from_secs(300)];
+        assert_eq!(
+            classify(&response(Some(204), None), 0, &schedule, 0, 0.5),
+            AttemptOutcome::Delivered { status: 204 }
+        );
+        assert_eq!(
+            classify(&response(Some(500), None), 0, &schedule, 1_000, 0.5),
+            AttemptOutcome::RetryAt {
+                at_ms: 6_000,
+                error: "HTTP 500".into()
+            }
+        );
+        assert_eq!(
+            classify(&response(Some(302), None), 1, &schedule, 0, 0.5),
+            AttemptOutcome::RetryAt {
+                at_ms: 300_000,
+                error: "HTTP 302".into()
+            }
+        );
+        assert_eq!(
+            classify(&response(Some(503), Some(9)), 1, &schedule, 0, 0.5),
+            AttemptOutcome::RetryAt {
+                at_ms: 9_000,
+                error: "HTTP 503".into()
+            }
+        );
+        assert_eq!(
+            classify(&response(None, None), 2, &schedule, 0, 0.5),
+            AttemptOutcome::GaveUp {
+                error: "no answer".into()
+            }
+        );
+    }
+}

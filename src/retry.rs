@@ -1,0 +1,129 @@
+//! Retry and backoff arithmetic, as small pure functions so each rule can be
+//! tested on its own: the poll interval of a quiet job, the backoff of a
+//! failing poll, the delivery retry schedule with jitter, and `Retry-After`.
+//!
+//! Randomness comes in as an argument (`unit` in `[0, 1)`), which keeps these
+//! functions deterministic under test.
+
+use std::time::{Duration, SystemTime};
+
+/// How much an unchanged answer stretches a watch's poll interval.
+pub const QUIET_GROWTH: f64 = 1.5;
+
+/// The next poll interval after an answer: back to `base` when the job
+/// changed, 1.5x longer (up to `cap`) when it did not.
+pub fn next_poll_interval(
+    current: Duration,
+    changed: bool,
+    base: Duration,
+    cap: Duration,
+) -> Duration {
+    if changed {
+        base
+    } else {
+        current.mul_f64(QUIET_GROWTH).clamp(base, cap)
+    }
+}
+
+/// The wait after the `streak`-th consecutive failed poll (1 for the first):
+/// exponential from `base`, capped at `cap`, with full jitter over
+/// `[base, ceiling]` so that many watches failing together spread out
+/// instead of retrying in lockstep, and never below `base`.
+pub fn error_backoff(streak: u32, base: Duration, cap: Duration, unit: f64) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32 << streak.saturating_sub(1).min(20))
+        .min(cap)
+        .max(base);
+    base + (ceiling - base).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// The wait before delivery retry number `attempt` (the first retry is 1),
+/// or `None` when the schedule is exhausted. Applies ±20% jitter; a
+/// receiver's `Retry-After` replaces the scheduled wait.
+pub fn delivery_retry_delay(
+    schedule: &[Duration],
+    attempt: usize,
+    retry_after: Option<Duration>,
+    unit: f64,
+) -> Option<Duration> {
+    let scheduled = *schedule.get(attempt.checked_sub(1)?)?;
+    if let Some(wait) = retry_after {
+        // Honour the receiver, within reason: a day at most.
+        return Some(wait.min(Duration::from_secs(86_400)));
+    }
+    Some(scheduled.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0)))
+}
+
+/// Parses a `Retry-After` value: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = value.parse::<f64>() {
+        // Discord sends fractional seconds.
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn quiet_jobs_slow_down_and_changes_reset() {
+        let (base, cap) = (S(2), S(60));
+        let mut d = base;
+        let mut seen = vec![];
+        for _ in 0..12 {
+            d = next_poll_interval(d, false, base, cap);
+            seen.push(d.as_millis());
+        }
+        assert_eq!(&seen[..4], &[3000, 4500, 6750, 10125]);
+        assert_eq!(*seen.last().unwrap(), 60_000);
+        assert_eq!(next_poll_interval(S(60), true, base, cap), base);
+    }
+
+    #[test]
+    fn error_backoff_grows_and_is_capped() {
+        let (base, cap) = (S(2), S(60));
+        assert_eq!(error_backoff(1, base, cap, 1.0), S(2));
+        assert_eq!(error_backoff(3, base, cap, 1.0), S(8));
+        assert_eq!(error_backoff(3, base, cap, 0.0), S(2));
+        assert_eq!(error_backoff(40, base, cap, 1.0), S(60));
+        assert_eq!(error_backoff(40, base, cap, 0.5), S(31));
+    }
+
+    #[test]
+    fn delivery_schedule_with_jitter_and_retry_after() {
+        let schedule = [S(5), S(300)];
+        assert_eq!(delivery_retry_delay(&schedule, 1, None, 0.0), Some(S(4)));
+        assert_eq!(delivery_retry_delay(&schedule, 1, None, 1.0), Some(S(6)));
+        assert_eq!(delivery_retry_delay(&schedule, 2, None, 0.5), Some(S(300)));
+        assert_eq!(
+            delivery_retry_delay(&schedule, 2, Some(S(7)), 0.5),
+            Some(S(7))
+        );
+        assert_eq!(delivery_retry_delay(&schedule, 3, Some(S(7)), 0.5), None);
+        assert_eq!(delivery_retry_delay(&schedule, 0, None, 0.5), None);
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + S(1_000_000_000);
+        assert_eq!(parse_retry_after("120", now), Some(S(120)));
+        assert_eq!(
+            parse_retry_after("1.5", now),
+            Some(Duration::from_millis(1500))
+        );
+        let date = httpdate::fmt_http_date(now + S(30));
+        assert_eq!(parse_retry_after(&date, now), Some(S(30)));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+}

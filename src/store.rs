@@ -1,0 +1,898 @@
+//! The store: SQLite, and the only module that runs SQL.
+//!
+//! It holds the watches with each job's last-seen state, and the outbox:
+//! notifications, one delivery per (notification, webhook), and every delivery
+//! attempt. The invariant the rest of the program leans on is that a poll's
+//! new job state and the deliveries it produced are committed in one
+//! transaction ([`Store::commit_poll`]): a crash either loses both (and the
+//! next poll sees the change again) or keeps both (and the deliveries are
+//! sent after the restart). Every pending delivery is a row, so a restart
+//! loses nothing.
+//!
+//! The connection sits behind a std `Mutex`: every critical section is a
+//! short synchronous SQLite call made on a blocking thread (see
+//! [`Store::call`]), never held across an `.await`. The CLI opens its own
+//! `Store` on the same file; WAL mode and a busy timeout let both write.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite_migration::{M, Migrations};
+use serde_json::{Map, Value};
+
+use crate::diff::SeenState;
+use crate::upstream::PortalId;
+
+/// Versioned schema migrations, applied in order on open. Append only: a
+/// released migration is never edited.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) STRICT;
+-- Bumped by every change to a watch's row made outside the poller (add,
+-- import, rm), so the daemon notices such changes with one cheap query.
+INSERT INTO meta (key, value) VALUES ('watch_rev', 0);
+
+CREATE TABLE watches (
+    job_id        TEXT PRIMARY KEY,
+    org_id        TEXT NOT NULL,
+    endpoint_name TEXT NOT NULL,
+    webhooks      TEXT,              -- JSON list of webhook names; NULL: by portal patterns
+    labels        TEXT NOT NULL,     -- JSON object
+    from_now      INTEGER NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('active', 'finished', 'failed', 'removed')),
+    state_reason  TEXT,
+    rev           INTEGER NOT NULL,
+    created_at    INTEGER NOT NULL,  -- Unix milliseconds
+    updated_at    INTEGER NOT NULL,
+    last_status   TEXT,              -- NULL until the first successful poll
+    event_fps     BLOB NOT NULL DEFAULT x'',  -- 8 bytes per announced event
+    body_hash     INTEGER            -- hash of the last answer's raw bytes
+) STRICT;
+CREATE INDEX watches_rev ON watches (rev);
+CREATE INDEX watches_state ON watches (state);
+
+CREATE TABLE notifications (
+    id         INTEGER PRIMARY KEY,
+    job_id     TEXT NOT NULL,
+    type       TEXT NOT NULL,
+    body       TEXT NOT NULL,        -- the standard body, fixed at detection
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE INDEX notifications_job ON notifications (job_id, id);
+
+CREATE TABLE deliveries (
+    id              INTEGER PRIMARY KEY,  -- also the order within (job, webhook)
+    notification_id INTEGER NOT NULL REFERENCES notifications (id),
+    job_id          TEXT NOT NULL,
+    webhook         TEXT NOT NULL,
+    msg_id          TEXT NOT NULL UNIQUE, -- the webhook-id header
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    finished_at     INTEGER,
+    last_error      TEXT
+) STRICT;
+CREATE INDEX deliveries_chain ON deliveries (job_id, webhook, state, id);
+CREATE INDEX deliveries_pending ON deliveries (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX deliveries_state ON deliveries (state, id);
+
+CREATE TABLE attempts (
+    id               INTEGER PRIMARY KEY,
+    delivery_id      INTEGER NOT NULL REFERENCES deliveries (id),
+    attempted_at     INTEGER NOT NULL,
+    duration_ms      INTEGER NOT NULL,
+    http_status      INTEGER,
+    response_excerpt TEXT,
+    error            TEXT
+) STRICT;
+CREATE INDEX attempts_delivery ON attempts (delivery_id);
+"#];
+
+/// A store failure. SQLite's own error is kept as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database folder or file could not be created.
+    #[error("cannot create the database at {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Migrating the schema failed.
+    #[error("cannot migrate the database schema: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    /// A query failed (locked, read-only, disk full, ...).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A row holds something this version cannot read.
+    #[error("database holds an unreadable value: {0}")]
+    Corrupt(String),
+    /// The blocking task running the query panicked or was cancelled.
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+/// The state of a watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchState {
+    /// Being polled.
+    Active,
+    /// Reached a terminal status; its notifications are stored.
+    Finished,
+    /// The relay gave up on it (`watch.failed` was stored).
+    Failed,
+    /// Removed by `watch rm`.
+    Removed,
+}
+
+impl WatchState {
+    /// The name stored in the database and shown by `watch list`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchState::Active => "active",
+            WatchState::Finished => "finished",
+            WatchState::Failed => "failed",
+            WatchState::Removed => "removed",
+        }
+    }
+
+    fn parse(s: &str) -> Result<WatchState, StoreError> {
+        Ok(match s {
+            "active" => WatchState::Active,
+            "finished" => WatchState::Finished,
+            "failed" => WatchState::Failed,
+            "removed" => WatchState::Removed,
+            other => return Err(StoreError::Corrupt(format!("watch state {other:?}"))),
+        })
+    }
+}
+
+/// A watch to add.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewWatch {
+    /// The job's UUID, lower-case hyphenated.
+    pub job_id: String,
+    /// The portal the job runs on.
+    pub portal: PortalId,
+    /// Webhooks named on the command line; `None` means by portal patterns.
+    pub webhooks: Option<Vec<String>>,
+    /// Labels passed through to every notification.
+    pub labels: BTreeMap<String, String>,
+    /// Whether the first poll's answer counts as already known.
+    pub from_now: bool,
+}
+
+/// How many watches an add created and how many already existed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AddSummary {
+    /// New rows, or removed watches made active again.
+    pub added: usize,
+    /// Jobs already watched: left unchanged.
+    pub existing: usize,
+}
+
+/// A watch as the scheduler needs it: where to poll and what it saw last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduledWatch {
+    /// The job's UUID.
+    pub job_id: String,
+    /// The portal.
+    pub portal: PortalId,
+    /// Whether it should be polled.
+    pub state: WatchState,
+    /// Hash of the last answer's raw bytes, to skip unchanged answers.
+    pub body_hash: Option<u64>,
+}
+
+/// Everything the diff and the notification builder need about a watch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiffContext {
+    /// The portal.
+    pub portal: PortalId,
+    /// Webhooks named at `watch add`.
+    pub webhooks: Option<Vec<String>>,
+    /// Labels.
+    pub labels: Map<String, Value>,
+    /// `--from-now`.
+    pub from_now: bool,
+    /// Whether the watch is still active.
+    pub state: WatchState,
+    /// What was announced so far.
+    pub seen: SeenState,
+}
+
+/// One row of `watch list`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WatchSummary {
+    pub job_id: String,
+    pub portal_id: String,
+    pub state: &'static str,
+    pub state_reason: Option<String>,
+    pub last_status: Option<String>,
+    pub webhooks: Option<Vec<String>>,
+    pub labels: Map<String, Value>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A notification to store, with its deliveries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewNotification {
+    /// The notification type.
+    pub kind: String,
+    /// The standard body.
+    pub body: String,
+    /// One delivery per matching webhook.
+    pub deliveries: Vec<NewDelivery>,
+}
+
+/// A delivery to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDelivery {
+    /// The webhook's name.
+    pub webhook: String,
+    /// The `webhook-id`, fixed for the delivery's life.
+    pub msg_id: String,
+}
+
+/// What one successful poll changes, committed atomically.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PollCommit {
+    /// The job.
+    pub job_id: String,
+    /// The new last-seen state.
+    pub seen: SeenState,
+    /// Hash of the raw answer.
+    pub body_hash: u64,
+    /// The watch's new state: `Active`, or `Finished`/`Failed` with a reason.
+    pub end: Option<(WatchState, String)>,
+    /// The notifications, in order.
+    pub notifications: Vec<NewNotification>,
+}
+
+/// The result of [`Store::commit_poll`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Stored; this many deliveries were created.
+    Stored { deliveries: usize },
+    /// The watch is no longer active (removed meanwhile): nothing stored.
+    WatchGone,
+}
+
+/// The state of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for its turn or its next attempt.
+    Pending,
+    /// A receiver answered 2xx.
+    Delivered,
+    /// Every retry failed; kept for `deliveries retry`.
+    Failed,
+}
+
+impl DeliveryState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+        }
+    }
+
+    /// Parses a stored or command-line name.
+    pub fn parse(s: &str) -> Option<DeliveryState> {
+        match s {
+            "pending" => Some(DeliveryState::Pending),
+            "delivered" => Some(DeliveryState::Delivered),
+            "failed" => Some(DeliveryState::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// The first pending delivery of one (job, webhook) chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingHead {
+    /// Delivery id.
+    pub id: i64,
+    /// The job.
+    pub job_id: String,
+    /// The webhook.
+    pub webhook: String,
+    /// When it may be attempted (Unix ms).
+    pub next_attempt_at: i64,
+}
+
+/// A delivery with what is needed to send it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboundDelivery {
+    /// Delivery id.
+    pub id: i64,
+    /// The `webhook-id`.
+    pub msg_id: String,
+    /// The webhook's name.
+    pub webhook: String,
+    /// The job.
+    pub job_id: String,
+    /// The notification type.
+    pub kind: String,
+    /// The standard body.
+    pub body: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the transition was detected (Unix ms).
+    pub detected_at: i64,
+}
+
+/// One attempt, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// When it started (Unix ms).
+    pub attempted_at: i64,
+    /// How long it took.
+    pub duration_ms: i64,
+    /// The receiver's status, if it answered.
+    pub http_status: Option<u16>,
+    /// The start of its answer (at most 4 KiB).
+    pub response_excerpt: Option<String>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// What an attempt did to its delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryUpdate {
+    /// 2xx: done.
+    Delivered,
+    /// Try again at this time (Unix ms).
+    RetryAt(i64),
+    /// The schedule is exhausted: `failed`.
+    GaveUp,
+}
+
+/// One row of `deliveries list`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeliverySummary {
+    pub id: i64,
+    pub msg_id: String,
+    pub job_id: String,
+    pub webhook: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub state: &'static str,
+    pub attempts: u32,
+    pub next_attempt_at: Option<String>,
+    pub created_at: String,
+    pub last_error: Option<String>,
+}
+
+/// The database.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+/// The current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as i64
+}
+
+fn ms_to_rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl Store {
+    /// Opens (creating if missing) the database at `path`: the folder is
+    /// created 0700 and the file 0600, WAL is enabled and migrations run.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let create = |source| StoreError::Create {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+        {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(create)?;
+        }
+        if !path.exists() {
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(create)?;
+        }
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a watch added by the CLI or a delivered mark survives power
+        // loss, not only a process crash.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Runs `f` on a blocking thread, so SQLite never stalls the runtime.
+    pub async fn call<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection usable (SQLite
+        // rolls back an unfinished transaction), so poisoning is ignored.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ----- watches ------------------------------------------------------
+
+    /// Adds watches in one transaction. A job already watched (active,
+    /// finished or failed) is left unchanged; a removed one becomes active
+    /// again with its last-seen state, so nothing is announced twice.
+    pub fn add_watches(&self, watches: &[NewWatch]) -> Result<AddSummary, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let rev = bump_rev(&tx)?;
+        let now = now_ms();
+        let mut summary = AddSummary::default();
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO watches (job_id, org_id, endpoint_name, webhooks, labels, from_now, state, rev, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7, ?8, ?8)
+                 ON CONFLICT (job_id) DO UPDATE SET state = 'active', state_reason = NULL, rev = ?7, updated_at = ?8
+                 WHERE state = 'removed'",
+            )?;
+            for w in watches {
+                let webhooks = w
+                    .webhooks
+                    .as_ref()
+                    .map(|names| serde_json::to_string(names).expect("names serialise"));
+                let labels = serde_json::to_string(&w.labels).expect("labels serialise");
+                let changed = insert.execute(params![
+                    w.job_id,
+                    w.portal.org,
+                    w.portal.endpoint,
+                    webhooks,
+                    labels,
+                    w.from_now,
+                    rev,
+                    now
+                ])?;
+                if changed == 1 {
+                    summary.added += 1;
+                } else {
+                    summary.existing += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(summary)
+    }
+
+    /// Marks a watch removed. Returns `false` when no such job is watched.
+    /// Its pending deliveries are still sent: they are transitions already seen.
+    pub fn remove_watch(&self, job_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let rev = bump_rev(&tx)?;
+        let changed = tx.execute(
+            "UPDATE watches SET state = 'removed', state_reason = 'watch rm', rev = ?2, updated_at = ?3
+             WHERE job_id = ?1 AND state != 'removed'",
+            params![job_id, rev, now_ms()],
+        )?;
+        tx.commit()?;
+        Ok(changed == 1)
+    }
+
+    /// Watches for `watch list`: active ones, or all with `all`.
+    pub fn list_watches(&self, all: bool) -> Result<Vec<WatchSummary>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT job_id, org_id, endpoint_name, state, state_reason, last_status, webhooks, labels, created_at, updated_at
+             FROM watches WHERE ?1 OR state = 'active' ORDER BY created_at, job_id",
+        )?;
+        let rows = stmt.query_map([all], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                format!("{}/{}", r.get::<_, String>(1)?, r.get::<_, String>(2)?),
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, i64>(8)?,
+                r.get::<_, i64>(9)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (
+                job_id,
+                portal_id,
+                state,
+                state_reason,
+                last_status,
+                webhooks,
+                labels,
+                created,
+                updated,
+            ) = row?;
+            out.push(WatchSummary {
+                job_id,
+                portal_id,
+                state: WatchState::parse(&state)?.as_str(),
+                state_reason,
+                last_status,
+                webhooks: parse_webhooks(webhooks.as_deref())?,
+                labels: parse_labels(&labels)?,
+                created_at: ms_to_rfc3339(created),
+                updated_at: ms_to_rfc3339(updated),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The current watch revision; see the `meta` table.
+    pub fn watch_rev(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM meta WHERE key = 'watch_rev'", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// Every active watch, for the scheduler at start.
+    pub fn active_watches(&self) -> Result<Vec<ScheduledWatch>, StoreError> {
+        self.scheduled("WHERE state = 'active'", 0)
+    }
+
+    /// Watches changed by the CLI since revision `rev` (any state), so the
+    /// scheduler can start new ones and drop removed ones.
+    pub fn watches_changed_since(&self, rev: i64) -> Result<Vec<ScheduledWatch>, StoreError> {
+        self.scheduled("WHERE rev > ?1", rev)
+    }
+
+    fn scheduled(&self, filter: &str, rev: i64) -> Result<Vec<ScheduledWatch>, StoreError> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT job_id, org_id, endpoint_name, state, body_hash FROM watches {filter} ORDER BY rev"
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let bind = if filter.contains("?1") {
+            vec![rev]
+        } else {
+            vec![]
+        };
+        let rows = stmt.query_map(rusqlite::params_from_iter(bind), |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job_id, org, endpoint, state, body_hash) = row?;
+            out.push(ScheduledWatch {
+                job_id,
+                portal: PortalId { org, endpoint },
+                state: WatchState::parse(&state)?,
+                body_hash: body_hash.map(|h| h as u64),
+            });
+        }
+        Ok(out)
+    }
+
+    /// What the diff needs about one watch; `None` if it does not exist.
+    pub fn diff_context(&self, job_id: &str) -> Result<Option<DiffContext>, StoreError> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT org_id, endpoint_name, webhooks, labels, from_now, state, last_status, event_fps
+                 FROM watches WHERE job_id = ?1",
+                [job_id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, bool>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                        r.get::<_, Vec<u8>>(7)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((org, endpoint, webhooks, labels, from_now, state, last_status, fps)) = row else {
+            return Ok(None);
+        };
+        if fps.len() % 8 != 0 {
+            return Err(StoreError::Corrupt(format!(
+                "event fingerprints of job {job_id}"
+            )));
+        }
+        let event_fingerprints = fps
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        Ok(Some(DiffContext {
+            portal: PortalId { org, endpoint },
+            webhooks: parse_webhooks(webhooks.as_deref())?,
+            labels: parse_labels(&labels)?,
+            from_now,
+            state: WatchState::parse(&state)?,
+            seen: SeenState {
+                status: last_status,
+                event_fingerprints,
+            },
+        }))
+    }
+
+    /// Stores a poll's new state, its notifications and their deliveries in
+    /// one transaction, provided the watch is still active.
+    pub fn commit_poll(&self, commit: &PollCommit) -> Result<CommitOutcome, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        let fps: Vec<u8> = commit
+            .seen
+            .event_fingerprints
+            .iter()
+            .flat_map(|f| f.to_be_bytes())
+            .collect();
+        let (state, reason) = match &commit.end {
+            None => (WatchState::Active, None),
+            Some((state, reason)) => (*state, Some(reason.as_str())),
+        };
+        let updated = tx.execute(
+            "UPDATE watches SET last_status = ?2, event_fps = ?3, body_hash = ?4, state = ?5, state_reason = ?6, updated_at = ?7
+             WHERE job_id = ?1 AND state = 'active'",
+            params![commit.job_id, commit.seen.status, fps, commit.body_hash as i64, state.as_str(), reason, now],
+        )?;
+        if updated == 0 {
+            return Ok(CommitOutcome::WatchGone);
+        }
+        let deliveries = insert_notifications(&tx, &commit.job_id, &commit.notifications, now)?;
+        tx.commit()?;
+        Ok(CommitOutcome::Stored { deliveries })
+    }
+
+    // ----- deliveries ---------------------------------------------------
+
+    /// The first pending delivery of each (job, webhook) chain, earliest
+    /// first, at most `limit`. Later deliveries of a chain wait for its head:
+    /// that is the per-job, per-webhook ordering guarantee.
+    pub fn pending_heads(&self, limit: usize) -> Result<Vec<PendingHead>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT d.id, d.job_id, d.webhook, d.next_attempt_at FROM deliveries d
+             WHERE d.state = 'pending' AND NOT EXISTS (
+                 SELECT 1 FROM deliveries e
+                 WHERE e.job_id = d.job_id AND e.webhook = d.webhook AND e.state = 'pending' AND e.id < d.id)
+             ORDER BY d.next_attempt_at, d.id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(PendingHead {
+                id: r.get(0)?,
+                job_id: r.get(1)?,
+                webhook: r.get(2)?,
+                next_attempt_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A delivery with its notification, for sending.
+    pub fn outbound(&self, id: i64) -> Result<Option<OutboundDelivery>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT d.id, d.msg_id, d.webhook, d.job_id, n.type, n.body, d.attempts, n.created_at
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id WHERE d.id = ?1",
+        )?;
+        Ok(stmt
+            .query_row([id], |r| {
+                Ok(OutboundDelivery {
+                    id: r.get(0)?,
+                    msg_id: r.get(1)?,
+                    webhook: r.get(2)?,
+                    job_id: r.get(3)?,
+                    kind: r.get(4)?,
+                    body: r.get(5)?,
+                    attempts: r.get(6)?,
+                    detected_at: r.get(7)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// Records an attempt and moves the delivery on, in one transaction.
+    pub fn record_attempt(
+        &self,
+        id: i64,
+        attempt: &AttemptRecord,
+        update: DeliveryUpdate,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO attempts (delivery_id, attempted_at, duration_ms, http_status, response_excerpt, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                id,
+                attempt.attempted_at,
+                attempt.duration_ms,
+                attempt.http_status,
+                attempt.response_excerpt,
+                attempt.error
+            ],
+        )?;
+        let now = now_ms();
+        let (state, next, finished) = match update {
+            DeliveryUpdate::Delivered => ("delivered", attempt.attempted_at, Some(now)),
+            DeliveryUpdate::RetryAt(at) => ("pending", at, None),
+            DeliveryUpdate::GaveUp => ("failed", attempt.attempted_at, Some(now)),
+        };
+        let error = attempt
+            .error
+            .clone()
+            .or_else(|| attempt.http_status.map(|s| format!("HTTP {s}")));
+        tx.execute(
+            "UPDATE deliveries SET state = ?2, attempts = attempts + 1, next_attempt_at = ?3, finished_at = ?4,
+                 last_error = CASE WHEN ?2 = 'delivered' THEN NULL ELSE ?5 END
+             WHERE id = ?1",
+            params![id, state, next, finished, error],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deliveries for `deliveries list`, newest first, at most `limit`.
+    pub fn list_deliveries(
+        &self,
+        state: Option<DeliveryState>,
+        limit: usize,
+    ) -> Result<Vec<DeliverySummary>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT d.id, d.msg_id, d.job_id, d.webhook, n.type, d.state, d.attempts, d.next_attempt_at, d.created_at, d.last_error
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE ?1 IS NULL OR d.state = ?1 ORDER BY d.id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(
+            params![state.map(DeliveryState::as_str), limit as i64],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, u32>(6)?,
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, i64>(8)?,
+                    r.get::<_, Option<String>>(9)?,
+                ))
+            },
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, msg_id, job_id, webhook, kind, state, attempts, next, created, last_error) =
+                row?;
+            let state = DeliveryState::parse(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("delivery state {state:?}")))?;
+            out.push(DeliverySummary {
+                id,
+                msg_id,
+                job_id,
+                webhook,
+                kind,
+                state: state.as_str(),
+                attempts,
+                next_attempt_at: (state == DeliveryState::Pending).then(|| ms_to_rfc3339(next)),
+                created_at: ms_to_rfc3339(created),
+                last_error,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Puts failed deliveries back to pending on a fresh schedule (their
+    /// `webhook-id` unchanged): one by id, or every failed one with `None`.
+    /// Returns how many were requeued.
+    pub fn retry_failed(&self, id: Option<i64>) -> Result<usize, StoreError> {
+        let conn = self.conn();
+        Ok(conn.execute(
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?2, finished_at = NULL
+             WHERE state = 'failed' AND (?1 IS NULL OR id = ?1)",
+            params![id, now_ms()],
+        )?)
+    }
+
+    /// Counts of deliveries per state, for the demo and the tests.
+    pub fn delivery_counts(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM deliveries GROUP BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn bump_rev(tx: &Transaction<'_>) -> Result<i64, StoreError> {
+    Ok(tx.query_row(
+        "UPDATE meta SET value = value + 1 WHERE key = 'watch_rev' RETURNING value",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+fn insert_notifications(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    notifications: &[NewNotification],
+    now: i64,
+) -> Result<usize, StoreError> {
+    let mut notification = tx.prepare_cached(
+        "INSERT INTO notifications (job_id, type, body, created_at) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+    )?;
+    let mut delivery = tx.prepare_cached(
+        "INSERT INTO deliveries (notification_id, job_id, webhook, msg_id, state, next_attempt_at, created_at)
+         VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5)",
+    )?;
+    let mut count = 0;
+    for n in notifications {
+        let id: i64 = notification.query_row(params![job_id, n.kind, n.body, now], |r| r.get(0))?;
+        for d in &n.deliveries {
+            delivery.execute(params![id, job_id, d.webhook, d.msg_id, now])?;
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+fn parse_webhooks(text: Option<&str>) -> Result<Option<Vec<String>>, StoreError> {
+    text.map(|t| {
+        serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("webhook list: {e}")))
+    })
+    .transpose()
+}
+
+fn parse_labels(text: &str) -> Result<Map<String, Value>, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))
+}

@@ -1,0 +1,302 @@
+//! The Dari API client: one status request per call, classified into a typed
+//! answer, and the parser that turns a 200 body into a [`StatusAnswer`].
+//!
+//! The client knows nothing about scheduling or state; the poller decides what
+//! each [`UpstreamError`] means for the watch. Bodies are read with a size
+//! cap, so a runaway response cannot exhaust memory, and the API key travels
+//! only in the `X-API-Key` header: errors are built without it.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use reqwest::{StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+
+/// A portal, written `org_id/endpoint_name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PortalId {
+    /// The org, which selects the API key.
+    pub org: String,
+    /// The portal's endpoint name.
+    pub endpoint: String,
+}
+
+impl fmt::Display for PortalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.org, self.endpoint)
+    }
+}
+
+impl FromStr for PortalId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((org, endpoint)) if is_valid_segment(org) && is_valid_segment(endpoint) => {
+                Ok(PortalId {
+                    org: org.to_owned(),
+                    endpoint: endpoint.to_owned(),
+                })
+            }
+            _ => Err(format!(
+                "{s:?} is not a portal id: expected <org_id>/<endpoint_name>, each non-empty, \
+                 without spaces or a further '/'"
+            )),
+        }
+    }
+}
+
+/// Whether `s` can be one path segment of a portal id.
+pub fn is_valid_segment(s: &str) -> bool {
+    !s.is_empty()
+        && !s
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+}
+
+/// What went wrong with one status request.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// 404: Dari does not know the job (yet).
+    #[error("job not found (404)")]
+    NotFound,
+    /// 401 or 403: the org's API key was rejected.
+    #[error("API key rejected ({0})")]
+    Unauthorized(u16),
+    /// 429: too many requests for this org.
+    #[error("rate limited (429)")]
+    RateLimited {
+        /// The server's `Retry-After`, when it sent a usable one.
+        retry_after: Option<Duration>,
+    },
+    /// Any other non-2xx status.
+    #[error("unexpected HTTP status {0}")]
+    Status(u16),
+    /// No complete answer within `request_timeout`.
+    #[error("timed out")]
+    Timeout,
+    /// Connecting, TLS, or reading the answer failed.
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// The body is larger than `max_response_bytes`.
+    #[error("response larger than {0} bytes, refused")]
+    TooLarge(usize),
+    /// The 200 body is not a status answer.
+    #[error("malformed status answer: {0}")]
+    Malformed(String),
+}
+
+impl UpstreamError {
+    /// A short label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::NotFound => "not_found",
+            UpstreamError::Unauthorized(_) => "unauthorized",
+            UpstreamError::RateLimited { .. } => "rate_limited",
+            UpstreamError::Status(_) => "http_error",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Transport(_) => "transport_error",
+            UpstreamError::TooLarge(_) => "too_large",
+            UpstreamError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// A parsed 200 answer of the status endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusAnswer {
+    /// The job's status as Dari wrote it.
+    pub status: String,
+    /// The append-only event list, in order.
+    pub events: Vec<Value>,
+    /// Every other field, passed through to receivers unchanged.
+    pub fields: Map<String, Value>,
+}
+
+/// Parses a status body. Unknown fields are kept (and passed through);
+/// `events` may be missing or null (no events yet); a body that is not a
+/// JSON object with a string `status` is malformed.
+pub fn parse_status(body: &[u8]) -> Result<StatusAnswer, UpstreamError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        UpstreamError::Malformed(format!("{e}; body starts {:?}", excerpt(body, 120)))
+    })?;
+    let Value::Object(mut fields) = value else {
+        return Err(UpstreamError::Malformed(
+            "the body is not a JSON object".into(),
+        ));
+    };
+    let status = match fields.get("status") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(_) => {
+            return Err(UpstreamError::Malformed(
+                "`status` is not a non-empty string".into(),
+            ));
+        }
+        None => return Err(UpstreamError::Malformed("`status` is missing".into())),
+    };
+    let events = match fields.remove("events") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(events)) => events,
+        Some(_) => return Err(UpstreamError::Malformed("`events` is not a list".into())),
+    };
+    Ok(StatusAnswer {
+        status,
+        events,
+        fields,
+    })
+}
+
+/// The first `max` bytes of `body` as text, for logs.
+pub fn excerpt(body: &[u8], max: usize) -> String {
+    let cut = &body[..body.len().min(max)];
+    let mut text = String::from_utf8_lossy(cut).into_owned();
+    if body.len() > max {
+        text.push('…');
+    }
+    text
+}
+
+/// The HTTP client for Dari. Cheap to clone; all clones share one connection
+/// pool, which is what keeps polls on warm keep-alive connections.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    base_url: Url,
+    max_response_bytes: usize,
+}
+
+impl UpstreamClient {
+    /// Builds the client from `[upstream]`.
+    pub fn new(config: &crate::config::Upstream) -> Result<UpstreamClient, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .user_agent(crate::USER_AGENT)
+            .timeout(config.request_timeout)
+            .connect_timeout(config.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()?;
+        Ok(UpstreamClient {
+            http,
+            base_url: config.base_url.clone(),
+            max_response_bytes: config.max_response_bytes,
+        })
+    }
+
+    /// `GET {base}/task/{org}/{endpoint}/status?job_id={job_id}`. Returns the
+    /// raw body of a 200 answer: the poller hashes it before parsing, so an
+    /// unchanged answer costs no JSON work.
+    pub async fn fetch_status(
+        &self,
+        portal: &PortalId,
+        job_id: &str,
+        api_key: &SecretString,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        let mut url = self.base_url.clone();
+        url.path_segments_mut()
+            .map_err(|_| UpstreamError::Transport("base_url cannot take a path".into()))?
+            .pop_if_empty()
+            .extend(["task", &portal.org, &portal.endpoint, "status"]);
+        url.query_pairs_mut().append_pair("job_id", job_id);
+        let response = self
+            .http
+            .get(url)
+            .header("X-API-Key", api_key.expose_secret())
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        match status {
+            s if s.is_success() => {}
+            StatusCode::NOT_FOUND => return Err(UpstreamError::NotFound),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(UpstreamError::Unauthorized(status.as_u16()));
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| crate::retry::parse_retry_after(v, SystemTime::now()));
+                return Err(UpstreamError::RateLimited { retry_after });
+            }
+            s => return Err(UpstreamError::Status(s.as_u16())),
+        }
+        read_capped(response, self.max_response_bytes).await
+    }
+}
+
+/// Reads a body of at most `limit` bytes, refusing a longer one as soon as
+/// its declared length or the bytes read so far exceed the limit.
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, UpstreamError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(UpstreamError::TooLarge(limit));
+    }
+    let mut body =
+        Vec::with_capacity(response.content_length().unwrap_or(4096).min(limit as u64) as usize);
+    while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+        if body.len() + chunk.len() > limit {
+            return Err(UpstreamError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn transport_error(e: reqwest::Error) -> UpstreamError {
+    if e.is_timeout() {
+        return UpstreamError::Timeout;
+    }
+    // The URL carries no secret here, but the chain can be long: keep the
+    // innermost cause, which is the informative part ("connection refused").
+    let mut cause: &dyn std::error::Error = &e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    UpstreamError::Transport(cause.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn portal_ids() {
+        let p: PortalId = "acme/contact_form".parse().unwrap();
+        assert_eq!(
+            (p.org.as_str(), p.endpoint.as_str()),
+            ("acme", "contact_form")
+        );
+        for bad in ["acme", "/x", "acme/", "a/b/c", "a b/c"] {
+            assert!(bad.parse::<PortalId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parse_accepts_missing_optionals_and_keeps_unknown_fields() {
+        let a = parse_status(br#"{"status":"running","novel":1}"#).unwrap();
+        assert_eq!(a.status, "running");
+        assert!(a.events.is_empty());
+        assert_eq!(a.fields["novel"], 1);
+    }
+
+    #[test]
+    fn parse_refuses_malformed_bodies() {
+        for body in [
+            &b"not json"[..],
+            br#"{"status":"run"#,
+            br#"[1,2]"#,
+            br#"{"events":[]}"#,
+            br#"{"status":7}"#,
+            br#"{"status":"running","events":{}}"#,
+        ] {
+            assert!(
+                matches!(parse_status(body), Err(UpstreamError::Malformed(_))),
+                "{body:?}"
+            );
+        }
+    }
+}
