@@ -1,0 +1,279 @@
+//! Fake Dari API and fake receivers, on 127.0.0.1:0, scripted by the test,
+//! plus a harness that runs the real relay against them.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use dari_relay::config::Config;
+use dari_relay::store::Store;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The API key every fake org accepts.
+pub const API_KEY: &str = "sk-test-3f9a2c";
+/// The signing secret of every fake webhook.
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// One scripted answer of the fake Dari API.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// 200 with this JSON body.
+    Json(Value),
+    /// This status with an empty JSON body, and optionally `Retry-After`.
+    Status(u16, Option<String>),
+    /// 200 with this raw body.
+    Raw(String),
+}
+
+/// A request the fake Dari API received.
+#[derive(Debug, Clone)]
+pub struct DariRequest {
+    pub org: String,
+    pub job_id: String,
+    pub api_key: String,
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct DariState {
+    /// Per job, the answers still to give; the last one repeats.
+    scripts: HashMap<String, VecDeque<Reply>>,
+    requests: Vec<DariRequest>,
+}
+
+/// A fake Dari status endpoint.
+#[derive(Clone)]
+pub struct FakeDari {
+    pub url: String,
+    state: Arc<Mutex<DariState>>,
+}
+
+impl FakeDari {
+    pub async fn start() -> FakeDari {
+        let state = Arc::new(Mutex::new(DariState::default()));
+        let router = Router::new().route("/task/{org}/{endpoint}/status", get(dari_status)).with_state(Arc::clone(&state));
+        let url = format!("http://{}", serve(router).await);
+        FakeDari { url, state }
+    }
+
+    /// Replaces the job's script: each poll takes the next reply; the last repeats.
+    pub fn script(&self, job_id: &str, replies: Vec<Reply>) {
+        self.state.lock().unwrap().scripts.insert(job_id.to_owned(), replies.into());
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<DariRequest> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Requests for one job so far.
+    pub fn polls(&self, job_id: &str) -> usize {
+        self.requests().iter().filter(|r| r.job_id == job_id).count()
+    }
+}
+
+async fn dari_status(
+    State(state): State<Arc<Mutex<DariState>>>,
+    UrlPath((org, _endpoint)): UrlPath<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let job_id = query.get("job_id").cloned().unwrap_or_default();
+    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let mut state = state.lock().unwrap();
+    state.requests.push(DariRequest { org, job_id: job_id.clone(), api_key: api_key.clone(), at: Instant::now() });
+    if api_key != API_KEY {
+        return (StatusCode::UNAUTHORIZED, "{\"detail\":\"invalid key\"}").into_response();
+    }
+    let Some(script) = state.scripts.get_mut(&job_id) else {
+        return (StatusCode::NOT_FOUND, "{\"detail\":\"not found\"}").into_response();
+    };
+    let reply = if script.len() > 1 { script.pop_front().unwrap() } else { script.front().cloned().unwrap() };
+    match reply {
+        Reply::Json(v) => (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response(),
+        Reply::Raw(body) => (StatusCode::OK, body).into_response(),
+        Reply::Status(code, retry_after) => {
+            let mut response = (StatusCode::from_u16(code).unwrap(), "{}").into_response();
+            if let Some(v) = retry_after {
+                response.headers_mut().insert("retry-after", v.parse().unwrap());
+            }
+            response
+        }
+    }
+}
+
+/// A request a fake receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: String,
+    pub answered: u16,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> String {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap()
+    }
+    pub fn kind(&self) -> String {
+        self.json()["type"].as_str().unwrap().to_owned()
+    }
+}
+
+#[derive(Clone)]
+struct ReceiverState {
+    tx: mpsc::UnboundedSender<Received>,
+    /// Statuses to answer with, in order; 204 once they run out.
+    answers: Arc<Mutex<VecDeque<u16>>>,
+}
+
+/// A fake webhook receiver that records every request into a channel.
+pub struct FakeReceiver {
+    pub url: String,
+    rx: mpsc::UnboundedReceiver<Received>,
+    answers: Arc<Mutex<VecDeque<u16>>>,
+}
+
+impl FakeReceiver {
+    pub async fn start() -> FakeReceiver {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let answers = Arc::new(Mutex::new(VecDeque::new()));
+        let state = ReceiverState { tx, answers: Arc::clone(&answers) };
+        let router = Router::new().route("/hook", post(receive)).with_state(state);
+        let url = format!("http://{}/hook", serve(router).await);
+        FakeReceiver { url, rx, answers }
+    }
+
+    /// The next requests will be answered with these statuses.
+    pub fn answer_with(&self, statuses: &[u16]) {
+        self.answers.lock().unwrap().extend(statuses);
+    }
+
+    /// The next request, or a panic after 10 seconds.
+    pub async fn next(&mut self) -> Received {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("no delivery within 10 s")
+            .expect("receiver open")
+    }
+
+    /// Requests until one of type `kind` answered 2xx, inclusive.
+    pub async fn until_delivered(&mut self, kind: &str) -> Vec<Received> {
+        let mut got = Vec::new();
+        loop {
+            let r = self.next().await;
+            let done = r.kind() == kind && (200..300).contains(&r.answered);
+            got.push(r);
+            if done {
+                return got;
+            }
+        }
+    }
+
+    /// Whatever arrived and was not yet taken.
+    pub fn drain(&mut self) -> Vec<Received> {
+        let mut got = Vec::new();
+        while let Ok(r) = self.rx.try_recv() {
+            got.push(r);
+        }
+        got
+    }
+}
+
+async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: String) -> StatusCode {
+    let answered = state.answers.lock().unwrap().pop_front().unwrap_or(204);
+    let _ = state.tx.send(Received { headers, body, answered, at: Instant::now() });
+    StatusCode::from_u16(answered).unwrap()
+}
+
+async fn serve(router: Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
+/// The environment the test configs read secrets from.
+pub fn env(name: &str) -> Option<String> {
+    match name {
+        "DARI_API_KEY" => Some(API_KEY.to_owned()),
+        "HOOK_SECRET" => Some(SECRET.to_owned()),
+        _ => None,
+    }
+}
+
+/// A config with fast timings, one org `acme`, and one signed webhook per
+/// `(name, url)`, followed by `extra` TOML.
+pub fn config_text(db: &Path, dari: &FakeDari, webhooks: &[(&str, &str)], extra: &str) -> String {
+    let mut text = format!(
+        r#"
+database = "{}"
+[upstream]
+base_url = "{}"
+poll_interval = "50ms"
+max_poll_interval = "400ms"
+request_timeout = "2s"
+[delivery]
+retry_schedule = ["100ms", "200ms", "300ms"]
+request_timeout = "2s"
+[orgs.acme]
+api_key_env = "DARI_API_KEY"
+"#,
+        db.display(),
+        dari.url
+    );
+    for (name, url) in webhooks {
+        text.push_str(&format!("[[webhooks]]\nname = \"{name}\"\nurl = \"{url}\"\nsecret_env = \"HOOK_SECRET\"\n"));
+    }
+    text.push_str(extra);
+    text
+}
+
+/// A running relay on a temporary database.
+pub struct Relay {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), dari_relay::app::AppError>>,
+}
+
+impl Relay {
+    pub async fn start(config_text: &str) -> Relay {
+        let config = Arc::new(Config::from_toml(config_text, Path::new("test.toml"), &env).unwrap());
+        let store = Arc::new(Store::open(&config.database).unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(dari_relay::app::serve(Arc::clone(&config), Arc::clone(&store), shutdown.clone()));
+        Relay { config, store, shutdown, task }
+    }
+
+    /// Stops the relay as SIGTERM would, and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    /// Waits (polling the store) until no delivery is pending.
+    pub async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts = self.store.delivery_counts().unwrap();
+            if counts.get("pending").copied().unwrap_or(0) == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "deliveries still pending: {counts:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests, built into one binary. They run the real relay (the
+//! same `app::serve` as `dari-relay run`) against a fake Dari API and fake
+//! receivers on 127.0.0.1:0, each test on its own temporary database.
+
+mod cli;
+mod diff_props;
+mod fakes;
+mod lifecycle;
