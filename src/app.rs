@@ -16,6 +16,7 @@ use tracing::{error, info};
 
 use crate::config::Config;
 use crate::deliver::Deliverer;
+use crate::metrics::Metrics;
 use crate::poller::Poller;
 use crate::store::{Store, StoreError};
 
@@ -36,11 +37,12 @@ pub enum AppError {
 /// Opens the database named by the config and runs the relay on it until
 /// `shutdown` is cancelled.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), AppError> {
+    let metrics = Arc::new(Metrics::default());
     let path = config.database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path))
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
-    serve(config, Arc::new(store), shutdown).await
+    serve(config, Arc::new(store), metrics, shutdown).await
 }
 
 /// Runs the poller and the deliverer on an open store until `shutdown` is
@@ -48,15 +50,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
 pub async fn serve(
     config: Arc<Config>,
     store: Arc<Store>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
     let wake_delivery = Arc::new(Notify::new());
-    let poller = Poller::new(
-        Arc::clone(&config),
-        Arc::clone(&store),
-        Arc::clone(&wake_delivery),
-    )?;
-    let deliverer = Deliverer::new(Arc::clone(&config), Arc::clone(&store), wake_delivery)?;
+    let poller =
+        Poller::new(Arc::clone(&config), Arc::clone(&store), Arc::clone(&metrics), Arc::clone(&wake_delivery))?;
+    let deliverer = Deliverer::new(Arc::clone(&config), Arc::clone(&store), metrics, wake_delivery)?;
 
     // Every long-lived task goes into this one set, named, so the app can say
     // which ended and why.

@@ -190,9 +190,7 @@ fn runtime(e: impl Into<anyhow::Error>) -> Failure {
 pub fn parse_job_id(s: &str) -> Result<String, String> {
     uuid::Uuid::parse_str(s.trim())
         .map(|u| u.hyphenated().to_string())
-        .map_err(|_| {
-            format!("{s:?} is not a UUID (expected e.g. 550e8400-e29b-41d4-a716-446655440000)")
-        })
+        .map_err(|_| format!("{s:?} is not a UUID (expected e.g. 550e8400-e29b-41d4-a716-446655440000)"))
 }
 
 fn parse_portal(s: &str) -> Result<PortalId, String> {
@@ -223,11 +221,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("the tokio runtime starts")
-        .block_on(f)
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("the tokio runtime starts").block_on(f)
 }
 
 /// Loads the config; any problem is a usage failure (exit 2).
@@ -257,10 +251,7 @@ fn run(path: &Path) -> Result<(), Failure> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
@@ -273,14 +264,7 @@ async fn wait_for_signal() {
 fn watch(command: WatchCommand) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     match command {
-        WatchCommand::Add {
-            config,
-            portal,
-            job_id,
-            webhooks,
-            labels,
-            from_now,
-        } => {
+        WatchCommand::Add { config, portal, job_id, webhooks, labels, from_now } => {
             let config = load_config(&config.config)?;
             let watch = NewWatch {
                 job_id,
@@ -291,14 +275,8 @@ fn watch(command: WatchCommand) -> Result<(), Failure> {
             };
             check_watch(&config, &watch).map_err(usage)?;
             let store = open_store(&config)?;
-            let summary = store
-                .add_watches(std::slice::from_ref(&watch))
-                .map_err(runtime)?;
-            let verb = if summary.added == 1 {
-                "watching"
-            } else {
-                "already watching"
-            };
+            let summary = store.add_watches(std::slice::from_ref(&watch)).map_err(runtime)?;
+            let verb = if summary.added == 1 { "watching" } else { "already watching" };
             let _ = writeln!(out, "{verb} job {} on {}", watch.job_id, watch.portal);
             Ok(())
         }
@@ -320,24 +298,13 @@ fn watch(command: WatchCommand) -> Result<(), Failure> {
             let config = load_config(&config.config)?;
             let watches = open_store(&config)?.list_watches(all).map_err(runtime)?;
             if json {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&watches).expect("rows serialise")
-                );
+                let _ = writeln!(out, "{}", serde_json::to_string_pretty(&watches).expect("rows serialise"));
                 return Ok(());
             }
-            let _ = writeln!(
-                out,
-                "{:<36}  {:<28}  {:<9}  {:<18}  LABELS",
-                "JOB_ID", "PORTAL", "STATE", "LAST_STATUS"
-            );
+            let _ = writeln!(out, "{:<36}  {:<28}  {:<9}  {:<18}  LABELS", "JOB_ID", "PORTAL", "STATE", "LAST_STATUS");
             for w in &watches {
-                let labels: Vec<String> = w
-                    .labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                    .collect();
+                let labels: Vec<String> =
+                    w.labels.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect();
                 let _ = writeln!(
                     out,
                     "{:<36}  {:<28}  {:<9}  {:<18}  {}",
@@ -352,16 +319,11 @@ fn watch(command: WatchCommand) -> Result<(), Failure> {
         }
         WatchCommand::Rm { config, job_id } => {
             let config = load_config(&config.config)?;
-            if open_store(&config)?
-                .remove_watch(&job_id)
-                .map_err(runtime)?
-            {
+            if open_store(&config)?.remove_watch(&job_id).map_err(runtime)? {
                 let _ = writeln!(out, "stopped watching job {job_id}");
                 Ok(())
             } else {
-                Err(usage(anyhow!(
-                    "job {job_id} is not watched (see `dari-relay watch list --all`)"
-                )))
+                Err(usage(anyhow!("job {job_id} is not watched (see `dari-relay watch list --all`)")))
             }
         }
     }
@@ -411,16 +373,10 @@ fn read_import(config: &Config, file: &Path) -> Result<Vec<NewWatch>, Failure> {
     let reader: Box<dyn BufRead> = if file == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
-        let f = std::fs::File::open(file)
-            .with_context(|| format!("cannot read {}", file.display()))
-            .map_err(usage)?;
+        let f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display())).map_err(usage)?;
         Box::new(std::io::BufReader::new(f))
     };
-    let name = if file == Path::new("-") {
-        "<stdin>".to_owned()
-    } else {
-        file.display().to_string()
-    };
+    let name = if file == Path::new("-") { "<stdin>".to_owned() } else { file.display().to_string() };
     let mut watches = Vec::new();
     for (i, line) in reader.lines().enumerate() {
         let at = |e: String| usage(anyhow!("{name}:{}: {e}; nothing was imported", i + 1));
@@ -445,22 +401,12 @@ fn read_import(config: &Config, file: &Path) -> Result<Vec<NewWatch>, Failure> {
 fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     match command {
-        DeliveriesCommand::List {
-            config,
-            status,
-            json,
-        } => {
+        DeliveriesCommand::List { config, status, json } => {
             let config = load_config(&config.config)?;
             let state = status.as_deref().and_then(DeliveryState::parse);
-            let rows = open_store(&config)?
-                .list_deliveries(state, 1000)
-                .map_err(runtime)?;
+            let rows = open_store(&config)?.list_deliveries(state, 1000).map_err(runtime)?;
             if json {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&rows).expect("rows serialise")
-                );
+                let _ = writeln!(out, "{}", serde_json::to_string_pretty(&rows).expect("rows serialise"));
                 return Ok(());
             }
             let _ = writeln!(
@@ -483,25 +429,15 @@ fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
             }
             Ok(())
         }
-        DeliveriesCommand::Retry {
-            config,
-            delivery_id,
-            all_failed,
-        } => {
+        DeliveriesCommand::Retry { config, delivery_id, all_failed } => {
             let config = load_config(&config.config)?;
             let store = open_store(&config)?;
             let id = if all_failed { None } else { delivery_id };
             let count = store.retry_failed(id).map_err(runtime)?;
             if count == 0 && id.is_some() {
-                return Err(usage(anyhow!(
-                    "delivery {} does not exist or is not failed",
-                    id.unwrap_or_default()
-                )));
+                return Err(usage(anyhow!("delivery {} does not exist or is not failed", id.unwrap_or_default())));
             }
-            let _ = writeln!(
-                out,
-                "requeued {count} failed deliveries; a running daemon sends them within a second"
-            );
+            let _ = writeln!(out, "requeued {count} failed deliveries; a running daemon sends them within a second");
             Ok(())
         }
     }
@@ -509,12 +445,10 @@ fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
 
 fn send_test(path: &Path, name: &str) -> Result<(), Failure> {
     let config = load_config(path)?;
-    let webhook = config.webhook(name).cloned().ok_or_else(|| {
-        usage(anyhow!(
-            "{name:?} is not a webhook in {}",
-            config.path.display()
-        ))
-    })?;
+    let webhook = config
+        .webhook(name)
+        .cloned()
+        .ok_or_else(|| usage(anyhow!("{name:?} is not a webhook in {}", config.path.display())))?;
     let http = crate::deliver::http_client(&config).map_err(runtime)?;
     let labels = serde_json::Map::new();
     let sample = crate::notification::watch_failed(
@@ -528,31 +462,18 @@ fn send_test(path: &Path, name: &str) -> Result<(), Failure> {
         &crate::notification::now_timestamp(),
     );
     let body = crate::format::render(webhook.format, &sample.body).map_err(runtime)?;
-    let response = block_on(crate::deliver::send(
-        &http,
-        &webhook,
-        &crate::poller::new_msg_id(),
-        body,
-    ));
+    let response = block_on(crate::deliver::send(&http, &webhook, &crate::poller::new_msg_id(), body));
     let mut out = std::io::stdout().lock();
     match response.status {
         Some(status) => {
             let _ = writeln!(out, "{name}: HTTP {status}");
         }
         None => {
-            let _ = writeln!(
-                out,
-                "{name}: no answer: {}",
-                response.error.as_deref().unwrap_or("unknown error")
-            );
+            let _ = writeln!(out, "{name}: no answer: {}", response.error.as_deref().unwrap_or("unknown error"));
         }
     }
     if let Some(excerpt) = &response.excerpt {
         let _ = writeln!(out, "{}", crate::format::truncate(excerpt, 500));
     }
-    if response.is_success() {
-        Ok(())
-    } else {
-        Err(runtime(anyhow!("webhook {name} did not answer 2xx")))
-    }
+    if response.is_success() { Ok(()) } else { Err(runtime(anyhow!("webhook {name} did not answer 2xx"))) }
 }

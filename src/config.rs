@@ -62,6 +62,12 @@ pub struct Upstream {
     pub terminal_statuses: Vec<String>,
     /// Largest status body read; a longer one is refused unread.
     pub max_response_bytes: usize,
+    /// How long a job may stay unknown (404) before `watch.failed`.
+    pub not_found_grace: Duration,
+    /// How long an org's key may stay rejected (401/403) before its watches fail.
+    pub auth_grace: Duration,
+    /// Age after which a watch is given up (`watch.failed`), whatever its job does.
+    pub max_watch_age: Duration,
 }
 
 /// `[delivery]`: retries and timeouts of webhook deliveries.
@@ -84,6 +90,9 @@ pub struct Org {
     pub api_key: SecretString,
     /// Where the key came from, which is what `check-config` prints.
     pub api_key_source: SecretSource,
+    /// Status requests per second for this org, on top of the global
+    /// `max_in_flight`; `None` for no limit.
+    pub max_requests_per_second: Option<f64>,
 }
 
 impl fmt::Debug for Org {
@@ -91,6 +100,7 @@ impl fmt::Debug for Org {
         f.debug_struct("Org")
             .field("id", &self.id)
             .field("api_key", &self.api_key_source)
+            .field("max_requests_per_second", &self.max_requests_per_second)
             .finish()
     }
 }
@@ -186,46 +196,30 @@ impl Webhook {
 pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// The TOML did not parse or did not fit the schema; the parser's message
     /// already names the line, column and key.
     #[error("invalid config file {}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
     /// A value parsed but is not acceptable.
     #[error("{}{}: {key}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
-    Invalid {
-        path: PathBuf,
-        line: Option<usize>,
-        key: String,
-        message: String,
-    },
+    Invalid { path: PathBuf, line: Option<usize>, key: String, message: String },
 }
 
 impl Config {
     /// Reads, parses and resolves the config file at `path`, taking secrets
     /// from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::from_toml(&text, path, &|name| std::env::var(name).ok())
     }
 
     /// Parses and resolves `text`; `env` looks up environment variables, so
     /// tests and the demo need not touch the process environment.
-    pub fn from_toml(
-        text: &str,
-        path: &Path,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
+    pub fn from_toml(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
         Resolver { text, path, env }.resolve(raw)
     }
 
@@ -248,11 +242,7 @@ impl Config {
         let globs = |g: &[Glob]| list(g.iter().map(|g| format!("{:?}", g.as_str())).collect());
         let mut out = String::new();
         let _ = writeln!(out, "# resolved from {}", self.path.display());
-        let _ = writeln!(
-            out,
-            "database = {:?}\n",
-            self.database.display().to_string()
-        );
+        let _ = writeln!(out, "database = {:?}\n", self.database.display().to_string());
         let u = &self.upstream;
         let _ = writeln!(out, "[upstream]");
         let _ = writeln!(out, "base_url = {:?}", u.base_url.as_str());
@@ -260,13 +250,12 @@ impl Config {
         let _ = writeln!(out, "max_poll_interval = {}", dur(u.max_poll_interval));
         let _ = writeln!(out, "request_timeout = {}", dur(u.request_timeout));
         let _ = writeln!(out, "max_in_flight = {}", u.max_in_flight);
-        let statuses = u
-            .terminal_statuses
-            .iter()
-            .map(|s| format!("{s:?}"))
-            .collect();
+        let statuses = u.terminal_statuses.iter().map(|s| format!("{s:?}")).collect();
         let _ = writeln!(out, "terminal_statuses = {}", list(statuses));
-        let _ = writeln!(out, "max_response_bytes = {}\n", u.max_response_bytes);
+        let _ = writeln!(out, "max_response_bytes = {}", u.max_response_bytes);
+        let _ = writeln!(out, "not_found_grace = {}", dur(u.not_found_grace));
+        let _ = writeln!(out, "auth_grace = {}", dur(u.auth_grace));
+        let _ = writeln!(out, "max_watch_age = {}\n", dur(u.max_watch_age));
         let d = &self.delivery;
         let _ = writeln!(out, "[delivery]");
         let schedule = d.retry_schedule.iter().map(|&s| dur(s)).collect();
@@ -276,6 +265,9 @@ impl Config {
         for org in self.orgs.values() {
             let _ = writeln!(out, "\n[orgs.{:?}]", org.id);
             let _ = writeln!(out, "api_key = {:?}", org.api_key_source.to_string());
+            if let Some(rate) = org.max_requests_per_second {
+                let _ = writeln!(out, "max_requests_per_second = {rate}");
+            }
         }
         for w in &self.webhooks {
             let _ = writeln!(out, "\n[[webhooks]]");
@@ -324,6 +316,9 @@ struct RawUpstream {
     max_in_flight: Option<Spanned<i64>>,
     terminal_statuses: Option<Vec<String>>,
     max_response_bytes: Option<Spanned<i64>>,
+    not_found_grace: Option<Spanned<DurationValue>>,
+    auth_grace: Option<Spanned<DurationValue>>,
+    max_watch_age: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -339,6 +334,7 @@ struct RawDelivery {
 struct RawOrg {
     api_key_env: Option<Spanned<String>>,
     api_key_file: Option<Spanned<String>>,
+    max_requests_per_second: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -369,19 +365,14 @@ struct DurationValue(Duration);
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        parse_duration(&text)
-            .map(DurationValue)
-            .map_err(serde::de::Error::custom)
+        parse_duration(&text).map(DurationValue).map_err(serde::de::Error::custom)
     }
 }
 
 /// Parses a duration such as `"500ms"`, `"2s"`, `"5m"`, `"1h 30m"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
-        format!(
-            "invalid duration {text:?} ({e}); write it like \"500ms\", \"2s\", \"5m\" or \"1h\""
-        )
-    })
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?} ({e}); write it like \"500ms\", \"2s\", \"5m\" or \"1h\""))
 }
 
 /// An absolute `http` or `https` URL.
@@ -391,18 +382,14 @@ struct HttpUrl(Url);
 impl<'de> Deserialize<'de> for HttpUrl {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        parse_http_url(&text)
-            .map(HttpUrl)
-            .map_err(serde::de::Error::custom)
+        parse_http_url(&text).map(HttpUrl).map_err(serde::de::Error::custom)
     }
 }
 
 fn parse_http_url(text: &str) -> Result<Url, String> {
     let url = Url::parse(text.trim()).map_err(|e| format!("invalid URL {text:?}: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!(
-            "invalid URL {text:?}: expected an http:// or https:// URL with a host"
-        ));
+        return Err(format!("invalid URL {text:?}: expected an http:// or https:// URL with a host"));
     }
     Ok(url)
 }
@@ -416,20 +403,10 @@ struct Resolver<'a> {
 }
 
 impl Resolver<'_> {
-    fn error(
-        &self,
-        span: Option<Range<usize>>,
-        key: &str,
-        message: impl Into<String>,
-    ) -> ConfigError {
+    fn error(&self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),
-            line: span.map(|s| {
-                self.text[..s.start.min(self.text.len())]
-                    .matches('\n')
-                    .count()
-                    + 1
-            }),
+            line: span.map(|s| self.text[..s.start.min(self.text.len())].matches('\n').count() + 1),
             key: key.to_owned(),
             message: message.into(),
         }
@@ -463,16 +440,21 @@ impl Resolver<'_> {
                 ("api_key_env", org.api_key_env),
                 ("api_key_file", org.api_key_file),
             )?;
-            let api_key = api_key
-                .ok_or_else(|| self.error(Some(span), &key, "needs api_key_env or api_key_file"))?;
+            let api_key = api_key.ok_or_else(|| self.error(Some(span), &key, "needs api_key_env or api_key_file"))?;
             let api_key_source = api_key_source.expect("source is set with the key");
+            let max_requests_per_second = match org.max_requests_per_second {
+                Some(rate) if !(rate.get_ref().is_finite() && *rate.get_ref() > 0.0) => {
+                    return Err(self.error(
+                        Some(rate.span()),
+                        &format!("{key}.max_requests_per_second"),
+                        "must be a number above 0",
+                    ));
+                }
+                rate => rate.map(Spanned::into_inner),
+            };
             orgs.insert(
                 id.clone(),
-                Org {
-                    id,
-                    api_key: SecretString::from(api_key),
-                    api_key_source,
-                },
+                Org { id, api_key: SecretString::from(api_key), api_key_source, max_requests_per_second },
             );
         }
         let mut webhooks = Vec::new();
@@ -485,22 +467,12 @@ impl Resolver<'_> {
                 return Err(self.error(
                     Some(span),
                     &format!("webhooks[{i}].name"),
-                    format!(
-                        "webhook name {:?} is used twice; names must be unique",
-                        webhook.name
-                    ),
+                    format!("webhook name {:?} is used twice; names must be unique", webhook.name),
                 ));
             }
             webhooks.push(webhook);
         }
-        Ok(Config {
-            path: self.path.to_owned(),
-            database,
-            upstream,
-            delivery,
-            orgs,
-            webhooks,
-        })
+        Ok(Config { path: self.path.to_owned(), database, upstream, delivery, orgs, webhooks })
     }
 
     fn upstream(&self, raw: RawUpstream) -> Result<Upstream, ConfigError> {
@@ -509,29 +481,16 @@ impl Resolver<'_> {
             None => Url::parse("https://agent.usedari.com").expect("default URL parses"),
         };
         let poll_interval = self.positive("upstream.poll_interval", raw.poll_interval, 2_000)?;
-        let max_poll_interval = self.positive(
-            "upstream.max_poll_interval",
-            raw.max_poll_interval.clone(),
-            60_000,
-        )?;
+        let max_poll_interval = self.positive("upstream.max_poll_interval", raw.max_poll_interval.clone(), 60_000)?;
         if max_poll_interval < poll_interval {
             let span = raw.max_poll_interval.map(|s| s.span());
-            return Err(self.error(
-                span,
-                "upstream.max_poll_interval",
-                "must be at least upstream.poll_interval",
-            ));
+            return Err(self.error(span, "upstream.max_poll_interval", "must be at least upstream.poll_interval"));
         }
-        let request_timeout =
-            self.positive("upstream.request_timeout", raw.request_timeout, 15_000)?;
+        let request_timeout = self.positive("upstream.request_timeout", raw.request_timeout, 15_000)?;
         let max_in_flight = self.count("upstream.max_in_flight", raw.max_in_flight, 64)?;
         let mut terminal_statuses: Vec<String> = raw
             .terminal_statuses
-            .unwrap_or_else(|| {
-                ["completed", "failed", "stopped", "cancelled"]
-                    .map(String::from)
-                    .to_vec()
-            })
+            .unwrap_or_else(|| ["completed", "failed", "stopped", "cancelled"].map(String::from).to_vec())
             .iter()
             .map(|s| crate::diff::normalize_status(s))
             .collect();
@@ -541,11 +500,7 @@ impl Resolver<'_> {
                 terminal_statuses.push(always.to_owned());
             }
         }
-        let max_response_bytes = self.count(
-            "upstream.max_response_bytes",
-            raw.max_response_bytes,
-            10 * 1024 * 1024,
-        )?;
+        let max_response_bytes = self.count("upstream.max_response_bytes", raw.max_response_bytes, 10 * 1024 * 1024)?;
         Ok(Upstream {
             base_url,
             poll_interval,
@@ -554,6 +509,9 @@ impl Resolver<'_> {
             max_in_flight,
             terminal_statuses,
             max_response_bytes,
+            not_found_grace: self.positive("upstream.not_found_grace", raw.not_found_grace, 10 * 60_000)?,
+            auth_grace: self.positive("upstream.auth_grace", raw.auth_grace, 3_600_000)?,
+            max_watch_age: self.positive("upstream.max_watch_age", raw.max_watch_age, 7 * 24 * 3_600_000)?,
         })
     }
 
@@ -567,11 +525,7 @@ impl Resolver<'_> {
         };
         Ok(Delivery {
             retry_schedule,
-            request_timeout: self.positive(
-                "delivery.request_timeout",
-                raw.request_timeout,
-                15_000,
-            )?,
+            request_timeout: self.positive("delivery.request_timeout", raw.request_timeout, 15_000)?,
             shutdown_timeout: match raw.shutdown_timeout {
                 Some(d) => d.into_inner().0,
                 None => Duration::from_secs(10),
@@ -587,27 +541,18 @@ impl Resolver<'_> {
     ) -> Result<Duration, ConfigError> {
         match value {
             None => Ok(Duration::from_millis(default_ms)),
-            Some(v) if v.get_ref().0.is_zero() => {
-                Err(self.error(Some(v.span()), key, "must be more than zero"))
-            }
+            Some(v) if v.get_ref().0.is_zero() => Err(self.error(Some(v.span()), key, "must be more than zero")),
             Some(v) => Ok(v.into_inner().0),
         }
     }
 
-    fn count(
-        &self,
-        key: &str,
-        value: Option<Spanned<i64>>,
-        default: usize,
-    ) -> Result<usize, ConfigError> {
+    fn count(&self, key: &str, value: Option<Spanned<i64>>, default: usize) -> Result<usize, ConfigError> {
         match value {
             None => Ok(default),
             Some(v) => usize::try_from(*v.get_ref())
                 .ok()
                 .filter(|&n| n > 0)
-                .ok_or_else(|| {
-                    self.error(Some(v.span()), key, "must be a whole number of at least 1")
-                }),
+                .ok_or_else(|| self.error(Some(v.span()), key, "must be a whole number of at least 1")),
         }
     }
 
@@ -621,74 +566,43 @@ impl Resolver<'_> {
         file_key: (&str, Option<Spanned<String>>),
     ) -> Result<(Option<String>, Option<SecretSource>), ConfigError> {
         match (env_key.1, file_key.1) {
-            (Some(_), Some(_)) => Err(self.error(
-                table_span,
-                table,
-                format!("set either {} or {}, not both", env_key.0, file_key.0),
-            )),
+            (Some(_), Some(_)) => {
+                Err(self.error(table_span, table, format!("set either {} or {}, not both", env_key.0, file_key.0)))
+            }
             (Some(name), None) => {
                 let key = format!("{table}.{}", env_key.0);
                 let var = name.get_ref().trim();
                 match (self.env)(var) {
-                    Some(value) if !value.trim().is_empty() => Ok((
-                        Some(value.trim().to_owned()),
-                        Some(SecretSource::Env(var.to_owned())),
-                    )),
-                    Some(_) => Err(self.error(
-                        Some(name.span()),
-                        &key,
-                        format!("environment variable {var} is empty"),
-                    )),
-                    None => Err(self.error(
-                        Some(name.span()),
-                        &key,
-                        format!("environment variable {var} is not set"),
-                    )),
+                    Some(value) if !value.trim().is_empty() => {
+                        Ok((Some(value.trim().to_owned()), Some(SecretSource::Env(var.to_owned()))))
+                    }
+                    Some(_) => Err(self.error(Some(name.span()), &key, format!("environment variable {var} is empty"))),
+                    None => Err(self.error(Some(name.span()), &key, format!("environment variable {var} is not set"))),
                 }
             }
             (None, Some(file)) => {
                 let key = format!("{table}.{}", file_key.0);
                 let path = PathBuf::from(file.get_ref().trim());
                 match std::fs::read_to_string(&path) {
-                    Ok(value) if !value.trim().is_empty() => Ok((
-                        Some(value.trim().to_owned()),
-                        Some(SecretSource::File(path)),
-                    )),
-                    Ok(_) => Err(self.error(
-                        Some(file.span()),
-                        &key,
-                        format!("{} is empty", path.display()),
-                    )),
-                    Err(e) => Err(self.error(
-                        Some(file.span()),
-                        &key,
-                        format!("cannot read {}: {e}", path.display()),
-                    )),
+                    Ok(value) if !value.trim().is_empty() => {
+                        Ok((Some(value.trim().to_owned()), Some(SecretSource::File(path))))
+                    }
+                    Ok(_) => Err(self.error(Some(file.span()), &key, format!("{} is empty", path.display()))),
+                    Err(e) => Err(self.error(Some(file.span()), &key, format!("cannot read {}: {e}", path.display()))),
                 }
             }
             (None, None) => Ok((None, None)),
         }
     }
 
-    fn webhook(
-        &self,
-        index: usize,
-        span: Range<usize>,
-        raw: RawWebhook,
-    ) -> Result<Webhook, ConfigError> {
+    fn webhook(&self, index: usize, span: Range<usize>, raw: RawWebhook) -> Result<Webhook, ConfigError> {
         let name_span = raw.name.span();
         let name = raw.name.into_inner();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(self.error(
                 Some(name_span),
                 &format!("webhooks[{index}].name"),
-                format!(
-                    "{name:?} is not a valid webhook name: use letters, digits, '-', '_' or '.'"
-                ),
+                format!("{name:?} is not a valid webhook name: use letters, digits, '-', '_' or '.'"),
             ));
         }
         let key = format!("webhooks[{index}] ({name})");
@@ -701,47 +615,30 @@ impl Resolver<'_> {
             (None, Some(var_name)) => {
                 let var = var_name.get_ref().trim().to_owned();
                 let k = format!("{key}.url_env");
-                let value = (self.env)(&var)
-                    .filter(|v| !v.trim().is_empty())
-                    .ok_or_else(|| {
-                        self.error(
-                            Some(var_name.span()),
-                            &k,
-                            format!("environment variable {var} is not set"),
-                        )
-                    })?;
+                let value = (self.env)(&var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                    self.error(Some(var_name.span()), &k, format!("environment variable {var} is not set"))
+                })?;
                 // The value is a secret: the message names the variable only.
                 let url = parse_http_url(&value).map_err(|_| {
-                    self.error(
-                        Some(var_name.span()),
-                        &k,
-                        format!("environment variable {var} is not an http(s) URL"),
-                    )
+                    self.error(Some(var_name.span()), &k, format!("environment variable {var} is not an http(s) URL"))
                 })?;
                 (url, Some(SecretSource::Env(var)))
             }
         };
-        let (secret, secret_source) = self.secret(
-            &key,
-            Some(span.clone()),
-            ("secret_env", raw.secret_env),
-            ("secret_file", raw.secret_file),
-        )?;
+        let (secret, secret_source) =
+            self.secret(&key, Some(span.clone()), ("secret_env", raw.secret_env), ("secret_file", raw.secret_file))?;
         let secret = match secret {
             None => None,
-            Some(text) => Some(SigningKey::parse(&text).map_err(|e| {
-                self.error(Some(span.clone()), &format!("{key}.secret"), e.to_string())
-            })?),
+            Some(text) => Some(
+                SigningKey::parse(&text)
+                    .map_err(|e| self.error(Some(span.clone()), &format!("{key}.secret"), e.to_string()))?,
+            ),
         };
         let globs = |field: &str, list: Vec<Spanned<String>>| -> Result<Vec<Glob>, ConfigError> {
             list.into_iter()
                 .map(|p| {
                     Glob::new(p.get_ref()).ok_or_else(|| {
-                        self.error(
-                            Some(p.span()),
-                            &format!("{key}.{field}"),
-                            "a pattern must not be empty",
-                        )
+                        self.error(Some(p.span()), &format!("{key}.{field}"), "a pattern must not be empty")
                     })
                 })
                 .collect()
@@ -788,10 +685,7 @@ mod tests {
         let cases = [
             ("[upstream]\npoll_interval = \"soon\"\n", "line 2"),
             ("[upstream]\nbase_url = \"ftp://x\"\n", "line 2"),
-            (
-                "[upstream]\npol_interval = \"2s\"\n",
-                "unknown field `pol_interval`",
-            ),
+            ("[upstream]\npol_interval = \"2s\"\n", "unknown field `pol_interval`"),
             (
                 "[orgs.a]\napi_key_env = \"NOPE\"\n",
                 "relay.toml:2: orgs.a.api_key_env: environment variable NOPE is not set",
@@ -818,10 +712,7 @@ mod tests {
         )
         .unwrap();
         let shown = format!("{}\n{:?}", c.redacted_toml(), c);
-        assert!(
-            !shown.contains("sk-test") && !shown.contains("MfKQ9r8"),
-            "{shown}"
-        );
+        assert!(!shown.contains("sk-test") && !shown.contains("MfKQ9r8"), "{shown}");
         assert!(shown.contains("<redacted, from $KEY>"));
     }
 }

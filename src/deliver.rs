@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::{Config, Webhook};
+use crate::metrics::Metrics;
 use crate::retry;
 use crate::store::{AttemptRecord, DeliveryUpdate, OutboundDelivery, Store, StoreError, now_ms};
 
@@ -43,6 +44,17 @@ pub enum AttemptOutcome {
     RetryAt { at_ms: i64, error: String },
     /// The schedule is exhausted; the delivery is now `failed`.
     GaveUp { error: String },
+}
+
+impl AttemptOutcome {
+    /// The label under which the outcome is counted.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AttemptOutcome::Delivered { .. } => "delivered",
+            AttemptOutcome::RetryAt { .. } => "retry",
+            AttemptOutcome::GaveUp { .. } => "gave_up",
+        }
+    }
 }
 
 /// The raw result of one HTTP POST to a receiver.
@@ -78,44 +90,22 @@ pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
 
 /// Sends `body` (already rendered for the webhook's format) to `webhook` with
 /// the Standard Webhooks headers, signing it for this attempt's timestamp.
-pub async fn send(
-    http: &reqwest::Client,
-    webhook: &Webhook,
-    msg_id: &str,
-    body: String,
-) -> Response {
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs() as i64;
+pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body: String) -> Response {
+    let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let text_header =
-        |s: &str| HeaderValue::from_str(s).expect("ids, digits and base64 are valid header values");
+    let text_header = |s: &str| HeaderValue::from_str(s).expect("ids, digits and base64 are valid header values");
     headers.insert("webhook-id", text_header(msg_id));
     headers.insert("webhook-timestamp", text_header(&timestamp.to_string()));
     if let Some(key) = &webhook.secret {
-        headers.insert(
-            "webhook-signature",
-            text_header(&key.sign(msg_id, timestamp, body.as_bytes())),
-        );
+        headers.insert("webhook-signature", text_header(&key.sign(msg_id, timestamp, body.as_bytes())));
     }
-    let result = http
-        .post(webhook.url.clone())
-        .headers(headers)
-        .body(body)
-        .send()
-        .await;
+    let result = http.post(webhook.url.clone()).headers(headers).body(body).send().await;
     let mut response = match result {
         Ok(r) => r,
         // The URL may be a secret (Slack, Discord): never let it into the message.
         Err(e) => {
-            return Response {
-                status: None,
-                retry_after: None,
-                excerpt: None,
-                error: Some(describe(e)),
-            };
+            return Response { status: None, retry_after: None, excerpt: None, error: Some(describe(e)) };
         }
     };
     let status = response.status().as_u16();
@@ -142,12 +132,7 @@ pub async fn send(
         }
     }
     let excerpt = (!excerpt.is_empty()).then(|| String::from_utf8_lossy(&excerpt).into_owned());
-    Response {
-        status: Some(status),
-        retry_after,
-        excerpt,
-        error,
-    }
+    Response { status: Some(status), retry_after, excerpt, error }
 }
 
 fn describe(e: reqwest::Error) -> String {
@@ -159,11 +144,7 @@ fn describe(e: reqwest::Error) -> String {
         text = format!("{text}: {next}");
         cause = next;
     }
-    if timeout {
-        format!("timed out: {text}")
-    } else {
-        text
-    }
+    if timeout { format!("timed out: {text}") } else { text }
 }
 
 /// Decides what an attempt's response means for its delivery, given how many
@@ -185,10 +166,7 @@ pub fn classify(
     };
     let retry_number = attempts_before as usize + 1;
     match retry::delivery_retry_delay(schedule, retry_number, response.retry_after, unit) {
-        Some(wait) => AttemptOutcome::RetryAt {
-            at_ms: now_ms + wait.as_millis() as i64,
-            error,
-        },
+        Some(wait) => AttemptOutcome::RetryAt { at_ms: now_ms + wait.as_millis() as i64, error },
         None => AttemptOutcome::GaveUp { error },
     }
 }
@@ -200,6 +178,7 @@ pub struct Deliverer {
     http: reqwest::Client,
     /// Rung by the poller when it stored deliveries.
     wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
     /// (job, webhook) chains with an attempt out; their heads are skipped.
     in_flight: HashSet<(String, String)>,
     /// Attempts out per webhook.
@@ -214,9 +193,11 @@ impl Deliverer {
     pub fn new(
         config: Arc<Config>,
         store: Arc<Store>,
+        metrics: Arc<Metrics>,
         wake: Arc<Notify>,
     ) -> Result<Deliverer, reqwest::Error> {
         Ok(Deliverer {
+            metrics,
             http: http_client(&config)?,
             config,
             store,
@@ -233,9 +214,7 @@ impl Deliverer {
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         loop {
             let wait = match self.deliver_due_once().await {
-                Ok(Some(next_ms)) => {
-                    Duration::from_millis((next_ms - now_ms()).max(0) as u64).min(IDLE_CHECK)
-                }
+                Ok(Some(next_ms)) => Duration::from_millis((next_ms - now_ms()).max(0) as u64).min(IDLE_CHECK),
                 Ok(None) => IDLE_CHECK,
                 Err(e) => {
                     error!(error = %e, "cannot read the outbox; will retry");
@@ -301,8 +280,7 @@ impl Deliverer {
                 continue;
             };
             if head.next_attempt_at > now {
-                next_due =
-                    Some(next_due.map_or(head.next_attempt_at, |n| n.min(head.next_attempt_at)));
+                next_due = Some(next_due.map_or(head.next_attempt_at, |n| n.min(head.next_attempt_at)));
                 continue;
             }
             let busy = self.per_webhook.entry(head.webhook.clone()).or_default();
@@ -317,6 +295,7 @@ impl Deliverer {
             self.in_flight.insert(chain.clone());
             let attempt = Attempt {
                 http: self.http.clone(),
+                metrics: Arc::clone(&self.metrics),
                 store: Arc::clone(&self.store),
                 schedule: self.config.delivery.retry_schedule.clone(),
                 webhook,
@@ -338,6 +317,7 @@ impl Deliverer {
 /// One attempt of one delivery, run in its own task.
 struct Attempt {
     http: reqwest::Client,
+    metrics: Arc<Metrics>,
     store: Arc<Store>,
     schedule: Vec<Duration>,
     webhook: Webhook,
@@ -348,35 +328,20 @@ impl Attempt {
     async fn run(self) {
         let started_ms = now_ms();
         let clock = Instant::now();
-        let (response, outcome) =
-            match crate::format::render(self.webhook.format, &self.delivery.body) {
-                Ok(body) => {
-                    let response =
-                        send(&self.http, &self.webhook, &self.delivery.msg_id, body).await;
-                    let outcome = classify(
-                        &response,
-                        self.delivery.attempts,
-                        &self.schedule,
-                        now_ms(),
-                        fastrand::f64(),
-                    );
-                    (response, outcome)
-                }
-                Err(e) => {
-                    // A body that cannot be rendered will not render next time either.
-                    let error = format!(
-                        "cannot render the {} body: {e}",
-                        self.webhook.format.as_str()
-                    );
-                    let response = Response {
-                        status: None,
-                        retry_after: None,
-                        excerpt: None,
-                        error: Some(error.clone()),
-                    };
-                    (response, AttemptOutcome::GaveUp { error })
-                }
-            };
+        let (response, outcome) = match crate::format::render(self.webhook.format, &self.delivery.body) {
+            Ok(body) => {
+                let response = send(&self.http, &self.webhook, &self.delivery.msg_id, body).await;
+                let outcome = classify(&response, self.delivery.attempts, &self.schedule, now_ms(), fastrand::f64());
+                (response, outcome)
+            }
+            Err(e) => {
+                // A body that cannot be rendered will not render next time either.
+                let error = format!("cannot render the {} body: {e}", self.webhook.format.as_str());
+                let response = Response { status: None, retry_after: None, excerpt: None, error: Some(error.clone()) };
+                (response, AttemptOutcome::GaveUp { error })
+            }
+        };
+        self.metrics.delivery(&self.webhook.name, outcome.label());
         let (update, error) = match &outcome {
             AttemptOutcome::Delivered { status } => {
                 let latency_ms = now_ms() - self.delivery.detected_at;
@@ -403,17 +368,10 @@ impl Attempt {
         let store = &self.store;
         let write = || async {
             let record = record.clone();
-            store
-                .call(move |s| s.record_attempt(id, &record, update))
-                .await
+            store.call(move |s| s.record_attempt(id, &record, update)).await
         };
-        if let Err(e) = write
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(50))
-                    .with_max_times(5),
-            )
-            .await
+        if let Err(e) =
+            write.retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_times(5)).await
         {
             // The delivery stays as it was (pending) and is attempted again,
             // with the same webhook-id: a duplicate, never a loss.
@@ -429,12 +387,7 @@ mod tests {
     use super::*;
 
     fn response(status: Option<u16>, retry_after: Option<u64>) -> Response {
-        Response {
-            status,
-            retry_after: retry_after.map(Duration::from_secs),
-            excerpt: None,
-            error: None,
-        }
+        Response { status, retry_after: retry_after.map(Duration::from_secs), excerpt: None, error: None }
     }
 
     #[test]
@@ -446,30 +399,19 @@ mod tests {
         );
         assert_eq!(
             classify(&response(Some(500), None), 0, &schedule, 1_000, 0.5),
-            AttemptOutcome::RetryAt {
-                at_ms: 6_000,
-                error: "HTTP 500".into()
-            }
+            AttemptOutcome::RetryAt { at_ms: 6_000, error: "HTTP 500".into() }
         );
         assert_eq!(
             classify(&response(Some(302), None), 1, &schedule, 0, 0.5),
-            AttemptOutcome::RetryAt {
-                at_ms: 300_000,
-                error: "HTTP 302".into()
-            }
+            AttemptOutcome::RetryAt { at_ms: 300_000, error: "HTTP 302".into() }
         );
         assert_eq!(
             classify(&response(Some(503), Some(9)), 1, &schedule, 0, 0.5),
-            AttemptOutcome::RetryAt {
-                at_ms: 9_000,
-                error: "HTTP 503".into()
-            }
+            AttemptOutcome::RetryAt { at_ms: 9_000, error: "HTTP 503".into() }
         );
         assert_eq!(
             classify(&response(None, None), 2, &schedule, 0, 0.5),
-            AttemptOutcome::GaveUp {
-                error: "no answer".into()
-            }
+            AttemptOutcome::GaveUp { error: "no answer".into() }
         );
     }
 }

@@ -35,31 +35,15 @@ const DEMO_DEADLINE: Duration = Duration::from_secs(30);
 /// The simulated job's life: one entry per poll, the last repeated.
 fn script() -> Vec<Value> {
     let event = |t: &str, msg: &str, data: Value| json!({"event_type": t, "message": msg, "data": data, "timestamp": "2026-11-30T10:30:00Z"});
-    let e1 = event(
-        "step_started",
-        "Opening https://example.com/contact",
-        json!({"step": 1}),
-    );
-    let e2 = event(
-        "step_completed",
-        "Filled in name and email",
-        json!({"step": 2}),
-    );
-    let e3 = event(
-        "step_completed",
-        "Uploaded the attachment",
-        json!({"step": 3}),
-    );
+    let e1 = event("step_started", "Opening https://example.com/contact", json!({"step": 1}));
+    let e2 = event("step_completed", "Filled in name and email", json!({"step": 2}));
+    let e3 = event("step_completed", "Uploaded the attachment", json!({"step": 3}));
     let q = event(
         "question",
         "Which department should receive this?",
         json!({"question_id": "q-1", "options": ["sales", "support"]}),
     );
-    let e4 = event(
-        "step_completed",
-        "Submitted the form",
-        json!({"step": 4, "answer": "sales"}),
-    );
+    let e4 = event("step_completed", "Submitted the form", json!({"step": 4, "answer": "sales"}));
     let job = |status: &str, step: Value, events: Vec<&Value>, final_result: Value| {
         json!({
             "status": status, "current_step": step, "events": events,
@@ -70,36 +54,11 @@ fn script() -> Vec<Value> {
     vec![
         job("pending", Value::Null, vec![], Value::Null),
         job("running", json!("Opening page"), vec![&e1], Value::Null),
-        job(
-            "running",
-            json!("Filling in the form"),
-            vec![&e1, &e2],
-            Value::Null,
-        ),
-        job(
-            "running",
-            json!("Uploading"),
-            vec![&e1, &e2, &e3],
-            Value::Null,
-        ),
-        job(
-            "waiting_for_input",
-            json!("Asking a human"),
-            vec![&e1, &e2, &e3, &q],
-            Value::Null,
-        ),
-        job(
-            "waiting_for_input",
-            json!("Asking a human"),
-            vec![&e1, &e2, &e3, &q],
-            Value::Null,
-        ),
-        job(
-            "running",
-            json!("Submitting"),
-            vec![&e1, &e2, &e3, &q, &e4],
-            Value::Null,
-        ),
+        job("running", json!("Filling in the form"), vec![&e1, &e2], Value::Null),
+        job("running", json!("Uploading"), vec![&e1, &e2, &e3], Value::Null),
+        job("waiting_for_input", json!("Asking a human"), vec![&e1, &e2, &e3, &q], Value::Null),
+        job("waiting_for_input", json!("Asking a human"), vec![&e1, &e2, &e3, &q], Value::Null),
+        job("running", json!("Submitting"), vec![&e1, &e2, &e3, &q, &e4], Value::Null),
         job(
             "completed",
             Value::Null,
@@ -150,16 +109,8 @@ async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Strin
         let mut refused = r.refused_once.lock().unwrap_or_else(|e| e.into_inner());
         !std::mem::replace(&mut *refused, true)
     };
-    let answered = if refuse {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::NO_CONTENT
-    };
-    let _ = r.tx.send(Received {
-        headers,
-        body,
-        answered,
-    });
+    let answered = if refuse { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::NO_CONTENT };
+    let _ = r.tx.send(Received { headers, body, answered });
     answered
 }
 
@@ -174,27 +125,12 @@ async fn serve(router: Router) -> std::io::Result<SocketAddr> {
 /// all arrive, verified and in order, within 30 seconds.
 pub async fn run(mut out: impl Write) -> anyhow::Result<()> {
     let started = Instant::now();
-    let portal = Arc::new(Mutex::new(Portal {
-        script: script(),
-        polls: 0,
-    }));
-    let portal_addr = serve(
-        Router::new()
-            .route("/task/{org}/{endpoint}/status", get(status))
-            .with_state(portal),
-    )
-    .await?;
+    let portal = Arc::new(Mutex::new(Portal { script: script(), polls: 0 }));
+    let portal_addr =
+        serve(Router::new().route("/task/{org}/{endpoint}/status", get(status)).with_state(portal)).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let receiver = Arc::new(Receiver {
-        tx,
-        refused_once: Mutex::new(false),
-    });
-    let receiver_addr = serve(
-        Router::new()
-            .route("/hooks", post(receive))
-            .with_state(receiver),
-    )
-    .await?;
+    let receiver = Arc::new(Receiver { tx, refused_once: Mutex::new(false) });
+    let receiver_addr = serve(Router::new().route("/hooks", post(receive)).with_state(receiver)).await?;
 
     let dir = tempfile::tempdir()?;
     let text = format!(
@@ -224,33 +160,22 @@ secret_env = "DEMO_WEBHOOK_SECRET"
     let store = Arc::new(Store::open(&config.database)?);
     store.add_watches(&[NewWatch {
         job_id: DEMO_JOB.into(),
-        portal: "demo-org/contact_form"
-            .parse()
-            .map_err(anyhow::Error::msg)?,
+        portal: "demo-org/contact_form".parse().map_err(anyhow::Error::msg)?,
         webhooks: None,
         labels: [("customer".to_owned(), "acme".to_owned())].into(),
         from_now: false,
     }])?;
     writeln!(out, "dari-relay demo")?;
     writeln!(out, "  simulated Dari portal  http://{portal_addr}")?;
-    writeln!(
-        out,
-        "  receiver               http://{receiver_addr}/hooks (verifies every signature)"
-    )?;
-    writeln!(
-        out,
-        "  database               {}",
-        config.database.display()
-    )?;
-    writeln!(
-        out,
-        "  watching               demo-org/contact_form job {DEMO_JOB}\n"
-    )?;
+    writeln!(out, "  receiver               http://{receiver_addr}/hooks (verifies every signature)")?;
+    writeln!(out, "  database               {}", config.database.display())?;
+    writeln!(out, "  watching               demo-org/contact_form job {DEMO_JOB}\n")?;
 
     let shutdown = CancellationToken::new();
     let relay = tokio::spawn(crate::app::serve(
         Arc::clone(&config),
         Arc::clone(&store),
+        Arc::new(crate::metrics::Metrics::default()),
         shutdown.clone(),
     ));
     let key = SigningKey::parse(DEMO_SECRET)?;
@@ -281,22 +206,9 @@ secret_env = "DEMO_WEBHOOK_SECRET"
                     )
                 })?
                 .ok_or_else(|| anyhow::anyhow!("the receiver stopped"))?;
-            let header = |n: &str| {
-                received
-                    .headers
-                    .get(n)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            let (id, ts, sig) = (
-                header("webhook-id"),
-                header("webhook-timestamp"),
-                header("webhook-signature"),
-            );
-            let verified = ts
-                .parse()
-                .is_ok_and(|ts| key.verify(&id, ts, received.body.as_bytes(), &sig));
+            let header = |n: &str| received.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let (id, ts, sig) = (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
+            let verified = ts.parse().is_ok_and(|ts| key.verify(&id, ts, received.body.as_bytes(), &sig));
             anyhow::ensure!(verified, "delivery {id} has a bad signature");
             let body: Value = serde_json::from_str(&received.body)?;
             let kind = body["type"].as_str().unwrap_or("?").to_owned();
@@ -324,17 +236,9 @@ secret_env = "DEMO_WEBHOOK_SECRET"
                 continue;
             }
             delivered.push(kind.clone());
-            writeln!(
-                out,
-                "{:>3} {:<22} {id}  signature ok  {detail}",
-                delivered.len(),
-                kind
-            )?;
+            writeln!(out, "{:>3} {:<22} {id}  signature ok  {detail}", delivered.len(), kind)?;
         }
-        anyhow::ensure!(
-            delivered == expected,
-            "notifications arrived as {delivered:?}, expected {expected:?}"
-        );
+        anyhow::ensure!(delivered == expected, "notifications arrived as {delivered:?}, expected {expected:?}");
         Ok(())
     }
     .await;

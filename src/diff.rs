@@ -36,10 +36,7 @@ pub enum Transition {
     /// `answer.events[index]` is new.
     Event { index: usize },
     /// The status changed (compared after normalisation).
-    Status {
-        previous: Option<String>,
-        status: String,
-    },
+    Status { previous: Option<String>, status: String },
 }
 
 /// The event list did not extend the one seen before.
@@ -71,10 +68,7 @@ pub fn diff(seen: &SeenState, answer: &StatusAnswer, from_now: bool) -> Diff {
     if first_poll && from_now {
         return Diff {
             transitions: Vec::new(),
-            state: SeenState {
-                status: Some(answer.status.clone()),
-                event_fingerprints: fingerprints,
-            },
+            state: SeenState { status: Some(answer.status.clone()), event_fingerprints: fingerprints },
             anomaly: None,
         };
     }
@@ -84,25 +78,15 @@ pub fn diff(seen: &SeenState, answer: &StatusAnswer, from_now: bool) -> Diff {
     let mut state_fingerprints;
     let mut anomaly = None;
     if fingerprints.len() >= known.len() && fingerprints[..known.len()] == known[..] {
-        transitions
-            .extend((known.len()..fingerprints.len()).map(|index| Transition::Event { index }));
+        transitions.extend((known.len()..fingerprints.len()).map(|index| Transition::Event { index }));
         state_fingerprints = fingerprints;
     } else {
-        anomaly = Some(
-            if fingerprints.len() < known.len() && fingerprints[..] == known[..fingerprints.len()] {
-                Anomaly::Shrunk {
-                    seen: known.len(),
-                    now: fingerprints.len(),
-                }
-            } else {
-                let index = fingerprints
-                    .iter()
-                    .zip(known)
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(known.len());
-                Anomaly::Rewritten { index }
-            },
-        );
+        anomaly = Some(if fingerprints.len() < known.len() && fingerprints[..] == known[..fingerprints.len()] {
+            Anomaly::Shrunk { seen: known.len(), now: fingerprints.len() }
+        } else {
+            let index = fingerprints.iter().zip(known).position(|(a, b)| a != b).unwrap_or(known.len());
+            Anomaly::Rewritten { index }
+        });
         let mut announced: HashMap<u64, usize> = HashMap::new();
         for fp in known {
             *announced.entry(*fp).or_default() += 1;
@@ -119,20 +103,13 @@ pub fn diff(seen: &SeenState, answer: &StatusAnswer, from_now: bool) -> Diff {
         }
     }
 
-    let changed =
-        seen.status.as_deref().map(normalize_status) != Some(normalize_status(&answer.status));
+    let changed = seen.status.as_deref().map(normalize_status) != Some(normalize_status(&answer.status));
     if changed {
-        transitions.push(Transition::Status {
-            previous: seen.status.clone(),
-            status: answer.status.clone(),
-        });
+        transitions.push(Transition::Status { previous: seen.status.clone(), status: answer.status.clone() });
     }
     Diff {
         transitions,
-        state: SeenState {
-            status: Some(answer.status.clone()),
-            event_fingerprints: state_fingerprints,
-        },
+        state: SeenState { status: Some(answer.status.clone()), event_fingerprints: state_fingerprints },
         anomaly,
     }
 }
@@ -144,13 +121,7 @@ pub fn normalize_status(status: &str) -> String {
         .trim()
         .chars()
         .map(|c| c.to_ascii_lowercase())
-        .map(|c| {
-            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' { c } else { '_' })
         .collect()
 }
 
@@ -172,10 +143,7 @@ mod tests {
     fn answer(status: &str, events: &[&str]) -> StatusAnswer {
         StatusAnswer {
             status: status.into(),
-            events: events
-                .iter()
-                .map(|m| json!({"event_type": "step", "message": m}))
-                .collect(),
+            events: events.iter().map(|m| json!({"event_type": "step", "message": m})).collect(),
             fields: Default::default(),
         }
     }
@@ -192,19 +160,9 @@ mod tests {
 
     #[test]
     fn first_poll_announces_everything_events_first() {
-        let d = diff(
-            &SeenState::default(),
-            &answer("running", &["a", "b"]),
-            false,
-        );
+        let d = diff(&SeenState::default(), &answer("running", &["a", "b"]), false);
         assert_eq!(kinds(&d), ["event0", "event1", "status:running"]);
-        assert_eq!(
-            d.transitions[2],
-            Transition::Status {
-                previous: None,
-                status: "running".into()
-            }
-        );
+        assert_eq!(d.transitions[2], Transition::Status { previous: None, status: "running".into() });
     }
 
     #[test]
@@ -228,21 +186,13 @@ mod tests {
     #[test]
     fn status_compared_after_normalisation() {
         let d1 = diff(&SeenState::default(), &answer("Running", &[]), false);
-        assert!(
-            diff(&d1.state, &answer("running", &[]), false)
-                .transitions
-                .is_empty()
-        );
+        assert!(diff(&d1.state, &answer("running", &[]), false).transitions.is_empty());
         assert_eq!(normalize_status("Waiting For-Input"), "waiting_for_input");
     }
 
     #[test]
     fn shrink_then_regrow_is_warned_and_never_duplicated() {
-        let d1 = diff(
-            &SeenState::default(),
-            &answer("running", &["a", "b", "c"]),
-            false,
-        );
+        let d1 = diff(&SeenState::default(), &answer("running", &["a", "b", "c"]), false);
         let d2 = diff(&d1.state, &answer("running", &["a"]), false);
         assert_eq!(d2.anomaly, Some(Anomaly::Shrunk { seen: 3, now: 1 }));
         assert!(d2.transitions.is_empty());
@@ -252,11 +202,7 @@ mod tests {
 
     #[test]
     fn rewritten_entry_is_announced_once_and_old_ones_never_again() {
-        let d1 = diff(
-            &SeenState::default(),
-            &answer("running", &["a", "b"]),
-            false,
-        );
+        let d1 = diff(&SeenState::default(), &answer("running", &["a", "b"]), false);
         let d2 = diff(&d1.state, &answer("running", &["a", "B", "c"]), false);
         assert_eq!(d2.anomaly, Some(Anomaly::Rewritten { index: 1 }));
         assert_eq!(kinds(&d2), ["event1", "event2"]);

@@ -91,13 +91,9 @@ mod tests {
         .to_string();
         let slack: Value = serde_json::from_str(&render(Format::Slack, &body).unwrap()).unwrap();
         let text = slack["text"].as_str().unwrap();
-        assert!(
-            text.starts_with("*Job failed* · acme/form · job `j1`"),
-            "{text}"
-        );
+        assert!(text.starts_with("*Job failed* · acme/form · job `j1`"), "{text}");
         assert!(text.chars().count() <= SLACK_TEXT_MAX && text.ends_with('…'));
-        let discord: Value =
-            serde_json::from_str(&render(Format::Discord, &body).unwrap()).unwrap();
+        let discord: Value = serde_json::from_str(&render(Format::Discord, &body).unwrap()).unwrap();
         assert!(discord["content"].as_str().unwrap().chars().count() <= DISCORD_CONTENT_MAX);
         assert_eq!(render(Format::Standard, &body).unwrap(), body);
     }

@@ -12,11 +12,7 @@ pub struct Glob(String);
 impl Glob {
     /// Accepts any non-empty pattern; returns `None` for an empty one.
     pub fn new(pattern: &str) -> Option<Glob> {
-        if pattern.is_empty() {
-            None
-        } else {
-            Some(Glob(pattern.to_owned()))
-        }
+        if pattern.is_empty() { None } else { Some(Glob(pattern.to_owned())) }
     }
 
     /// The pattern as written in the config.
@@ -81,11 +77,7 @@ mod tests {
             ("exact", "exactly", false),
         ];
         for (pattern, text, want) in cases {
-            assert_eq!(
-                Glob::new(pattern).unwrap().matches(text),
-                want,
-                "{pattern} vs {text}"
-            );
+            assert_eq!(Glob::new(pattern).unwrap().matches(text), want, "{pattern} vs {text}");
         }
     }
 

@@ -19,6 +19,7 @@ pub mod demo;
 pub mod diff;
 pub mod format;
 pub mod glob;
+pub mod metrics;
 pub mod notification;
 pub mod poller;
 pub mod retry;

@@ -70,10 +70,7 @@ pub fn build(
     data.insert("status".into(), Value::String(answer.status.clone()));
     data.insert("job_id".into(), watch.job_id.into());
     data.insert("portal_id".into(), watch.portal_id.into());
-    data.insert(
-        "previous_status".into(),
-        previous_status.map_or(Value::Null, Value::from),
-    );
+    data.insert("previous_status".into(), previous_status.map_or(Value::Null, Value::from));
     data.insert("labels".into(), Value::Object(watch.labels.clone()));
     transitions
         .iter()
@@ -94,21 +91,13 @@ pub fn build(
                 }
                 Transition::Status { status, .. } => (status_kind(status), data.clone()),
             };
-            Notification {
-                body: envelope(&kind, timestamp, Value::Object(data)),
-                kind,
-            }
+            Notification { body: envelope(&kind, timestamp, Value::Object(data)), kind }
         })
         .collect()
 }
 
 /// A `watch.failed` notification: the relay gave up on a watch.
-pub fn watch_failed(
-    watch: WatchContext<'_>,
-    reason: &str,
-    last_status: Option<&str>,
-    timestamp: &str,
-) -> Notification {
+pub fn watch_failed(watch: WatchContext<'_>, reason: &str, last_status: Option<&str>, timestamp: &str) -> Notification {
     let data = json!({
         "job_id": watch.job_id,
         "portal_id": watch.portal_id,
@@ -117,10 +106,7 @@ pub fn watch_failed(
         "labels": watch.labels,
     });
     let kind = "watch.failed".to_owned();
-    Notification {
-        body: envelope(&kind, timestamp, data),
-        kind,
-    }
+    Notification { body: envelope(&kind, timestamp, data), kind }
 }
 
 fn envelope(kind: &str, timestamp: &str, data: Value) -> String {
@@ -141,31 +127,16 @@ mod tests {
         let answer = StatusAnswer {
             status: "Completed".into(),
             events: vec![json!({"event_type": "step_completed", "message": "done", "data": {}})],
-            fields: serde_json::from_value(
-                json!({"final_result": {"ok": true}, "total_cost_usd": 0.12, "extra": [1]}),
-            )
-            .unwrap(),
+            fields: serde_json::from_value(json!({"final_result": {"ok": true}, "total_cost_usd": 0.12, "extra": [1]}))
+                .unwrap(),
         };
         let labels = serde_json::from_value(json!({"customer": "acme"})).unwrap();
-        let watch = WatchContext {
-            job_id: "j",
-            portal_id: "o/e",
-            labels: &labels,
-        };
+        let watch = WatchContext { job_id: "j", portal_id: "o/e", labels: &labels };
         let transitions = [
             Transition::Event { index: 0 },
-            Transition::Status {
-                previous: Some("running".into()),
-                status: "Completed".into(),
-            },
+            Transition::Status { previous: Some("running".into()), status: "Completed".into() },
         ];
-        let n = build(
-            &transitions,
-            &answer,
-            Some("running"),
-            watch,
-            "2026-11-30T10:30:15.123Z",
-        );
+        let n = build(&transitions, &answer, Some("running"), watch, "2026-11-30T10:30:15.123Z");
         assert_eq!(n[0].kind, "job.event");
         assert_eq!(n[1].kind, "job.completed");
         let body: Value = serde_json::from_str(&n[1].body).unwrap();

@@ -29,11 +29,11 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::Config;
 use crate::diff::{self, Transition};
+use crate::metrics::Metrics;
 use crate::notification::{self, WatchContext};
-use crate::retry;
+use crate::retry::{self, TokenBucket};
 use crate::store::{
-    CommitOutcome, NewDelivery, NewNotification, PollCommit, ScheduledWatch, Store, StoreError,
-    WatchState,
+    CommitOutcome, NewDelivery, NewNotification, PollCommit, ScheduledWatch, Store, StoreError, WatchState, now_ms,
 };
 use crate::upstream::{PortalId, UpstreamClient, UpstreamError};
 
@@ -64,6 +64,45 @@ pub enum PollOutcome {
     Failed(UpstreamError),
     /// The answer could not be stored; it will be seen again next poll.
     StoreFailed(StoreError),
+    /// The relay gave up on the watch; `watch.failed` is stored.
+    GaveUp,
+}
+
+impl PollOutcome {
+    /// The label under which the outcome is counted.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PollOutcome::Unchanged => "unchanged",
+            PollOutcome::Changed { .. } => "changed",
+            PollOutcome::Gone => "gone",
+            PollOutcome::NoCredentials => "no_credentials",
+            PollOutcome::Failed(e) => e.label(),
+            PollOutcome::StoreFailed(_) => "store_error",
+            PollOutcome::GaveUp => "gave_up",
+        }
+    }
+}
+
+/// Why the relay gives up on a watch (`watch.failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    /// Dari answered 404 for longer than `not_found_grace`.
+    NotFound,
+    /// The org's key was rejected for longer than `auth_grace`.
+    KeyRejected,
+    /// The watch is older than `max_watch_age`.
+    TooOld,
+}
+
+impl GiveUp {
+    /// The label used in metrics and in the `reason` of `watch.failed`.
+    pub fn label(self) -> &'static str {
+        match self {
+            GiveUp::NotFound => "job_not_found",
+            GiveUp::KeyRejected => "api_key_rejected",
+            GiveUp::TooOld => "max_watch_age",
+        }
+    }
 }
 
 /// One watch in the scheduler. Small on purpose: it exists for every active
@@ -74,6 +113,10 @@ struct Scheduled {
     body_hash: Option<u64>,
     interval: Duration,
     error_streak: u32,
+    /// When the watch was added (Unix ms): `max_watch_age` is wall-clock age.
+    created_at: i64,
+    /// Since when Dari has answered 404 without a break.
+    not_found_since: Option<Instant>,
     /// Distinguishes this watch's live heap entry from stale ones left by a
     /// removal and re-add.
     generation: u64,
@@ -85,8 +128,8 @@ struct Finished {
     job_id: String,
     outcome: PollOutcome,
     /// Released when the result is handled, so `max_in_flight` also bounds
-    /// finished-but-unprocessed polls.
-    _permit: OwnedSemaphorePermit,
+    /// finished-but-unprocessed polls. Giving up needs no request, so no permit.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The scheduler. Created by `app`, consumed by [`Poller::run`].
@@ -102,8 +145,16 @@ pub struct Poller {
     watches: HashMap<String, Scheduled>,
     /// Orgs paused by a 429 until the given time.
     paused_orgs: HashMap<String, Instant>,
-    /// Orgs whose key was rejected, so the error is logged once, not per poll.
-    rejected_orgs: HashSet<String>,
+    /// Orgs whose key is being rejected, and since when; the error is logged
+    /// once per org, not per poll.
+    rejected_orgs: HashMap<String, Instant>,
+    /// Orgs without credentials in the config, logged once each.
+    unconfigured_orgs: HashSet<String>,
+    /// Per-org request rate limits (`max_requests_per_second`).
+    rate_limits: HashMap<String, TokenBucket>,
+    /// Origin of the monotonic clock used by the token buckets.
+    epoch: Instant,
+    metrics: Arc<Metrics>,
     next_generation: u64,
     watch_rev: i64,
     results_tx: mpsc::UnboundedSender<Finished>,
@@ -115,10 +166,17 @@ impl Poller {
     pub fn new(
         config: Arc<Config>,
         store: Arc<Store>,
+        metrics: Arc<Metrics>,
         wake_delivery: Arc<Notify>,
     ) -> Result<Poller, reqwest::Error> {
         let client = UpstreamClient::new(&config.upstream)?;
         let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let epoch = Instant::now();
+        let rate_limits = config
+            .orgs
+            .values()
+            .filter_map(|o| Some((o.id.clone(), TokenBucket::new(o.max_requests_per_second?, Duration::ZERO))))
+            .collect();
         Ok(Poller {
             permits: Arc::new(Semaphore::new(config.upstream.max_in_flight)),
             config,
@@ -128,7 +186,11 @@ impl Poller {
             queue: BinaryHeap::new(),
             watches: HashMap::new(),
             paused_orgs: HashMap::new(),
-            rejected_orgs: HashSet::new(),
+            rejected_orgs: HashMap::new(),
+            unconfigured_orgs: HashSet::new(),
+            rate_limits,
+            epoch,
+            metrics,
             next_generation: 0,
             watch_rev: 0,
             results_tx,
@@ -144,9 +206,7 @@ impl Poller {
         scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.poll_due_once(Instant::now());
-            let next_due = self
-                .next_due()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let next_due = self.next_due().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 Some(finished) = self.results_rx.recv() => self.handle(finished),
@@ -162,10 +222,7 @@ impl Poller {
 
     /// Loads the active watches, all due now.
     async fn load(&mut self) -> Result<(), StoreError> {
-        let (rev, watches) = self
-            .store
-            .call(|s| Ok((s.watch_rev()?, s.active_watches()?)))
-            .await?;
+        let (rev, watches) = self.store.call(|s| Ok((s.watch_rev()?, s.active_watches()?))).await?;
         self.watch_rev = rev;
         let now = Instant::now();
         for w in watches {
@@ -182,11 +239,7 @@ impl Poller {
             .store
             .call(move |s| {
                 let rev = s.watch_rev()?;
-                if rev == since {
-                    Ok((rev, Vec::new()))
-                } else {
-                    Ok((rev, s.watches_changed_since(since)?))
-                }
+                if rev == since { Ok((rev, Vec::new())) } else { Ok((rev, s.watches_changed_since(since)?)) }
             })
             .await?;
         self.watch_rev = changed.0;
@@ -211,8 +264,7 @@ impl Poller {
     fn schedule_new(&mut self, w: ScheduledWatch, due: Instant) {
         self.next_generation += 1;
         let generation = self.next_generation;
-        self.queue
-            .push(Reverse((due, generation, w.job_id.clone())));
+        self.queue.push(Reverse((due, generation, w.job_id.clone())));
         self.watches.insert(
             w.job_id,
             Scheduled {
@@ -220,6 +272,8 @@ impl Poller {
                 body_hash: w.body_hash,
                 interval: self.config.upstream.poll_interval,
                 error_streak: 0,
+                created_at: w.created_at,
+                not_found_since: None,
                 generation,
                 in_flight: false,
             },
@@ -242,149 +296,155 @@ impl Poller {
     /// loop in [`Poller::run`] is this step plus waiting.
     pub fn poll_due_once(&mut self, now: Instant) -> usize {
         let mut started = 0;
-        while let Some(Reverse((due, generation, _))) = self.queue.peek() {
-            if *due > now {
-                break;
-            }
-            let live = self
-                .queue
-                .peek()
-                .and_then(|Reverse((_, _, job))| self.watches.get(job))
-                .is_some_and(|w| w.generation == *generation && !w.in_flight);
-            if !live {
-                self.queue.pop();
+        while self.next_due().is_some_and(|due| due <= now) && self.permits.available_permits() > 0 {
+            let Reverse((_, generation, job_id)) = self.queue.pop().expect("peeked");
+            // Skip stale entries: a removed watch, or one re-added since.
+            let Some(watch) = self.watches.get(&job_id).filter(|w| w.generation == generation && !w.in_flight) else {
+                continue;
+            };
+            let age = Duration::from_millis((now_ms() - watch.created_at).max(0) as u64);
+            if age > self.config.upstream.max_watch_age {
+                self.start(job_id, None, Some(GiveUp::TooOld));
+                started += 1;
                 continue;
             }
-            let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
-                break;
-            };
-            let Reverse((_, _, job_id)) = self.queue.pop().expect("peeked");
-            let watch = self.watches.get_mut(&job_id).expect("live entry");
-            if let Some(&until) = self.paused_orgs.get(&watch.portal.org) {
+            let org = &watch.portal.org;
+            if let Some(&until) = self.paused_orgs.get(org) {
                 if until > now {
-                    drop(permit);
                     self.reschedule(job_id, until);
                     continue;
                 }
-                self.paused_orgs.remove(&watch.portal.org);
+                self.paused_orgs.remove(org);
             }
-            watch.in_flight = true;
-            let task = PollTask {
-                job_id: job_id.clone(),
-                portal: Arc::clone(&watch.portal),
-                last_hash: watch.body_hash,
-                config: Arc::clone(&self.config),
-                store: Arc::clone(&self.store),
-                client: self.client.clone(),
-                wake_delivery: Arc::clone(&self.wake_delivery),
-            };
-            let results = self.results_tx.clone();
-            let span = info_span!("poll", job_id = %job_id, portal_id = %task.portal);
-            tokio::spawn(
-                async move {
-                    let outcome = task.run().await;
-                    let _ = results.send(Finished {
-                        job_id,
-                        outcome,
-                        _permit: permit,
-                    });
-                }
-                .instrument(span),
-            );
+            let since_epoch = now.saturating_duration_since(self.epoch);
+            if let Some(Err(wait)) = self.rate_limits.get_mut(org).map(|bucket| bucket.take(since_epoch)) {
+                self.reschedule(job_id, now + wait);
+                continue;
+            }
+            let permit = Arc::clone(&self.permits).try_acquire_owned().expect("a permit is available");
+            self.start(job_id, Some(permit), None);
             started += 1;
         }
         started
     }
 
+    /// Spawns the task that polls a watch, or gives up on it.
+    fn start(&mut self, job_id: String, permit: Option<OwnedSemaphorePermit>, give_up: Option<GiveUp>) {
+        let watch = self.watches.get_mut(&job_id).expect("live entry");
+        watch.in_flight = true;
+        let task = PollTask {
+            job_id: job_id.clone(),
+            portal: Arc::clone(&watch.portal),
+            last_hash: watch.body_hash,
+            config: Arc::clone(&self.config),
+            store: Arc::clone(&self.store),
+            client: self.client.clone(),
+            metrics: Arc::clone(&self.metrics),
+            wake_delivery: Arc::clone(&self.wake_delivery),
+        };
+        let results = self.results_tx.clone();
+        let span = info_span!("poll", job_id = %job_id, portal_id = %task.portal);
+        tokio::spawn(
+            async move {
+                let outcome = match give_up {
+                    None => task.poll().await,
+                    Some(reason) => task.give_up(reason).await,
+                };
+                let _ = results.send(Finished { job_id, outcome, _permit: permit });
+            }
+            .instrument(span),
+        );
+    }
+
     /// Applies a finished poll to its watch's schedule.
     fn handle(&mut self, finished: Finished) {
-        let Finished {
-            job_id, outcome, ..
-        } = finished;
+        let Finished { job_id, outcome, .. } = finished;
         let up = &self.config.upstream;
         let now = Instant::now();
         let Some(watch) = self.watches.get_mut(&job_id) else {
             return; // removed while in flight
         };
         watch.in_flight = false;
+        let org = watch.portal.org.clone();
+        self.metrics.poll(&org, outcome.label());
+        if matches!(outcome, PollOutcome::Unchanged | PollOutcome::Changed { .. }) {
+            watch.error_streak = 0;
+            watch.not_found_since = None;
+            if self.rejected_orgs.remove(&org).is_some() {
+                info!(org_id = %org, "Dari accepts the org's API key again");
+            }
+        }
         let delay = match outcome {
             PollOutcome::Unchanged => {
-                watch.error_streak = 0;
-                self.rejected_orgs.remove(&watch.portal.org);
-                watch.interval = retry::next_poll_interval(
-                    watch.interval,
-                    false,
-                    up.poll_interval,
-                    up.max_poll_interval,
-                );
+                watch.interval =
+                    retry::next_poll_interval(watch.interval, false, up.poll_interval, up.max_poll_interval);
                 watch.interval
             }
-            PollOutcome::Changed {
-                terminal: true,
-                notifications,
-                ..
-            } => {
+            PollOutcome::Changed { terminal: true, notifications, .. } => {
                 info!(job_id = %job_id, notifications, "job reached a terminal status; polling ends");
                 self.watches.remove(&job_id);
                 return;
             }
             PollOutcome::Changed { body_hash, .. } => {
-                watch.error_streak = 0;
                 watch.body_hash = Some(body_hash);
-                self.rejected_orgs.remove(&watch.portal.org);
                 watch.interval = up.poll_interval;
                 watch.interval
             }
-            PollOutcome::Gone => {
+            PollOutcome::Gone | PollOutcome::GaveUp => {
                 self.watches.remove(&job_id);
                 return;
             }
             PollOutcome::NoCredentials => {
-                if self.rejected_orgs.insert(watch.portal.org.clone()) {
-                    error!(org_id = %watch.portal.org, "no [orgs.{}] table in the config: its watches wait", watch.portal.org);
+                if self.unconfigured_orgs.insert(org.clone()) {
+                    error!(org_id = %org, "the config has no [orgs.{org}] table: its watches wait at max_poll_interval");
                 }
                 up.max_poll_interval
             }
             PollOutcome::Failed(UpstreamError::Unauthorized(status)) => {
-                if self.rejected_orgs.insert(watch.portal.org.clone()) {
-                    error!(org_id = %watch.portal.org, status, "Dari rejected the org's API key; its watches are polled at max_poll_interval until it is accepted");
+                let since = *self.rejected_orgs.entry(org.clone()).or_insert_with(|| {
+                    error!(org_id = %org, status, "Dari rejected the org's API key; its watches are polled at max_poll_interval until it is accepted");
+                    now
+                });
+                if now.duration_since(since) >= up.auth_grace {
+                    self.start(job_id, None, Some(GiveUp::KeyRejected));
+                    return;
                 }
                 up.max_poll_interval
+            }
+            PollOutcome::Failed(UpstreamError::NotFound) => {
+                let since = *watch.not_found_since.get_or_insert(now);
+                if now.duration_since(since) >= up.not_found_grace {
+                    self.start(job_id, None, Some(GiveUp::NotFound));
+                    return;
+                }
+                watch.error_streak += 1;
+                let wait =
+                    retry::error_backoff(watch.error_streak, up.poll_interval, up.max_poll_interval, fastrand::f64());
+                info!(job_id = %job_id, retry_in_ms = wait.as_millis() as u64, "job not found (yet)");
+                wait
             }
             PollOutcome::Failed(UpstreamError::RateLimited { retry_after }) => {
                 watch.error_streak += 1;
                 let wait = retry_after.unwrap_or_else(|| {
-                    retry::error_backoff(
-                        watch.error_streak,
-                        up.poll_interval,
-                        up.max_poll_interval,
-                        fastrand::f64(),
-                    )
+                    retry::error_backoff(watch.error_streak, up.poll_interval, up.max_poll_interval, fastrand::f64())
                 });
-                warn!(job_id = %job_id, org_id = %watch.portal.org, wait_ms = wait.as_millis() as u64, "rate limited (429): pausing the org");
-                self.paused_orgs
-                    .insert(watch.portal.org.clone(), now + wait);
+                warn!(job_id = %job_id, org_id = %org, wait_ms = wait.as_millis() as u64, "rate limited (429): pausing every poll of the org");
+                let until = now + wait;
+                let paused = self.paused_orgs.entry(org).or_insert(until);
+                *paused = (*paused).max(until);
                 wait
             }
             PollOutcome::Failed(e) => {
                 watch.error_streak += 1;
-                let wait = retry::error_backoff(
-                    watch.error_streak,
-                    up.poll_interval,
-                    up.max_poll_interval,
-                    fastrand::f64(),
-                );
+                let wait =
+                    retry::error_backoff(watch.error_streak, up.poll_interval, up.max_poll_interval, fastrand::f64());
                 warn!(job_id = %job_id, error = %e, kind = e.label(), streak = watch.error_streak, retry_in_ms = wait.as_millis() as u64, "poll failed");
                 wait
             }
             PollOutcome::StoreFailed(e) => {
                 watch.error_streak += 1;
-                let wait = retry::error_backoff(
-                    watch.error_streak,
-                    up.poll_interval,
-                    up.max_poll_interval,
-                    fastrand::f64(),
-                );
+                let wait =
+                    retry::error_backoff(watch.error_streak, up.poll_interval, up.max_poll_interval, fastrand::f64());
                 error!(job_id = %job_id, error = %e, "cannot store the poll's result; the change will be seen again");
                 wait
             }
@@ -401,19 +461,16 @@ struct PollTask {
     config: Arc<Config>,
     store: Arc<Store>,
     client: UpstreamClient,
+    metrics: Arc<Metrics>,
     wake_delivery: Arc<Notify>,
 }
 
 impl PollTask {
-    async fn run(self) -> PollOutcome {
+    async fn poll(self) -> PollOutcome {
         let Some(org) = self.config.orgs.get(&self.portal.org) else {
             return PollOutcome::NoCredentials;
         };
-        let body = match self
-            .client
-            .fetch_status(&self.portal, &self.job_id, &org.api_key)
-            .await
-        {
+        let body = match self.client.fetch_status(&self.portal, &self.job_id, &org.api_key).await {
             Ok(body) => body,
             Err(e) => return PollOutcome::Failed(e),
         };
@@ -424,7 +481,10 @@ impl PollTask {
         }
         let answer = match crate::upstream::parse_status(&body) {
             Ok(answer) => answer,
-            Err(e) => return PollOutcome::Failed(e),
+            Err(e) => {
+                warn!(error = %e, excerpt = %crate::upstream::excerpt(&body, 200), "malformed status answer; last-seen state kept");
+                return PollOutcome::Failed(e);
+            }
         };
         // Store faults (locked, disk full) are retried briefly here; if they
         // last, the outcome says so and the whole poll is redone later, since
@@ -439,6 +499,53 @@ impl PollTask {
             Ok(outcome) => outcome,
             Err(e) => PollOutcome::StoreFailed(e),
         }
+    }
+
+    /// Gives up on the watch: stores `watch.failed` and marks it failed.
+    async fn give_up(self, reason: GiveUp) -> PollOutcome {
+        let job_id = self.job_id.clone();
+        let ctx = match self.store.call(move |s| s.diff_context(&job_id)).await {
+            Ok(Some(ctx)) if ctx.state == WatchState::Active => ctx,
+            Ok(_) => return PollOutcome::Gone,
+            Err(e) => return PollOutcome::StoreFailed(e),
+        };
+        let portal_id = ctx.portal.to_string();
+        let watch = WatchContext { job_id: &self.job_id, portal_id: &portal_id, labels: &ctx.labels };
+        let n = notification::watch_failed(
+            watch,
+            reason.label(),
+            ctx.seen.status.as_deref(),
+            &notification::now_timestamp(),
+        );
+        let notification = NewNotification {
+            deliveries: self.deliveries_for(&n.kind, &portal_id, ctx.webhooks.as_deref()),
+            kind: n.kind,
+            body: n.body,
+        };
+        let job_id = self.job_id.clone();
+        match self.store.call(move |s| s.fail_watch(&job_id, reason.label(), &notification)).await {
+            Ok(CommitOutcome::WatchGone) => PollOutcome::Gone,
+            Ok(CommitOutcome::Stored { deliveries }) => {
+                error!(reason = reason.label(), "gave up on the watch; watch.failed stored");
+                self.metrics.watch_failed(reason.label());
+                self.metrics.notification("watch.failed");
+                if deliveries > 0 {
+                    self.wake_delivery.notify_one();
+                }
+                PollOutcome::GaveUp
+            }
+            Err(e) => PollOutcome::StoreFailed(e),
+        }
+    }
+
+    /// One new delivery per webhook that accepts a notification of `kind`.
+    fn deliveries_for(&self, kind: &str, portal_id: &str, named: Option<&[String]>) -> Vec<NewDelivery> {
+        self.config
+            .webhooks
+            .iter()
+            .filter(|w| w.accepts(kind, portal_id, named))
+            .map(|w| NewDelivery { webhook: w.name.clone(), msg_id: new_msg_id() })
+            .collect()
     }
 
     /// Loads the last-seen state, diffs, and commits the result atomically.
@@ -463,24 +570,13 @@ impl PollTask {
             );
         }
         let portal_id = ctx.portal.to_string();
-        let watch = WatchContext {
-            job_id: &self.job_id,
-            portal_id: &portal_id,
-            labels: &ctx.labels,
-        };
+        let watch = WatchContext { job_id: &self.job_id, portal_id: &portal_id, labels: &ctx.labels };
         let timestamp = notification::now_timestamp();
-        let notifications = notification::build(
-            &diff.transitions,
-            answer,
-            ctx.seen.status.as_deref(),
-            watch,
-            &timestamp,
-        );
+        let notifications =
+            notification::build(&diff.transitions, answer, ctx.seen.status.as_deref(), watch, &timestamp);
         // Whatever the diff found, a job now in a terminal status is done once
         // this commit holds its notifications.
-        let terminal = self
-            .config
-            .is_terminal(&diff::normalize_status(&answer.status));
+        let terminal = self.config.is_terminal(&diff::normalize_status(&answer.status));
         let new_notifications: Vec<NewNotification> = notifications
             .into_iter()
             .map(|n| NewNotification {
@@ -489,16 +585,14 @@ impl PollTask {
                     .webhooks
                     .iter()
                     .filter(|w| w.accepts(&n.kind, &portal_id, ctx.webhooks.as_deref()))
-                    .map(|w| NewDelivery {
-                        webhook: w.name.clone(),
-                        msg_id: new_msg_id(),
-                    })
+                    .map(|w| NewDelivery { webhook: w.name.clone(), msg_id: new_msg_id() })
                     .collect(),
                 kind: n.kind,
                 body: n.body,
             })
             .collect();
         let count = new_notifications.len();
+        let kinds: Vec<String> = new_notifications.iter().map(|n| n.kind.clone()).collect();
         let commit = PollCommit {
             job_id: self.job_id.clone(),
             seen: diff.state,
@@ -512,20 +606,15 @@ impl PollTask {
                 if deliveries > 0 {
                     self.wake_delivery.notify_one();
                 }
-                if diff
-                    .transitions
-                    .iter()
-                    .any(|t| matches!(t, Transition::Status { .. }))
-                {
+                for kind in &kinds {
+                    self.metrics.notification(kind);
+                }
+                if diff.transitions.iter().any(|t| matches!(t, Transition::Status { .. })) {
                     info!(status = %answer.status, notifications = count, deliveries, "status changed");
                 } else if count > 0 {
                     debug!(notifications = count, deliveries, "new events");
                 }
-                Ok(PollOutcome::Changed {
-                    notifications: count,
-                    terminal,
-                    body_hash: hash,
-                })
+                Ok(PollOutcome::Changed { notifications: count, terminal, body_hash: hash })
             }
         }
     }

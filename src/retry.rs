@@ -12,17 +12,8 @@ pub const QUIET_GROWTH: f64 = 1.5;
 
 /// The next poll interval after an answer: back to `base` when the job
 /// changed, 1.5x longer (up to `cap`) when it did not.
-pub fn next_poll_interval(
-    current: Duration,
-    changed: bool,
-    base: Duration,
-    cap: Duration,
-) -> Duration {
-    if changed {
-        base
-    } else {
-        current.mul_f64(QUIET_GROWTH).clamp(base, cap)
-    }
+pub fn next_poll_interval(current: Duration, changed: bool, base: Duration, cap: Duration) -> Duration {
+    if changed { base } else { current.mul_f64(QUIET_GROWTH).clamp(base, cap) }
 }
 
 /// The wait after the `streak`-th consecutive failed poll (1 for the first):
@@ -30,10 +21,7 @@ pub fn next_poll_interval(
 /// `[base, ceiling]` so that many watches failing together spread out
 /// instead of retrying in lockstep, and never below `base`.
 pub fn error_backoff(streak: u32, base: Duration, cap: Duration, unit: f64) -> Duration {
-    let ceiling = base
-        .saturating_mul(1u32 << streak.saturating_sub(1).min(20))
-        .min(cap)
-        .max(base);
+    let ceiling = base.saturating_mul(1u32 << streak.saturating_sub(1).min(20)).min(cap).max(base);
     base + (ceiling - base).mul_f64(unit.clamp(0.0, 1.0))
 }
 
@@ -62,8 +50,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     }
     if let Ok(secs) = value.parse::<f64>() {
         // Discord sends fractional seconds.
-        return (secs.is_finite() && secs >= 0.0)
-            .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -105,10 +92,7 @@ mod tests {
         assert_eq!(delivery_retry_delay(&schedule, 1, None, 0.0), Some(S(4)));
         assert_eq!(delivery_retry_delay(&schedule, 1, None, 1.0), Some(S(6)));
         assert_eq!(delivery_retry_delay(&schedule, 2, None, 0.5), Some(S(300)));
-        assert_eq!(
-            delivery_retry_delay(&schedule, 2, Some(S(7)), 0.5),
-            Some(S(7))
-        );
+        assert_eq!(delivery_retry_delay(&schedule, 2, Some(S(7)), 0.5), Some(S(7)));
         assert_eq!(delivery_retry_delay(&schedule, 3, Some(S(7)), 0.5), None);
         assert_eq!(delivery_retry_delay(&schedule, 0, None, 0.5), None);
     }
@@ -117,13 +101,57 @@ mod tests {
     fn retry_after_forms() {
         let now = SystemTime::UNIX_EPOCH + S(1_000_000_000);
         assert_eq!(parse_retry_after("120", now), Some(S(120)));
-        assert_eq!(
-            parse_retry_after("1.5", now),
-            Some(Duration::from_millis(1500))
-        );
+        assert_eq!(parse_retry_after("1.5", now), Some(Duration::from_millis(1500)));
         let date = httpdate::fmt_http_date(now + S(30));
         assert_eq!(parse_retry_after(&date, now), Some(S(30)));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-1", now), None);
+    }
+}
+
+/// A token bucket: `rate` tokens a second, holding at most `max(rate, 1)`,
+/// so a burst never exceeds one second's worth.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    updated: std::time::Duration,
+}
+
+impl TokenBucket {
+    /// A full bucket at time `now` (any monotonic origin).
+    pub fn new(rate: f64, now: Duration) -> TokenBucket {
+        TokenBucket { rate, tokens: rate.max(1.0), updated: now }
+    }
+
+    /// Takes a token at `now`, or says how long until one is available.
+    pub fn take(&mut self, now: Duration) -> Result<(), Duration> {
+        let elapsed = now.saturating_sub(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        self.updated = now.max(self.updated);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_rate_per_second() {
+        let ms = Duration::from_millis;
+        let mut b = TokenBucket::new(2.0, ms(0));
+        assert!(b.take(ms(0)).is_ok() && b.take(ms(0)).is_ok());
+        assert_eq!(b.take(ms(0)), Err(ms(500)));
+        assert!(b.take(ms(500)).is_ok());
+        assert!(b.take(ms(600)).is_err());
+        let mut slow = TokenBucket::new(0.5, ms(0));
+        assert!(slow.take(ms(0)).is_ok());
+        assert_eq!(slow.take(ms(1000)), Err(ms(1000)));
     }
 }

@@ -25,9 +25,7 @@ impl fmt::Debug for SigningKey {
 
 /// Why a secret is not a usable signing key. The message never quotes it.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "the webhook secret must be \"whsec_\" followed by base64 (as Standard Webhooks generates it)"
-)]
+#[error("the webhook secret must be \"whsec_\" followed by base64 (as Standard Webhooks generates it)")]
 pub struct BadSecret;
 
 impl SigningKey {
@@ -51,23 +49,19 @@ impl SigningKey {
     /// Whether `header` (space-separated `v1,<sig>` entries) holds a valid
     /// signature of this message. Used by the demo's receiver and tests.
     pub fn verify(&self, msg_id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
-        header
-            .split(' ')
-            .filter_map(|s| s.strip_prefix("v1,"))
-            .any(|sig| {
-                BASE64.decode(sig).is_ok_and(|given| {
-                    // Constant-time comparison through the MAC type.
-                    let mut mac = self.hmac();
-                    mac.update(format!("{msg_id}.{timestamp}.").as_bytes());
-                    mac.update(body);
-                    mac.verify_slice(&given).is_ok()
-                })
+        header.split(' ').filter_map(|s| s.strip_prefix("v1,")).any(|sig| {
+            BASE64.decode(sig).is_ok_and(|given| {
+                // Constant-time comparison through the MAC type.
+                let mut mac = self.hmac();
+                mac.update(format!("{msg_id}.{timestamp}.").as_bytes());
+                mac.update(body);
+                mac.verify_slice(&given).is_ok()
             })
+        })
     }
 
     fn hmac(&self) -> Hmac<Sha256> {
-        Hmac::<Sha256>::new_from_slice(self.0.expose_secret())
-            .expect("HMAC takes keys of any length")
+        Hmac::<Sha256>::new_from_slice(self.0.expose_secret()).expect("HMAC takes keys of any length")
     }
 
     fn mac(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {

@@ -101,10 +101,7 @@ CREATE INDEX attempts_delivery ON attempts (delivery_id);
 pub enum StoreError {
     /// The database folder or file could not be created.
     #[error("cannot create the database at {}: {source}", path.display())]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Create { path: PathBuf, source: std::io::Error },
     /// Migrating the schema failed.
     #[error("cannot migrate the database schema: {0}")]
     Migration(#[from] rusqlite_migration::Error),
@@ -189,6 +186,8 @@ pub struct ScheduledWatch {
     pub state: WatchState,
     /// Hash of the last answer's raw bytes, to skip unchanged answers.
     pub body_hash: Option<u64>,
+    /// When the watch was added (Unix ms), for `max_watch_age`.
+    pub created_at: i64,
 }
 
 /// Everything the diff and the notification builder need about a watch.
@@ -387,10 +386,7 @@ impl std::fmt::Debug for Store {
 
 /// The current time in Unix milliseconds.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64
 }
 
 fn ms_to_rfc3339(ms: i64) -> String {
@@ -402,28 +398,12 @@ impl Store {
     /// Opens (creating if missing) the database at `path`: the folder is
     /// created 0700 and the file 0600, WAL is enabled and migrations run.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let create = |source| StoreError::Create {
-            path: path.to_owned(),
-            source,
-        };
-        if let Some(dir) = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-        {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(create)?;
+        let create = |source| StoreError::Create { path: path.to_owned(), source };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(create)?;
         }
         if !path.exists() {
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)
-                .map_err(create)?;
+            fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path).map_err(create)?;
         }
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -433,9 +413,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+        Ok(Store { conn: Mutex::new(conn) })
     }
 
     /// Runs `f` on a blocking thread, so SQLite never stalls the runtime.
@@ -445,9 +423,7 @@ impl Store {
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     {
         let store = Arc::clone(self);
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -475,10 +451,7 @@ impl Store {
                  WHERE state = 'removed'",
             )?;
             for w in watches {
-                let webhooks = w
-                    .webhooks
-                    .as_ref()
-                    .map(|names| serde_json::to_string(names).expect("names serialise"));
+                let webhooks = w.webhooks.as_ref().map(|names| serde_json::to_string(names).expect("names serialise"));
                 let labels = serde_json::to_string(&w.labels).expect("labels serialise");
                 let changed = insert.execute(params![
                     w.job_id,
@@ -538,17 +511,7 @@ impl Store {
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (
-                job_id,
-                portal_id,
-                state,
-                state_reason,
-                last_status,
-                webhooks,
-                labels,
-                created,
-                updated,
-            ) = row?;
+            let (job_id, portal_id, state, state_reason, last_status, webhooks, labels, created, updated) = row?;
             out.push(WatchSummary {
                 job_id,
                 portal_id,
@@ -566,11 +529,7 @@ impl Store {
 
     /// The current watch revision; see the `meta` table.
     pub fn watch_rev(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT value FROM meta WHERE key = 'watch_rev'", [], |r| {
-                r.get(0)
-            })?)
+        Ok(self.conn().query_row("SELECT value FROM meta WHERE key = 'watch_rev'", [], |r| r.get(0))?)
     }
 
     /// Every active watch, for the scheduler at start.
@@ -587,14 +546,10 @@ impl Store {
     fn scheduled(&self, filter: &str, rev: i64) -> Result<Vec<ScheduledWatch>, StoreError> {
         let conn = self.conn();
         let sql = format!(
-            "SELECT job_id, org_id, endpoint_name, state, body_hash FROM watches {filter} ORDER BY rev"
+            "SELECT job_id, org_id, endpoint_name, state, body_hash, created_at FROM watches {filter} ORDER BY rev"
         );
         let mut stmt = conn.prepare(&sql)?;
-        let bind = if filter.contains("?1") {
-            vec![rev]
-        } else {
-            vec![]
-        };
+        let bind = if filter.contains("?1") { vec![rev] } else { vec![] };
         let rows = stmt.query_map(rusqlite::params_from_iter(bind), |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -602,16 +557,18 @@ impl Store {
                 r.get(2)?,
                 r.get::<_, String>(3)?,
                 r.get::<_, Option<i64>>(4)?,
+                r.get::<_, i64>(5)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (job_id, org, endpoint, state, body_hash) = row?;
+            let (job_id, org, endpoint, state, body_hash, created_at) = row?;
             out.push(ScheduledWatch {
                 job_id,
                 portal: PortalId { org, endpoint },
                 state: WatchState::parse(&state)?,
                 body_hash: body_hash.map(|h| h as u64),
+                created_at,
             });
         }
         Ok(out)
@@ -643,24 +600,17 @@ impl Store {
             return Ok(None);
         };
         if fps.len() % 8 != 0 {
-            return Err(StoreError::Corrupt(format!(
-                "event fingerprints of job {job_id}"
-            )));
+            return Err(StoreError::Corrupt(format!("event fingerprints of job {job_id}")));
         }
-        let event_fingerprints = fps
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+        let event_fingerprints =
+            fps.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect();
         Ok(Some(DiffContext {
             portal: PortalId { org, endpoint },
             webhooks: parse_webhooks(webhooks.as_deref())?,
             labels: parse_labels(&labels)?,
             from_now,
             state: WatchState::parse(&state)?,
-            seen: SeenState {
-                status: last_status,
-                event_fingerprints,
-            },
+            seen: SeenState { status: last_status, event_fingerprints },
         }))
     }
 
@@ -670,12 +620,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let now = now_ms();
-        let fps: Vec<u8> = commit
-            .seen
-            .event_fingerprints
-            .iter()
-            .flat_map(|f| f.to_be_bytes())
-            .collect();
+        let fps: Vec<u8> = commit.seen.event_fingerprints.iter().flat_map(|f| f.to_be_bytes()).collect();
         let (state, reason) = match &commit.end {
             None => (WatchState::Active, None),
             Some((state, reason)) => (*state, Some(reason.as_str())),
@@ -689,6 +634,29 @@ impl Store {
             return Ok(CommitOutcome::WatchGone);
         }
         let deliveries = insert_notifications(&tx, &commit.job_id, &commit.notifications, now)?;
+        tx.commit()?;
+        Ok(CommitOutcome::Stored { deliveries })
+    }
+
+    /// Gives up on an active watch: marks it `failed` with `reason` and
+    /// stores its `watch.failed` notification, in one transaction.
+    pub fn fail_watch(
+        &self,
+        job_id: &str,
+        reason: &str,
+        notification: &NewNotification,
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        let updated = tx.execute(
+            "UPDATE watches SET state = 'failed', state_reason = ?2, updated_at = ?3 WHERE job_id = ?1 AND state = 'active'",
+            params![job_id, reason, now],
+        )?;
+        if updated == 0 {
+            return Ok(CommitOutcome::WatchGone);
+        }
+        let deliveries = insert_notifications(&tx, job_id, std::slice::from_ref(notification), now)?;
         tx.commit()?;
         Ok(CommitOutcome::Stored { deliveries })
     }
@@ -708,12 +676,7 @@ impl Store {
              ORDER BY d.next_attempt_at, d.id LIMIT ?1",
         )?;
         let rows = stmt.query_map([limit as i64], |r| {
-            Ok(PendingHead {
-                id: r.get(0)?,
-                job_id: r.get(1)?,
-                webhook: r.get(2)?,
-                next_attempt_at: r.get(3)?,
-            })
+            Ok(PendingHead { id: r.get(0)?, job_id: r.get(1)?, webhook: r.get(2)?, next_attempt_at: r.get(3)? })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -742,12 +705,7 @@ impl Store {
     }
 
     /// Records an attempt and moves the delivery on, in one transaction.
-    pub fn record_attempt(
-        &self,
-        id: i64,
-        attempt: &AttemptRecord,
-        update: DeliveryUpdate,
-    ) -> Result<(), StoreError> {
+    pub fn record_attempt(&self, id: i64, attempt: &AttemptRecord, update: DeliveryUpdate) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
@@ -768,10 +726,7 @@ impl Store {
             DeliveryUpdate::RetryAt(at) => ("pending", at, None),
             DeliveryUpdate::GaveUp => ("failed", attempt.attempted_at, Some(now)),
         };
-        let error = attempt
-            .error
-            .clone()
-            .or_else(|| attempt.http_status.map(|s| format!("HTTP {s}")));
+        let error = attempt.error.clone().or_else(|| attempt.http_status.map(|s| format!("HTTP {s}")));
         tx.execute(
             "UPDATE deliveries SET state = ?2, attempts = attempts + 1, next_attempt_at = ?3, finished_at = ?4,
                  last_error = CASE WHEN ?2 = 'delivered' THEN NULL ELSE ?5 END
@@ -794,29 +749,25 @@ impl Store {
              FROM deliveries d JOIN notifications n ON n.id = d.notification_id
              WHERE ?1 IS NULL OR d.state = ?1 ORDER BY d.id DESC LIMIT ?2",
         )?;
-        let rows = stmt.query_map(
-            params![state.map(DeliveryState::as_str), limit as i64],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, u32>(6)?,
-                    r.get::<_, i64>(7)?,
-                    r.get::<_, i64>(8)?,
-                    r.get::<_, Option<String>>(9)?,
-                ))
-            },
-        )?;
+        let rows = stmt.query_map(params![state.map(DeliveryState::as_str), limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, u32>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)?,
+                r.get::<_, Option<String>>(9)?,
+            ))
+        })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, msg_id, job_id, webhook, kind, state, attempts, next, created, last_error) =
-                row?;
-            let state = DeliveryState::parse(&state)
-                .ok_or_else(|| StoreError::Corrupt(format!("delivery state {state:?}")))?;
+            let (id, msg_id, job_id, webhook, kind, state, attempts, next, created, last_error) = row?;
+            let state =
+                DeliveryState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("delivery state {state:?}")))?;
             out.push(DeliverySummary {
                 id,
                 msg_id,
@@ -855,11 +806,7 @@ impl Store {
 }
 
 fn bump_rev(tx: &Transaction<'_>) -> Result<i64, StoreError> {
-    Ok(tx.query_row(
-        "UPDATE meta SET value = value + 1 WHERE key = 'watch_rev' RETURNING value",
-        [],
-        |r| r.get(0),
-    )?)
+    Ok(tx.query_row("UPDATE meta SET value = value + 1 WHERE key = 'watch_rev' RETURNING value", [], |r| r.get(0))?)
 }
 
 fn insert_notifications(
@@ -887,10 +834,7 @@ fn insert_notifications(
 }
 
 fn parse_webhooks(text: Option<&str>) -> Result<Option<Vec<String>>, StoreError> {
-    text.map(|t| {
-        serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("webhook list: {e}")))
-    })
-    .transpose()
+    text.map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("webhook list: {e}")))).transpose()
 }
 
 fn parse_labels(text: &str) -> Result<Map<String, Value>, StoreError> {

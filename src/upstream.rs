@@ -35,10 +35,7 @@ impl FromStr for PortalId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('/') {
             Some((org, endpoint)) if is_valid_segment(org) && is_valid_segment(endpoint) => {
-                Ok(PortalId {
-                    org: org.to_owned(),
-                    endpoint: endpoint.to_owned(),
-                })
+                Ok(PortalId { org: org.to_owned(), endpoint: endpoint.to_owned() })
             }
             _ => Err(format!(
                 "{s:?} is not a portal id: expected <org_id>/<endpoint_name>, each non-empty, \
@@ -50,10 +47,7 @@ impl FromStr for PortalId {
 
 /// Whether `s` can be one path segment of a portal id.
 pub fn is_valid_segment(s: &str) -> bool {
-    !s.is_empty()
-        && !s
-            .chars()
-            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    !s.is_empty() && !s.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control())
 }
 
 /// What went wrong with one status request.
@@ -119,20 +113,15 @@ pub struct StatusAnswer {
 /// `events` may be missing or null (no events yet); a body that is not a
 /// JSON object with a string `status` is malformed.
 pub fn parse_status(body: &[u8]) -> Result<StatusAnswer, UpstreamError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        UpstreamError::Malformed(format!("{e}; body starts {:?}", excerpt(body, 120)))
-    })?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| UpstreamError::Malformed(format!("{e}; body starts {:?}", excerpt(body, 120))))?;
     let Value::Object(mut fields) = value else {
-        return Err(UpstreamError::Malformed(
-            "the body is not a JSON object".into(),
-        ));
+        return Err(UpstreamError::Malformed("the body is not a JSON object".into()));
     };
     let status = match fields.get("status") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
         Some(_) => {
-            return Err(UpstreamError::Malformed(
-                "`status` is not a non-empty string".into(),
-            ));
+            return Err(UpstreamError::Malformed("`status` is not a non-empty string".into()));
         }
         None => return Err(UpstreamError::Malformed("`status` is missing".into())),
     };
@@ -141,11 +130,7 @@ pub fn parse_status(body: &[u8]) -> Result<StatusAnswer, UpstreamError> {
         Some(Value::Array(events)) => events,
         Some(_) => return Err(UpstreamError::Malformed("`events` is not a list".into())),
     };
-    Ok(StatusAnswer {
-        status,
-        events,
-        fields,
-    })
+    Ok(StatusAnswer { status, events, fields })
 }
 
 /// The first `max` bytes of `body` as text, for logs.
@@ -176,11 +161,7 @@ impl UpstreamClient {
             .connect_timeout(config.request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
-        Ok(UpstreamClient {
-            http,
-            base_url: config.base_url.clone(),
-            max_response_bytes: config.max_response_bytes,
-        })
+        Ok(UpstreamClient { http, base_url: config.base_url.clone(), max_response_bytes: config.max_response_bytes })
     }
 
     /// `GET {base}/task/{org}/{endpoint}/status?job_id={job_id}`. Returns the
@@ -198,13 +179,8 @@ impl UpstreamClient {
             .pop_if_empty()
             .extend(["task", &portal.org, &portal.endpoint, "status"]);
         url.query_pairs_mut().append_pair("job_id", job_id);
-        let response = self
-            .http
-            .get(url)
-            .header("X-API-Key", api_key.expose_secret())
-            .send()
-            .await
-            .map_err(transport_error)?;
+        let response =
+            self.http.get(url).header("X-API-Key", api_key.expose_secret()).send().await.map_err(transport_error)?;
         let status = response.status();
         match status {
             s if s.is_success() => {}
@@ -228,15 +204,11 @@ impl UpstreamClient {
 
 /// Reads a body of at most `limit` bytes, refusing a longer one as soon as
 /// its declared length or the bytes read so far exceed the limit.
-async fn read_capped(
-    mut response: reqwest::Response,
-    limit: usize,
-) -> Result<Vec<u8>, UpstreamError> {
+async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, UpstreamError> {
     if response.content_length().is_some_and(|n| n > limit as u64) {
         return Err(UpstreamError::TooLarge(limit));
     }
-    let mut body =
-        Vec::with_capacity(response.content_length().unwrap_or(4096).min(limit as u64) as usize);
+    let mut body = Vec::with_capacity(response.content_length().unwrap_or(4096).min(limit as u64) as usize);
     while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
         if body.len() + chunk.len() > limit {
             return Err(UpstreamError::TooLarge(limit));
@@ -266,10 +238,7 @@ mod tests {
     #[test]
     fn portal_ids() {
         let p: PortalId = "acme/contact_form".parse().unwrap();
-        assert_eq!(
-            (p.org.as_str(), p.endpoint.as_str()),
-            ("acme", "contact_form")
-        );
+        assert_eq!((p.org.as_str(), p.endpoint.as_str()), ("acme", "contact_form"));
         for bad in ["acme", "/x", "acme/", "a/b/c", "a b/c"] {
             assert!(bad.parse::<PortalId>().is_err(), "{bad}");
         }
@@ -293,10 +262,7 @@ mod tests {
             br#"{"status":7}"#,
             br#"{"status":"running","events":{}}"#,
         ] {
-            assert!(
-                matches!(parse_status(body), Err(UpstreamError::Malformed(_))),
-                "{body:?}"
-            );
+            assert!(matches!(parse_status(body), Err(UpstreamError::Malformed(_))), "{body:?}");
         }
     }
 }

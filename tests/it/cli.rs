@@ -64,7 +64,10 @@ fn unknown_key_is_refused_with_its_line() {
 #[test]
 fn bad_duration_is_refused_with_its_line() {
     let err = bad_config("[upstream]\nmax_poll_interval = \"sixty\"\n");
-    assert!(err.contains("invalid duration \"sixty\"") && err.contains("line 3") && err.contains("max_poll_interval"), "{err}");
+    assert!(
+        err.contains("invalid duration \"sixty\"") && err.contains("line 3") && err.contains("max_poll_interval"),
+        "{err}"
+    );
 }
 
 #[test]

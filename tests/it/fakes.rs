@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use dari_relay::config::Config;
+use dari_relay::metrics::Metrics;
 use dari_relay::store::Store;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -32,6 +33,10 @@ pub enum Reply {
     Status(u16, Option<String>),
     /// 200 with this raw body.
     Raw(String),
+    /// No answer for 5 seconds (longer than any test's request timeout).
+    Hang,
+    /// A 200 whose connection breaks after a few bytes of the body.
+    Truncated,
 }
 
 /// A request the fake Dari API received.
@@ -60,7 +65,8 @@ pub struct FakeDari {
 impl FakeDari {
     pub async fn start() -> FakeDari {
         let state = Arc::new(Mutex::new(DariState::default()));
-        let router = Router::new().route("/task/{org}/{endpoint}/status", get(dari_status)).with_state(Arc::clone(&state));
+        let router =
+            Router::new().route("/task/{org}/{endpoint}/status", get(dari_status)).with_state(Arc::clone(&state));
         let url = format!("http://{}", serve(router).await);
         FakeDari { url, state }
     }
@@ -89,18 +95,30 @@ async fn dari_status(
 ) -> Response {
     let job_id = query.get("job_id").cloned().unwrap_or_default();
     let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let mut state = state.lock().unwrap();
-    state.requests.push(DariRequest { org, job_id: job_id.clone(), api_key: api_key.clone(), at: Instant::now() });
-    if api_key != API_KEY {
-        return (StatusCode::UNAUTHORIZED, "{\"detail\":\"invalid key\"}").into_response();
-    }
-    let Some(script) = state.scripts.get_mut(&job_id) else {
-        return (StatusCode::NOT_FOUND, "{\"detail\":\"not found\"}").into_response();
+    let reply = {
+        let mut state = state.lock().unwrap();
+        state.requests.push(DariRequest { org, job_id: job_id.clone(), api_key: api_key.clone(), at: Instant::now() });
+        if api_key != API_KEY {
+            return (StatusCode::UNAUTHORIZED, "{\"detail\":\"invalid key\"}").into_response();
+        }
+        let Some(script) = state.scripts.get_mut(&job_id) else {
+            return (StatusCode::NOT_FOUND, "{\"detail\":\"not found\"}").into_response();
+        };
+        if script.len() > 1 { script.pop_front().unwrap() } else { script.front().cloned().unwrap() }
     };
-    let reply = if script.len() > 1 { script.pop_front().unwrap() } else { script.front().cloned().unwrap() };
     match reply {
         Reply::Json(v) => (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response(),
         Reply::Raw(body) => (StatusCode::OK, body).into_response(),
+        Reply::Hang => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            (StatusCode::OK, "{\"status\":\"late\"}").into_response()
+        }
+        Reply::Truncated => {
+            let chunks: Vec<Result<&'static str, std::io::Error>> =
+                vec![Ok("{\"status\":\"run"), Err(std::io::Error::other("connection reset"))];
+            let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+            (StatusCode::OK, [("content-length", "400")], body).into_response()
+        }
         Reply::Status(code, retry_after) => {
             let mut response = (StatusCode::from_u16(code).unwrap(), "{}").into_response();
             if let Some(v) = retry_after {
@@ -243,8 +261,8 @@ api_key_env = "DARI_API_KEY"
 
 /// A running relay on a temporary database.
 pub struct Relay {
-    pub config: Arc<Config>,
     pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), dari_relay::app::AppError>>,
 }
@@ -254,8 +272,10 @@ impl Relay {
         let config = Arc::new(Config::from_toml(config_text, Path::new("test.toml"), &env).unwrap());
         let store = Arc::new(Store::open(&config.database).unwrap());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(dari_relay::app::serve(Arc::clone(&config), Arc::clone(&store), shutdown.clone()));
-        Relay { config, store, shutdown, task }
+        let metrics = Arc::new(Metrics::default());
+        let task =
+            tokio::spawn(dari_relay::app::serve(config, Arc::clone(&store), Arc::clone(&metrics), shutdown.clone()));
+        Relay { store, metrics, shutdown, task }
     }
 
     /// Stops the relay as SIGTERM would, and waits for it.

@@ -103,11 +103,19 @@ async fn full_life_is_delivered_in_order_once_and_signed() {
     let events: Vec<(u64, String)> = bodies
         .iter()
         .filter(|b| b["type"] == "job.event")
-        .map(|b| (b["data"]["event"]["index"].as_u64().unwrap(), b["data"]["event"]["message"].as_str().unwrap().to_owned()))
+        .map(|b| {
+            (b["data"]["event"]["index"].as_u64().unwrap(), b["data"]["event"]["message"].as_str().unwrap().to_owned())
+        })
         .collect();
     assert_eq!(
         events,
-        [(0, "step 0".into()), (1, "step 1".into()), (2, "step 2".into()), (3, "Which plan?".into()), (4, "step 4".into())]
+        [
+            (0, "step 0".into()),
+            (1, "step 1".into()),
+            (2, "step 2".into()),
+            (3, "Which plan?".into()),
+            (4, "step 4".into())
+        ]
     );
     assert_eq!(bodies[5]["data"]["event"]["data"]["question_id"], "q-7", "the question event is delivered whole");
     // Status changes carry the previous status; the first has none.
@@ -180,7 +188,10 @@ async fn restart_neither_repeats_nor_misses() {
     let dari = FakeDari::start().await;
     let mut receiver = FakeReceiver::start().await;
     let e: Vec<Value> = (0..3).map(event).collect();
-    dari.script(JOB, vec![Reply::Json(answer("pending", &[], json!({}))), Reply::Json(answer("running", &e[..1], json!({})))]);
+    dari.script(
+        JOB,
+        vec![Reply::Json(answer("pending", &[], json!({}))), Reply::Json(answer("running", &e[..1], json!({})))],
+    );
     let config = config_text(&db, &dari, &[("backend", &receiver.url)], "");
 
     let relay = Relay::start(&config).await;
@@ -199,8 +210,11 @@ async fn restart_neither_repeats_nor_misses() {
     relay.stop().await;
     let kinds: Vec<String> = second.iter().chain(receiver.drain().iter()).map(|r| r.kind()).collect();
     assert_eq!(kinds, ["job.event", "job.event", "job.completed"]);
-    let indexes: Vec<u64> =
-        second.iter().filter(|r| r.kind() == "job.event").map(|r| r.json()["data"]["event"]["index"].as_u64().unwrap()).collect();
+    let indexes: Vec<u64> = second
+        .iter()
+        .filter(|r| r.kind() == "job.event")
+        .map(|r| r.json()["data"]["event"]["index"].as_u64().unwrap())
+        .collect();
     assert_eq!(indexes, [1, 2]);
     assert!(dari.polls(JOB) > polls_before);
 

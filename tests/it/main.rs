@@ -5,4 +5,6 @@
 mod cli;
 mod diff_props;
 mod fakes;
+mod faults;
 mod lifecycle;
+mod robustness;
