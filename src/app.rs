@@ -9,16 +9,18 @@
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
-use crate::store::{Store, StoreError};
+use crate::store::{PruneSummary, Store, StoreError, now_ms};
 
 /// Why the relay stopped other than by request.
 #[derive(Debug, thiserror::Error)]
@@ -34,29 +36,31 @@ pub enum AppError {
     TaskEnded { task: &'static str, reason: String },
 }
 
+/// How often delivered deliveries and ended watches past `retention` are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 /// Opens the database named by the config and runs the relay on it until
-/// `shutdown` is cancelled.
-pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), AppError> {
+/// `shutdown` is cancelled, following config reloads sent on `config`.
+pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::default());
-    let path = config.database.clone();
+    let path = config.borrow().database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path))
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
     serve(config, Arc::new(store), metrics, shutdown).await
 }
 
-/// Runs the poller and the deliverer on an open store until `shutdown` is
-/// cancelled, then waits for both to finish their shutdown.
+/// Runs the poller, the deliverer and the pruner on an open store until
+/// `shutdown` is cancelled, then waits for them to finish their shutdown.
 pub async fn serve(
-    config: Arc<Config>,
+    config: watch::Receiver<Arc<Config>>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
     let wake_delivery = Arc::new(Notify::new());
-    let poller =
-        Poller::new(Arc::clone(&config), Arc::clone(&store), Arc::clone(&metrics), Arc::clone(&wake_delivery))?;
-    let deliverer = Deliverer::new(Arc::clone(&config), Arc::clone(&store), metrics, wake_delivery)?;
+    let poller = Poller::new(config.clone(), Arc::clone(&store), Arc::clone(&metrics), Arc::clone(&wake_delivery))?;
+    let deliverer = Deliverer::new(config.clone(), Arc::clone(&store), metrics, wake_delivery)?;
 
     // Every long-lived task goes into this one set, named, so the app can say
     // which ended and why.
@@ -65,10 +69,13 @@ pub async fn serve(
     tasks.spawn(async move { ("poller", poller.run(token).await) });
     let token = shutdown.clone();
     tasks.spawn(async move { ("deliverer", deliverer.run(token).await) });
+    let token = shutdown.clone();
+    let pruning = Arc::clone(&store);
+    tasks.spawn(async move { ("pruner", prune_loop(config, pruning, token).await) });
 
     // The database is open and migrated and the loops are running.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    info!(database = %config.database.display(), webhooks = config.webhooks.len(), orgs = config.orgs.len(), "dari-relay running");
+    info!("dari-relay running");
 
     let mut failure = None;
     while let Some(joined) = tasks.join_next().await {
@@ -89,5 +96,27 @@ pub async fn serve(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Prunes what is past `retention`, at start and every [`PRUNE_EVERY`]. A
+/// failed prune is logged and tried again next time: it only costs space.
+async fn prune_loop(
+    config: watch::Receiver<Arc<Config>>,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+) -> Result<(), StoreError> {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let cutoff = now_ms() - config.borrow().retention.as_millis() as i64;
+        match store.call(move |s| s.prune(cutoff)).await {
+            Ok(pruned) if pruned != PruneSummary::default() => info!(?pruned, "pruned past retention"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot prune; will retry"),
+        }
     }
 }

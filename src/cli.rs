@@ -64,6 +64,9 @@ pub enum Command {
     /// List deliveries or retry failed ones.
     #[command(subcommand)]
     Deliveries(DeliveriesCommand),
+    /// Show webhooks' state and backlog, or resume a paused one.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// Send a sample notification to one webhook and show its answer.
     SendTest {
         #[command(flatten)]
@@ -152,6 +155,26 @@ pub enum DeliveriesCommand {
     },
 }
 
+/// `webhooks ...`
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Each webhook's state (active or paused) and backlog.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a webhook paused by a 410 Gone; its waiting deliveries go out in order.
+    Resume {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The webhook's name.
+        webhook: String,
+    },
+}
+
 /// A command's failure, with the exit code it maps to.
 #[derive(Debug)]
 pub enum Failure {
@@ -216,6 +239,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         }
         Command::Watch(w) => watch(w),
         Command::Deliveries(d) => deliveries(d),
+        Command::Webhooks(w) => webhooks(w),
         Command::SendTest { config, webhook } => send_test(&config.config, &webhook),
     }
 }
@@ -237,28 +261,44 @@ fn open_store(config: &Config) -> Result<Store, Failure> {
 
 fn run(path: &Path) -> Result<(), Failure> {
     let config = Arc::new(load_config(path)?);
+    let path = path.to_owned();
     block_on(async move {
+        let (config_tx, config_rx) = tokio::sync::watch::channel(config);
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutdown requested");
+            handle_signals(&path, &config_tx).await;
             signals.cancel();
         });
-        crate::app::run(config, shutdown).await.map_err(runtime)
+        crate::app::run(config_rx, shutdown).await.map_err(runtime)
     })
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT (then returns, to stop the relay); on each
+/// SIGHUP reads the config again and hands it to the loops, or, if the new
+/// file is invalid, logs why and keeps the running config.
+async fn handle_signals(path: &Path, config: &tokio::sync::watch::Sender<Arc<Config>>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match Config::load(path) {
+                Ok(new) => {
+                    tracing::info!(config = %path.display(), "SIGHUP: config reloaded");
+                    config.send_replace(Arc::new(new));
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: the new config is invalid; keeping the running one"),
+            },
+        }
     }
+    tracing::info!("shutdown requested");
 }
 
 fn watch(command: WatchCommand) -> Result<(), Failure> {
@@ -404,8 +444,25 @@ fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
         DeliveriesCommand::List { config, status, json } => {
             let config = load_config(&config.config)?;
             let state = status.as_deref().and_then(DeliveryState::parse);
-            let rows = open_store(&config)?.list_deliveries(state, 1000).map_err(runtime)?;
+            let store = open_store(&config)?;
+            let rows = store.list_deliveries(state, 1000).map_err(runtime)?;
+            // Failed deliveries come with every attempt: that is what a dead
+            // letter is for.
+            let mut attempts = BTreeMap::new();
+            for d in rows.iter().filter(|d| d.state == "failed") {
+                attempts.insert(d.id, store.attempts(d.id).map_err(runtime)?);
+            }
             if json {
+                let rows: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|d| {
+                        let mut v = serde_json::to_value(d).expect("rows serialise");
+                        if let Some(list) = attempts.get(&d.id) {
+                            v["attempts_log"] = list.iter().map(attempt_json).collect();
+                        }
+                        v
+                    })
+                    .collect();
                 let _ = writeln!(out, "{}", serde_json::to_string_pretty(&rows).expect("rows serialise"));
                 return Ok(());
             }
@@ -426,6 +483,21 @@ fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
                     d.attempts,
                     d.last_error.as_deref().unwrap_or("-")
                 );
+                for a in attempts.get(&d.id).into_iter().flatten() {
+                    let v = attempt_json(a);
+                    let _ = writeln!(
+                        out,
+                        "          attempt at {}  {}ms  status {}  {}{}",
+                        v["at"].as_str().unwrap_or(""),
+                        a.duration_ms,
+                        a.http_status.map_or("-".to_owned(), |s| s.to_string()),
+                        a.error.as_deref().unwrap_or(""),
+                        a.response_excerpt
+                            .as_deref()
+                            .map(|e| format!("  answer: {}", crate::format::truncate(e, 120)))
+                            .unwrap_or_default()
+                    );
+                }
             }
             Ok(())
         }
@@ -441,6 +513,93 @@ fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// One row of `webhooks list`.
+#[derive(serde::Serialize)]
+struct WebhookRow {
+    name: String,
+    state: &'static str,
+    paused_reason: Option<String>,
+    in_config: bool,
+    pending: i64,
+    failed: i64,
+    oldest_pending_age_seconds: Option<i64>,
+}
+
+fn webhooks(command: WebhooksCommand) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        WebhooksCommand::List { config, json } => {
+            let config = load_config(&config.config)?;
+            let store = open_store(&config)?;
+            let paused = store.paused_webhooks().map_err(runtime)?;
+            let backlog = store.backlog().map_err(runtime)?;
+            let mut names: Vec<String> = config.webhooks.iter().map(|w| w.name.clone()).collect();
+            let gone: std::collections::BTreeSet<&String> =
+                backlog.keys().chain(paused.keys()).filter(|n| config.webhook(n).is_none()).collect();
+            names.extend(gone.into_iter().cloned());
+            let now = crate::store::now_ms();
+            let rows: Vec<WebhookRow> = names
+                .into_iter()
+                .map(|name| {
+                    let b = backlog.get(&name).copied().unwrap_or_default();
+                    WebhookRow {
+                        state: if paused.contains_key(&name) { "paused" } else { "active" },
+                        paused_reason: paused.get(&name).map(|(reason, _)| reason.clone()),
+                        in_config: config.webhook(&name).is_some(),
+                        pending: b.pending,
+                        failed: b.failed,
+                        oldest_pending_age_seconds: b.oldest_pending.map(|t| (now - t).max(0) / 1000),
+                        name,
+                    }
+                })
+                .collect();
+            if json {
+                let _ = writeln!(out, "{}", serde_json::to_string_pretty(&rows).expect("rows serialise"));
+                return Ok(());
+            }
+            let _ = writeln!(
+                out,
+                "{:<20}  {:<7}  {:>8}  {:>7}  {:>12}  NOTE",
+                "NAME", "STATE", "PENDING", "FAILED", "OLDEST_AGE"
+            );
+            for r in &rows {
+                let age = r.oldest_pending_age_seconds.map_or("-".to_owned(), |s| format!("{s}s"));
+                let note = match (&r.paused_reason, r.in_config) {
+                    (Some(reason), _) => reason.clone(),
+                    (None, false) => "not in the config: its deliveries wait".to_owned(),
+                    (None, true) => String::new(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<20}  {:<7}  {:>8}  {:>7}  {:>12}  {note}",
+                    r.name, r.state, r.pending, r.failed, age
+                );
+            }
+            Ok(())
+        }
+        WebhooksCommand::Resume { config, webhook } => {
+            let config = load_config(&config.config)?;
+            if open_store(&config)?.resume_webhook(&webhook).map_err(runtime)? {
+                let _ = writeln!(out, "resumed webhook {webhook}; a running daemon sends its backlog within a second");
+                Ok(())
+            } else {
+                Err(usage(anyhow!("webhook {webhook:?} is not paused (see `dari-relay webhooks list`)")))
+            }
+        }
+    }
+}
+
+fn attempt_json(a: &crate::store::AttemptRecord) -> serde_json::Value {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(a.attempted_at.max(0) as u64);
+    serde_json::json!({
+        "at": humantime::format_rfc3339_millis(at).to_string(),
+        "duration_ms": a.duration_ms,
+        "http_status": a.http_status,
+        "error": a.error,
+        "response_excerpt": a.response_excerpt,
+    })
 }
 
 fn send_test(path: &Path, name: &str) -> Result<(), Failure> {

@@ -35,6 +35,8 @@ pub struct Config {
     pub path: PathBuf,
     /// The SQLite database file.
     pub database: PathBuf,
+    /// How long delivered deliveries and ended watches are kept.
+    pub retention: Duration,
     /// How Dari is polled.
     pub upstream: Upstream,
     /// How webhooks are delivered.
@@ -166,6 +168,10 @@ pub struct Webhook {
     pub types: Vec<Glob>,
     /// Portal ids this webhook follows when a watch names no webhooks; empty means all.
     pub portals: Vec<Glob>,
+    /// Attempts in flight to this webhook at once (different jobs in parallel).
+    pub max_in_flight: usize,
+    /// Attempts per second to this webhook; `None` for no limit.
+    pub max_per_second: Option<f64>,
 }
 
 impl fmt::Debug for Webhook {
@@ -242,7 +248,8 @@ impl Config {
         let globs = |g: &[Glob]| list(g.iter().map(|g| format!("{:?}", g.as_str())).collect());
         let mut out = String::new();
         let _ = writeln!(out, "# resolved from {}", self.path.display());
-        let _ = writeln!(out, "database = {:?}\n", self.database.display().to_string());
+        let _ = writeln!(out, "database = {:?}", self.database.display().to_string());
+        let _ = writeln!(out, "retention = {}\n", dur(self.retention));
         let u = &self.upstream;
         let _ = writeln!(out, "[upstream]");
         let _ = writeln!(out, "base_url = {:?}", u.base_url.as_str());
@@ -283,6 +290,10 @@ impl Config {
             }
             let _ = writeln!(out, "types = {}", globs(&w.types));
             let _ = writeln!(out, "portals = {}", globs(&w.portals));
+            let _ = writeln!(out, "max_in_flight = {}", w.max_in_flight);
+            if let Some(rate) = w.max_per_second {
+                let _ = writeln!(out, "max_per_second = {rate}");
+            }
         }
         out
     }
@@ -296,6 +307,7 @@ impl Config {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     database: Option<Spanned<String>>,
+    retention: Option<Spanned<DurationValue>>,
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
@@ -351,6 +363,8 @@ struct RawWebhook {
     types: Vec<Spanned<String>>,
     #[serde(default)]
     portals: Vec<Spanned<String>>,
+    max_in_flight: Option<Spanned<i64>>,
+    max_per_second: Option<Spanned<f64>>,
 }
 
 fn default_format() -> Format {
@@ -442,16 +456,8 @@ impl Resolver<'_> {
             )?;
             let api_key = api_key.ok_or_else(|| self.error(Some(span), &key, "needs api_key_env or api_key_file"))?;
             let api_key_source = api_key_source.expect("source is set with the key");
-            let max_requests_per_second = match org.max_requests_per_second {
-                Some(rate) if !(rate.get_ref().is_finite() && *rate.get_ref() > 0.0) => {
-                    return Err(self.error(
-                        Some(rate.span()),
-                        &format!("{key}.max_requests_per_second"),
-                        "must be a number above 0",
-                    ));
-                }
-                rate => rate.map(Spanned::into_inner),
-            };
+            let max_requests_per_second =
+                self.rate(&format!("{key}.max_requests_per_second"), org.max_requests_per_second)?;
             orgs.insert(
                 id.clone(),
                 Org { id, api_key: SecretString::from(api_key), api_key_source, max_requests_per_second },
@@ -472,7 +478,8 @@ impl Resolver<'_> {
             }
             webhooks.push(webhook);
         }
-        Ok(Config { path: self.path.to_owned(), database, upstream, delivery, orgs, webhooks })
+        let retention = self.positive("retention", raw.retention, 7 * 24 * 3_600_000)?;
+        Ok(Config { path: self.path.to_owned(), database, retention, upstream, delivery, orgs, webhooks })
     }
 
     fn upstream(&self, raw: RawUpstream) -> Result<Upstream, ConfigError> {
@@ -553,6 +560,15 @@ impl Resolver<'_> {
                 .ok()
                 .filter(|&n| n > 0)
                 .ok_or_else(|| self.error(Some(v.span()), key, "must be a whole number of at least 1")),
+        }
+    }
+
+    fn rate(&self, key: &str, value: Option<Spanned<f64>>) -> Result<Option<f64>, ConfigError> {
+        match value {
+            Some(rate) if !(rate.get_ref().is_finite() && *rate.get_ref() > 0.0) => {
+                Err(self.error(Some(rate.span()), key, "must be a number above 0"))
+            }
+            rate => Ok(rate.map(Spanned::into_inner)),
         }
     }
 
@@ -643,7 +659,11 @@ impl Resolver<'_> {
                 })
                 .collect()
         };
+        let max_in_flight = self.count(&format!("{key}.max_in_flight"), raw.max_in_flight, 4)?;
+        let max_per_second = self.rate(&format!("{key}.max_per_second"), raw.max_per_second)?;
         Ok(Webhook {
+            max_in_flight,
+            max_per_second,
             name,
             url,
             url_source,

@@ -16,19 +16,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::{ExponentialBuilder, Retryable};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::{Config, Webhook};
 use crate::metrics::Metrics;
-use crate::retry;
+use crate::retry::{self, TokenBucket};
 use crate::store::{AttemptRecord, DeliveryUpdate, OutboundDelivery, Store, StoreError, now_ms};
 
-/// Attempts in flight to one webhook at once. Chains of different jobs go
-/// out in parallel; this keeps one slow receiver from being flooded.
-pub const PER_WEBHOOK_IN_FLIGHT: usize = 4;
 /// Longest wait between looks at the outbox, so deliveries requeued by the
 /// CLI (`deliveries retry`) start within about a second.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
@@ -44,6 +41,8 @@ pub enum AttemptOutcome {
     RetryAt { at_ms: i64, error: String },
     /// The schedule is exhausted; the delivery is now `failed`.
     GaveUp { error: String },
+    /// 410 Gone: the webhook is paused and the delivery waits for it.
+    Paused,
 }
 
 impl AttemptOutcome {
@@ -53,6 +52,7 @@ impl AttemptOutcome {
             AttemptOutcome::Delivered { .. } => "delivered",
             AttemptOutcome::RetryAt { .. } => "retry",
             AttemptOutcome::GaveUp { .. } => "gave_up",
+            AttemptOutcome::Paused => "gone",
         }
     }
 }
@@ -173,6 +173,8 @@ pub fn classify(
 
 /// The delivery loop. Created by `app`, consumed by [`Deliverer::run`].
 pub struct Deliverer {
+    /// The live config; a SIGHUP reload replaces what it holds.
+    config_rx: watch::Receiver<Arc<Config>>,
     config: Arc<Config>,
     store: Arc<Store>,
     http: reqwest::Client,
@@ -183,36 +185,74 @@ pub struct Deliverer {
     in_flight: HashSet<(String, String)>,
     /// Attempts out per webhook.
     per_webhook: HashMap<String, usize>,
-    /// Webhooks named by deliveries but absent from the config, logged once.
-    unknown_webhooks: HashSet<String>,
-    tasks: JoinSet<(String, String)>,
+    /// Per-webhook `max_per_second` buckets.
+    rate_limits: HashMap<String, TokenBucket>,
+    /// Origin of the clock the buckets use.
+    epoch: Instant,
+    /// Webhooks paused by a 410, as last read from the store.
+    paused: HashSet<String>,
+    tasks: JoinSet<AttemptDone>,
+}
+
+/// What an attempt task hands back to the loop.
+struct AttemptDone {
+    chain: (String, String),
+    /// The receiver answered 410 Gone: pause the webhook.
+    gone: bool,
 }
 
 impl Deliverer {
-    /// A deliverer over `store`'s outbox.
+    /// A deliverer over `store`'s outbox, following the config in `config_rx`.
     pub fn new(
-        config: Arc<Config>,
+        config_rx: watch::Receiver<Arc<Config>>,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         wake: Arc<Notify>,
     ) -> Result<Deliverer, reqwest::Error> {
-        Ok(Deliverer {
-            metrics,
+        let config = Arc::clone(&config_rx.borrow());
+        let mut deliverer = Deliverer {
             http: http_client(&config)?,
-            config,
+            config_rx,
+            config: Arc::clone(&config),
             store,
             wake,
+            metrics,
             in_flight: HashSet::new(),
             per_webhook: HashMap::new(),
-            unknown_webhooks: HashSet::new(),
+            rate_limits: HashMap::new(),
+            epoch: Instant::now(),
+            paused: HashSet::new(),
             tasks: JoinSet::new(),
-        })
+        };
+        deliverer.apply_config(config);
+        Ok(deliverer)
+    }
+
+    fn apply_config(&mut self, config: Arc<Config>) {
+        if config.delivery.request_timeout != self.config.delivery.request_timeout {
+            match http_client(&config) {
+                Ok(http) => self.http = http,
+                Err(e) => error!(error = %e, "cannot rebuild the delivery client; keeping the old timeout"),
+            }
+        }
+        let now = self.epoch.elapsed();
+        self.rate_limits = config
+            .webhooks
+            .iter()
+            .filter_map(|w| Some((w.name.clone(), TokenBucket::new(w.max_per_second?, now))))
+            .collect();
+        self.config = config;
     }
 
     /// Delivers until `shutdown` is cancelled, then lets attempts in flight
     /// finish for up to `shutdown_timeout`. Whatever is left stays pending.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         loop {
+            if self.config_rx.has_changed().unwrap_or(false) {
+                let config = Arc::clone(&self.config_rx.borrow_and_update());
+                info!(webhooks = config.webhooks.len(), "deliverer uses the reloaded config");
+                self.apply_config(config);
+            }
             let wait = match self.deliver_due_once().await {
                 Ok(Some(next_ms)) => Duration::from_millis((next_ms - now_ms()).max(0) as u64).min(IDLE_CHECK),
                 Ok(None) => IDLE_CHECK,
@@ -224,7 +264,7 @@ impl Deliverer {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
-                Some(done) = self.tasks.join_next() => self.finish(done),
+                Some(done) = self.tasks.join_next() => self.finish(done).await,
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -234,7 +274,7 @@ impl Deliverer {
             let limit = self.config.delivery.shutdown_timeout;
             let drain = async {
                 while let Some(done) = self.tasks.join_next().await {
-                    self.finish(done);
+                    self.finish(done).await;
                 }
             };
             if tokio::time::timeout(limit, drain).await.is_err() {
@@ -248,67 +288,95 @@ impl Deliverer {
         Ok(())
     }
 
-    fn finish(&mut self, done: Result<(String, String), tokio::task::JoinError>) {
-        match done {
-            Ok(chain) => {
-                if let Some(n) = self.per_webhook.get_mut(&chain.1) {
-                    *n = n.saturating_sub(1);
-                }
-                self.in_flight.remove(&chain);
+    async fn finish(&mut self, done: Result<AttemptDone, tokio::task::JoinError>) {
+        let done = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // Only an abort at shutdown or a panic gets here; the
+                // delivery is still pending in the store either way.
+                error!(error = %e, "a delivery task ended abnormally");
+                return;
             }
-            Err(e) => error!(error = %e, "a delivery task ended abnormally"),
+        };
+        let webhook = done.chain.1.clone();
+        if let Some(n) = self.per_webhook.get_mut(&webhook) {
+            *n = n.saturating_sub(1);
+        }
+        self.in_flight.remove(&done.chain);
+        if done.gone && self.paused.insert(webhook.clone()) {
+            error!(webhook = %webhook, "the receiver answered 410 Gone: webhook paused, its deliveries wait; resume with `dari-relay webhooks resume {webhook}`");
+            let name = webhook.clone();
+            let reason = "receiver answered 410 Gone".to_owned();
+            if let Err(e) = self.store.call(move |s| s.pause_webhook(&name, &reason)).await {
+                error!(webhook = %webhook, error = %e, "cannot store the pause; it holds until restart");
+            }
         }
     }
 
-    /// Starts an attempt for every due chain head that is not in flight.
-    /// Returns when the earliest head not started is due (Unix ms), if any.
-    /// The loop's one step; tests call it directly.
+    /// Starts an attempt for every due chain head that is not in flight,
+    /// webhook by webhook, within each webhook's limits. Returns when the
+    /// earliest head not started is due (Unix ms), if any. The loop's one
+    /// step; tests call it directly.
     pub async fn deliver_due_once(&mut self) -> Result<Option<i64>, StoreError> {
-        let limit = self.in_flight.len() + 256;
-        let heads = self.store.call(move |s| s.pending_heads(limit)).await?;
-        let now = now_ms();
+        let paused = self.store.call(|s| s.paused_webhooks()).await?;
+        for name in self.paused.iter().filter(|n| !paused.contains_key(*n)) {
+            info!(webhook = %name, "webhook resumed");
+        }
+        self.paused = paused.into_keys().collect();
         let mut next_due: Option<i64> = None;
-        for head in heads {
-            let chain = (head.job_id.clone(), head.webhook.clone());
-            if self.in_flight.contains(&chain) {
+        let webhooks = self.config.webhooks.clone();
+        for webhook in webhooks.iter().filter(|w| !self.paused.contains(&w.name)) {
+            let busy = self.per_webhook.get(&webhook.name).copied().unwrap_or(0);
+            if busy >= webhook.max_in_flight {
                 continue;
             }
-            let Some(webhook) = self.config.webhook(&head.webhook).cloned() else {
-                if self.unknown_webhooks.insert(head.webhook.clone()) {
-                    warn!(webhook = %head.webhook, "deliveries wait for a webhook that is no longer in the config");
+            // Heads of chains already in flight come back too; ask for enough.
+            let limit = busy + webhook.max_in_flight + 16;
+            let name = webhook.name.clone();
+            let heads = self.store.call(move |s| s.pending_heads(&name, limit)).await?;
+            let now = now_ms();
+            for head in heads {
+                let chain = (head.job_id, head.webhook);
+                if self.in_flight.contains(&chain) {
+                    continue;
                 }
-                continue;
-            };
-            if head.next_attempt_at > now {
-                next_due = Some(next_due.map_or(head.next_attempt_at, |n| n.min(head.next_attempt_at)));
-                continue;
-            }
-            let busy = self.per_webhook.entry(head.webhook.clone()).or_default();
-            if *busy >= PER_WEBHOOK_IN_FLIGHT {
-                continue;
-            }
-            let id = head.id;
-            let Some(delivery) = self.store.call(move |s| s.outbound(id)).await? else {
-                continue;
-            };
-            *busy += 1;
-            self.in_flight.insert(chain.clone());
-            let attempt = Attempt {
-                http: self.http.clone(),
-                metrics: Arc::clone(&self.metrics),
-                store: Arc::clone(&self.store),
-                schedule: self.config.delivery.retry_schedule.clone(),
-                webhook,
-                delivery,
-            };
-            let span = info_span!("deliver", job_id = %chain.0, webhook = %chain.1, delivery_id = id, attempt = attempt.delivery.attempts + 1);
-            self.tasks.spawn(
-                async move {
-                    attempt.run().await;
-                    chain
+                if head.next_attempt_at > now {
+                    next_due = Some(next_due.map_or(head.next_attempt_at, |n| n.min(head.next_attempt_at)));
+                    break; // heads come earliest first
                 }
-                .instrument(span),
-            );
+                if self.per_webhook.get(&webhook.name).copied().unwrap_or(0) >= webhook.max_in_flight {
+                    break;
+                }
+                if let Some(bucket) = self.rate_limits.get_mut(&webhook.name) {
+                    if let Err(wait) = bucket.take(self.epoch.elapsed()) {
+                        let at = now + wait.as_millis() as i64;
+                        next_due = Some(next_due.map_or(at, |n| n.min(at)));
+                        break;
+                    }
+                }
+                let id = head.id;
+                let Some(delivery) = self.store.call(move |s| s.outbound(id)).await? else {
+                    continue;
+                };
+                *self.per_webhook.entry(webhook.name.clone()).or_default() += 1;
+                self.in_flight.insert(chain.clone());
+                let attempt = Attempt {
+                    http: self.http.clone(),
+                    metrics: Arc::clone(&self.metrics),
+                    store: Arc::clone(&self.store),
+                    schedule: self.config.delivery.retry_schedule.clone(),
+                    webhook: webhook.clone(),
+                    delivery,
+                };
+                let span = info_span!("deliver", job_id = %chain.0, webhook = %chain.1, delivery_id = id, attempt = attempt.delivery.attempts + 1);
+                self.tasks.spawn(
+                    async move {
+                        let gone = attempt.run().await;
+                        AttemptDone { chain, gone }
+                    }
+                    .instrument(span),
+                );
+            }
         }
         Ok(next_due)
     }
@@ -325,13 +393,20 @@ struct Attempt {
 }
 
 impl Attempt {
-    async fn run(self) {
+    /// Makes the attempt and records it. Returns `true` when the receiver
+    /// answered 410 Gone, which pauses the webhook: the delivery then stays
+    /// pending, due at once, for when the webhook is resumed.
+    async fn run(self) -> bool {
         let started_ms = now_ms();
         let clock = Instant::now();
         let (response, outcome) = match crate::format::render(self.webhook.format, &self.delivery.body) {
             Ok(body) => {
                 let response = send(&self.http, &self.webhook, &self.delivery.msg_id, body).await;
-                let outcome = classify(&response, self.delivery.attempts, &self.schedule, now_ms(), fastrand::f64());
+                let outcome = if response.status == Some(410) {
+                    AttemptOutcome::Paused
+                } else {
+                    classify(&response, self.delivery.attempts, &self.schedule, now_ms(), fastrand::f64())
+                };
                 (response, outcome)
             }
             Err(e) => {
@@ -356,7 +431,9 @@ impl Attempt {
                 error!(%error, kind = %self.delivery.kind, "delivery failed for the last time; kept as failed");
                 (DeliveryUpdate::GaveUp, Some(error.clone()))
             }
+            AttemptOutcome::Paused => (DeliveryUpdate::Paused, Some("HTTP 410 Gone: webhook paused".to_owned())),
         };
+        let gone = matches!(outcome, AttemptOutcome::Paused);
         let record = AttemptRecord {
             attempted_at: started_ms,
             duration_ms: clock.elapsed().as_millis() as i64,
@@ -379,6 +456,7 @@ impl Attempt {
         } else {
             debug!("attempt recorded");
         }
+        gone
     }
 }
 

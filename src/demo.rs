@@ -172,8 +172,10 @@ secret_env = "DEMO_WEBHOOK_SECRET"
     writeln!(out, "  watching               demo-org/contact_form job {DEMO_JOB}\n")?;
 
     let shutdown = CancellationToken::new();
+    // The demo never reloads its config: the sender is dropped at once.
+    let (_, config_rx) = tokio::sync::watch::channel(Arc::clone(&config));
     let relay = tokio::spawn(crate::app::serve(
-        Arc::clone(&config),
+        config_rx,
         Arc::clone(&store),
         Arc::new(crate::metrics::Metrics::default()),
         shutdown.clone(),

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -134,6 +134,8 @@ struct Finished {
 
 /// The scheduler. Created by `app`, consumed by [`Poller::run`].
 pub struct Poller {
+    /// The live config; a SIGHUP reload replaces what it holds.
+    config_rx: watch::Receiver<Arc<Config>>,
     config: Arc<Config>,
     store: Arc<Store>,
     client: UpstreamClient,
@@ -164,20 +166,18 @@ pub struct Poller {
 impl Poller {
     /// A poller over `store`, with no watches loaded yet ([`Poller::run`] loads them).
     pub fn new(
-        config: Arc<Config>,
+        config_rx: watch::Receiver<Arc<Config>>,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         wake_delivery: Arc<Notify>,
     ) -> Result<Poller, reqwest::Error> {
+        let config = Arc::clone(&config_rx.borrow());
         let client = UpstreamClient::new(&config.upstream)?;
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let epoch = Instant::now();
-        let rate_limits = config
-            .orgs
-            .values()
-            .filter_map(|o| Some((o.id.clone(), TokenBucket::new(o.max_requests_per_second?, Duration::ZERO))))
-            .collect();
+        let rate_limits = rate_limits(&config, Duration::ZERO);
         Ok(Poller {
+            config_rx,
             permits: Arc::new(Semaphore::new(config.upstream.max_in_flight)),
             config,
             store,
@@ -198,6 +198,40 @@ impl Poller {
         })
     }
 
+    /// Takes a reloaded config: new orgs and keys, rate limits, intervals and
+    /// terminal statuses apply from the next poll. Watches keep their place.
+    fn apply_config(&mut self, config: Arc<Config>) {
+        let (old, new) = (&self.config.upstream, &config.upstream);
+        if (&old.base_url, old.request_timeout, old.max_response_bytes)
+            != (&new.base_url, new.request_timeout, new.max_response_bytes)
+        {
+            match UpstreamClient::new(new) {
+                Ok(client) => self.client = client,
+                Err(e) => error!(error = %e, "cannot rebuild the upstream client; keeping the old one"),
+            }
+        }
+        if new.max_in_flight > old.max_in_flight {
+            self.permits.add_permits(new.max_in_flight - old.max_in_flight);
+        } else if new.max_in_flight < old.max_in_flight {
+            // Permits out now come back and are forgotten then, so the new
+            // limit holds once the polls in flight have ended.
+            let shrink = old.max_in_flight - new.max_in_flight;
+            let permits = Arc::clone(&self.permits);
+            tokio::spawn(async move {
+                if let Ok(p) = permits.acquire_many(shrink as u32).await {
+                    p.forget();
+                }
+            });
+        }
+        self.rate_limits = rate_limits(&config, self.epoch.elapsed());
+        self.unconfigured_orgs.clear();
+        if config.database != self.config.database {
+            warn!("a new database path takes effect only after a restart");
+        }
+        self.config = config;
+        info!(orgs = self.config.orgs.len(), "poller uses the reloaded config");
+    }
+
     /// Polls until `shutdown` is cancelled. Polls still out at that moment are
     /// dropped: nothing of theirs was stored, so the next start redoes them.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
@@ -205,6 +239,10 @@ impl Poller {
         let mut scan = tokio::time::interval(SCAN_INTERVAL);
         scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.config_rx.has_changed().unwrap_or(false) {
+                let config = Arc::clone(&self.config_rx.borrow_and_update());
+                self.apply_config(config);
+            }
             self.poll_due_once(Instant::now());
             let next_due = self.next_due().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -618,6 +656,15 @@ impl PollTask {
             }
         }
     }
+}
+
+/// One token bucket per org with a `max_requests_per_second`.
+fn rate_limits(config: &Config, now: Duration) -> HashMap<String, TokenBucket> {
+    config
+        .orgs
+        .values()
+        .filter_map(|o| Some((o.id.clone(), TokenBucket::new(o.max_requests_per_second?, now))))
+        .collect()
 }
 
 /// A new `webhook-id`: `msg_` and 32 random hex digits, unique per delivery.

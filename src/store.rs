@@ -30,7 +30,8 @@ use crate::upstream::PortalId;
 
 /// Versioned schema migrations, applied in order on open. Append only: a
 /// released migration is never edited.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -94,7 +95,20 @@ CREATE TABLE attempts (
     error            TEXT
 ) STRICT;
 CREATE INDEX attempts_delivery ON attempts (delivery_id);
-"#];
+"#,
+    r#"
+-- Webhooks paused by a 410 Gone, until `webhooks resume`.
+CREATE TABLE webhook_pauses (
+    webhook   TEXT PRIMARY KEY,
+    reason    TEXT NOT NULL,
+    paused_at INTEGER NOT NULL
+) STRICT;
+-- The deliverer asks for due heads one webhook at a time, so that one
+-- webhook's backlog never hides another's.
+CREATE INDEX deliveries_pending_by_webhook ON deliveries (webhook, next_attempt_at) WHERE state = 'pending';
+CREATE INDEX deliveries_finished ON deliveries (finished_at) WHERE state = 'delivered';
+"#,
+];
 
 /// A store failure. SQLite's own error is kept as the source.
 #[derive(Debug, thiserror::Error)]
@@ -355,6 +369,57 @@ pub enum DeliveryUpdate {
     RetryAt(i64),
     /// The schedule is exhausted: `failed`.
     GaveUp,
+    /// The webhook is paused (410): stays pending, attempt count unchanged,
+    /// due as soon as the webhook is resumed.
+    Paused,
+}
+
+/// A webhook's unfinished work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Backlog {
+    /// Deliveries waiting.
+    pub pending: i64,
+    /// Deliveries that gave up.
+    pub failed: i64,
+    /// When the oldest pending one was created (Unix ms).
+    pub oldest_pending: Option<i64>,
+}
+
+/// A stored notification with its deliveries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredNotification {
+    /// Its id, which is also its order.
+    pub id: i64,
+    /// Its type.
+    pub kind: String,
+    /// The standard body.
+    pub body: String,
+    /// Detection time (Unix ms).
+    pub created_at: i64,
+    /// One per matching webhook.
+    pub deliveries: Vec<StoredDelivery>,
+}
+
+/// A delivery as listed with its notification.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDelivery {
+    /// The webhook.
+    pub webhook: String,
+    /// The `webhook-id`.
+    pub msg_id: String,
+    /// Its state.
+    pub state: DeliveryState,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+/// What one [`Store::prune`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneSummary {
+    pub attempts: usize,
+    pub deliveries: usize,
+    pub notifications: usize,
+    pub watches: usize,
 }
 
 /// One row of `deliveries list`.
@@ -436,7 +501,8 @@ impl Store {
 
     /// Adds watches in one transaction. A job already watched (active,
     /// finished or failed) is left unchanged; a removed one becomes active
-    /// again with its last-seen state, so nothing is announced twice.
+    /// again with its last-seen state, so nothing is announced twice, but
+    /// with the new webhooks and labels and a fresh age.
     pub fn add_watches(&self, watches: &[NewWatch]) -> Result<AddSummary, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -447,7 +513,8 @@ impl Store {
             let mut insert = tx.prepare(
                 "INSERT INTO watches (job_id, org_id, endpoint_name, webhooks, labels, from_now, state, rev, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7, ?8, ?8)
-                 ON CONFLICT (job_id) DO UPDATE SET state = 'active', state_reason = NULL, rev = ?7, updated_at = ?8
+                 ON CONFLICT (job_id) DO UPDATE SET state = 'active', state_reason = NULL, rev = ?7, updated_at = ?8,
+                     created_at = ?8, webhooks = excluded.webhooks, labels = excluded.labels
                  WHERE state = 'removed'",
             )?;
             for w in watches {
@@ -663,19 +730,19 @@ impl Store {
 
     // ----- deliveries ---------------------------------------------------
 
-    /// The first pending delivery of each (job, webhook) chain, earliest
-    /// first, at most `limit`. Later deliveries of a chain wait for its head:
-    /// that is the per-job, per-webhook ordering guarantee.
-    pub fn pending_heads(&self, limit: usize) -> Result<Vec<PendingHead>, StoreError> {
+    /// The first pending delivery of each of `webhook`'s (job, webhook)
+    /// chains, earliest first, at most `limit`. Later deliveries of a chain
+    /// wait for its head: that is the per-job, per-webhook ordering guarantee.
+    pub fn pending_heads(&self, webhook: &str, limit: usize) -> Result<Vec<PendingHead>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT d.id, d.job_id, d.webhook, d.next_attempt_at FROM deliveries d
-             WHERE d.state = 'pending' AND NOT EXISTS (
+             WHERE d.state = 'pending' AND d.webhook = ?1 AND NOT EXISTS (
                  SELECT 1 FROM deliveries e
                  WHERE e.job_id = d.job_id AND e.webhook = d.webhook AND e.state = 'pending' AND e.id < d.id)
-             ORDER BY d.next_attempt_at, d.id LIMIT ?1",
+             ORDER BY d.next_attempt_at, d.id LIMIT ?2",
         )?;
-        let rows = stmt.query_map([limit as i64], |r| {
+        let rows = stmt.query_map(params![webhook, limit as i64], |r| {
             Ok(PendingHead { id: r.get(0)?, job_id: r.get(1)?, webhook: r.get(2)?, next_attempt_at: r.get(3)? })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -725,13 +792,15 @@ impl Store {
             DeliveryUpdate::Delivered => ("delivered", attempt.attempted_at, Some(now)),
             DeliveryUpdate::RetryAt(at) => ("pending", at, None),
             DeliveryUpdate::GaveUp => ("failed", attempt.attempted_at, Some(now)),
+            DeliveryUpdate::Paused => ("pending", attempt.attempted_at, None),
         };
+        let counted = i64::from(update != DeliveryUpdate::Paused);
         let error = attempt.error.clone().or_else(|| attempt.http_status.map(|s| format!("HTTP {s}")));
         tx.execute(
-            "UPDATE deliveries SET state = ?2, attempts = attempts + 1, next_attempt_at = ?3, finished_at = ?4,
+            "UPDATE deliveries SET state = ?2, attempts = attempts + ?6, next_attempt_at = ?3, finished_at = ?4,
                  last_error = CASE WHEN ?2 = 'delivered' THEN NULL ELSE ?5 END
              WHERE id = ?1",
-            params![id, state, next, finished, error],
+            params![id, state, next, finished, error, counted],
         )?;
         tx.commit()?;
         Ok(())
@@ -794,6 +863,134 @@ impl Store {
              WHERE state = 'failed' AND (?1 IS NULL OR id = ?1)",
             params![id, now_ms()],
         )?)
+    }
+
+    /// Pauses a webhook (a receiver answered 410 Gone). Idempotent.
+    pub fn pause_webhook(&self, webhook: &str, reason: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO webhook_pauses (webhook, reason, paused_at) VALUES (?1, ?2, ?3) ON CONFLICT (webhook) DO NOTHING",
+            params![webhook, reason, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Resumes a paused webhook. Returns `false` if it was not paused.
+    pub fn resume_webhook(&self, webhook: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute("DELETE FROM webhook_pauses WHERE webhook = ?1", [webhook])? == 1)
+    }
+
+    /// Paused webhooks with why and since when (Unix ms).
+    pub fn paused_webhooks(&self) -> Result<BTreeMap<String, (String, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT webhook, reason, paused_at FROM webhook_pauses")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Per webhook: pending and failed deliveries, and the oldest pending
+    /// one's creation time (Unix ms).
+    pub fn backlog(&self) -> Result<BTreeMap<String, Backlog>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT webhook, SUM(state = 'pending'), SUM(state = 'failed'), MIN(CASE WHEN state = 'pending' THEN created_at END)
+             FROM deliveries WHERE state IN ('pending', 'failed') GROUP BY webhook",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, Backlog { pending: r.get(1)?, failed: r.get(2)?, oldest_pending: r.get(3)? }))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every attempt of a delivery, oldest first.
+    pub fn attempts(&self, delivery_id: i64) -> Result<Vec<AttemptRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT attempted_at, duration_ms, http_status, response_excerpt, error FROM attempts
+             WHERE delivery_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([delivery_id], |r| {
+            Ok(AttemptRecord {
+                attempted_at: r.get(0)?,
+                duration_ms: r.get(1)?,
+                http_status: r.get(2)?,
+                response_excerpt: r.get(3)?,
+                error: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A job's notifications in order, each with its deliveries.
+    pub fn notifications_of(&self, job_id: &str) -> Result<Vec<StoredNotification>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT n.id, n.type, n.body, n.created_at, d.webhook, d.msg_id, d.state, d.attempts
+             FROM notifications n LEFT JOIN deliveries d ON d.notification_id = n.id
+             WHERE n.job_id = ?1 ORDER BY n.id, d.id",
+        )?;
+        let rows = stmt.query_map([job_id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<u32>>(7)?,
+            ))
+        })?;
+        let mut out: Vec<StoredNotification> = Vec::new();
+        for row in rows {
+            let (id, kind, body, created, webhook, msg_id, state, attempts) = row?;
+            if out.last().is_none_or(|n| n.id != id) {
+                out.push(StoredNotification { id, kind, body, created_at: created, deliveries: Vec::new() });
+            }
+            if let (Some(webhook), Some(msg_id), Some(state)) = (webhook, msg_id, state) {
+                let state = DeliveryState::parse(&state)
+                    .ok_or_else(|| StoreError::Corrupt(format!("delivery state {state:?}")))?;
+                let last = out.last_mut().expect("pushed above");
+                last.deliveries.push(StoredDelivery { webhook, msg_id, state, attempts: attempts.unwrap_or(0) });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes what is past `retention`: delivered deliveries finished before
+    /// `cutoff_ms` with their attempts, notifications left with no
+    /// deliveries, and watches that ended (finished, failed, removed) before
+    /// it together with their notifications. Pending and failed deliveries
+    /// are never pruned: they are work not yet done.
+    pub fn prune(&self, cutoff_ms: i64) -> Result<PruneSummary, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let attempts = tx.execute(
+            "DELETE FROM attempts WHERE delivery_id IN
+                 (SELECT id FROM deliveries WHERE state = 'delivered' AND finished_at < ?1)",
+            [cutoff_ms],
+        )?;
+        let deliveries =
+            tx.execute("DELETE FROM deliveries WHERE state = 'delivered' AND finished_at < ?1", [cutoff_ms])?;
+        let notifications = tx.execute(
+            "DELETE FROM notifications WHERE created_at < ?1
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)",
+            [cutoff_ms],
+        )?;
+        let watches = tx.execute(
+            "DELETE FROM watches WHERE state != 'active' AND updated_at < ?1
+                 AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.job_id = watches.job_id)",
+            [cutoff_ms],
+        )?;
+        tx.commit()?;
+        Ok(PruneSummary { attempts, deliveries, notifications, watches })
+    }
+
+    /// Makes this connection refuse (`true`) or accept writes, as a full or
+    /// read-only disk would. For fault-injection tests.
+    #[doc(hidden)]
+    pub fn set_read_only(&self, read_only: bool) -> Result<(), StoreError> {
+        self.conn().pragma_update(None, "query_only", read_only)?;
+        Ok(())
     }
 
     /// Counts of deliveries per state, for the demo and the tests.

@@ -263,6 +263,8 @@ api_key_env = "DARI_API_KEY"
 pub struct Relay {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
+    /// Sends a new config, as a SIGHUP reload does.
+    pub reload: tokio::sync::watch::Sender<Arc<Config>>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), dari_relay::app::AppError>>,
 }
@@ -273,9 +275,16 @@ impl Relay {
         let store = Arc::new(Store::open(&config.database).unwrap());
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());
+        let (reload, config_rx) = tokio::sync::watch::channel(config);
         let task =
-            tokio::spawn(dari_relay::app::serve(config, Arc::clone(&store), Arc::clone(&metrics), shutdown.clone()));
-        Relay { store, metrics, shutdown, task }
+            tokio::spawn(dari_relay::app::serve(config_rx, Arc::clone(&store), Arc::clone(&metrics), shutdown.clone()));
+        Relay { store, metrics, reload, shutdown, task }
+    }
+
+    /// Replaces the running config, as SIGHUP does after a successful reload.
+    pub fn reload(&self, config_text: &str) {
+        let config = Config::from_toml(config_text, Path::new("test.toml"), &env).unwrap();
+        self.reload.send_replace(Arc::new(config));
     }
 
     /// Stops the relay as SIGTERM would, and waits for it.
