@@ -347,12 +347,11 @@ impl Deliverer {
                 if self.per_webhook.get(&webhook.name).copied().unwrap_or(0) >= webhook.max_in_flight {
                     break;
                 }
-                if let Some(bucket) = self.rate_limits.get_mut(&webhook.name) {
-                    if let Err(wait) = bucket.take(self.epoch.elapsed()) {
-                        let at = now + wait.as_millis() as i64;
-                        next_due = Some(next_due.map_or(at, |n| n.min(at)));
-                        break;
-                    }
+                let elapsed = self.epoch.elapsed();
+                if let Some(Err(wait)) = self.rate_limits.get_mut(&webhook.name).map(|b| b.take(elapsed)) {
+                    let at = now + wait.as_millis() as i64;
+                    next_due = Some(next_due.map_or(at, |n| n.min(at)));
+                    break;
                 }
                 let id = head.id;
                 let Some(delivery) = self.store.call(move |s| s.outbound(id)).await? else {
