@@ -150,33 +150,55 @@ impl Received {
     }
 }
 
+/// How a fake receiver answers once its scripted answers run out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Behaviour {
+    /// Share of requests answered 500 at random.
+    pub flaky: f64,
+    /// Wait this long before answering.
+    pub delay: Duration,
+}
+
 #[derive(Clone)]
 struct ReceiverState {
     tx: mpsc::UnboundedSender<Received>,
-    /// Statuses to answer with, in order; 204 once they run out.
-    answers: Arc<Mutex<VecDeque<u16>>>,
+    /// (status, delay) to answer with, in order; then `behaviour`.
+    answers: Arc<Mutex<VecDeque<(u16, Duration)>>>,
+    behaviour: Arc<Mutex<Behaviour>>,
 }
 
 /// A fake webhook receiver that records every request into a channel.
 pub struct FakeReceiver {
     pub url: String,
     rx: mpsc::UnboundedReceiver<Received>,
-    answers: Arc<Mutex<VecDeque<u16>>>,
+    answers: Arc<Mutex<VecDeque<(u16, Duration)>>>,
+    behaviour: Arc<Mutex<Behaviour>>,
 }
 
 impl FakeReceiver {
     pub async fn start() -> FakeReceiver {
         let (tx, rx) = mpsc::unbounded_channel();
         let answers = Arc::new(Mutex::new(VecDeque::new()));
-        let state = ReceiverState { tx, answers: Arc::clone(&answers) };
+        let behaviour = Arc::new(Mutex::new(Behaviour::default()));
+        let state = ReceiverState { tx, answers: Arc::clone(&answers), behaviour: Arc::clone(&behaviour) };
         let router = Router::new().route("/hook", post(receive)).with_state(state);
         let url = format!("http://{}/hook", serve(router).await);
-        FakeReceiver { url, rx, answers }
+        FakeReceiver { url, rx, answers, behaviour }
     }
 
     /// The next requests will be answered with these statuses.
     pub fn answer_with(&self, statuses: &[u16]) {
-        self.answers.lock().unwrap().extend(statuses);
+        self.answers.lock().unwrap().extend(statuses.iter().map(|&s| (s, Duration::ZERO)));
+    }
+
+    /// The next request will be answered with `status` after `delay`.
+    pub fn answer_after(&self, status: u16, delay: Duration) {
+        self.answers.lock().unwrap().push_back((status, delay));
+    }
+
+    /// How to answer once the scripted answers run out.
+    pub fn behave(&self, behaviour: Behaviour) {
+        *self.behaviour.lock().unwrap() = behaviour;
     }
 
     /// The next request, or a panic after 10 seconds.
@@ -211,8 +233,15 @@ impl FakeReceiver {
 }
 
 async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: String) -> StatusCode {
-    let answered = state.answers.lock().unwrap().pop_front().unwrap_or(204);
-    let _ = state.tx.send(Received { headers, body, answered, at: Instant::now() });
+    let scripted = state.answers.lock().unwrap().pop_front();
+    let (answered, delay) = scripted.unwrap_or_else(|| {
+        let b = *state.behaviour.lock().unwrap();
+        (if fastrand::f64() < b.flaky { 500 } else { 204 }, b.delay)
+    });
+    let at = Instant::now();
+    // Recorded on arrival, so a test sees a request that is still being answered.
+    let _ = state.tx.send(Received { headers, body, answered, at });
+    tokio::time::sleep(delay).await;
     StatusCode::from_u16(answered).unwrap()
 }
 
