@@ -390,3 +390,27 @@ async fn refused_writes_lose_nothing_and_acknowledge_nothing() {
     assert!(receiver.drain().is_empty());
     assert_eq!(relay_notifications(dir.path(), JOB).len(), 3);
 }
+
+/// A reload takes effect for orgs too: a rotated API key is used from the
+/// next poll, without a restart, and the watches carry on where they were.
+#[tokio::test]
+async fn reloaded_org_key_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let dari = FakeDari::start().await;
+    let mut receiver = FakeReceiver::start().await;
+    dari.script(JOB, vec![job("running", 1)]);
+    let good = config_text(&dir.path().join("r.db"), &dari, &[("h", &receiver.url)], "");
+    let revoked = good.replace("api_key_env = \"DARI_API_KEY\"", "api_key_env = \"OLD_DARI_API_KEY\"");
+    let relay = Relay::start(&revoked).await;
+    relay.store.add_watches(&[watch(JOB)]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay.metrics.polls("acme", "unauthorized") == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.reload(&good);
+    let got = receiver.until_delivered("job.running").await;
+    relay.stop().await;
+    assert_eq!(got.iter().map(|r| r.kind()).collect::<Vec<_>>(), ["job.event", "job.running"]);
+    assert_eq!(dari.requests().last().unwrap().api_key, API_KEY);
+}

@@ -257,6 +257,7 @@ pub fn env(name: &str) -> Option<String> {
     match name {
         "DARI_API_KEY" => Some(API_KEY.to_owned()),
         "HOOK_SECRET" => Some(SECRET.to_owned()),
+        "OLD_DARI_API_KEY" => Some("sk-revoked".to_owned()),
         _ => None,
     }
 }
@@ -293,7 +294,7 @@ pub struct Relay {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     /// Sends a new config, as a SIGHUP reload does.
-    pub reload: tokio::sync::watch::Sender<Arc<Config>>,
+    config_tx: tokio::sync::watch::Sender<Arc<Config>>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), dari_relay::app::AppError>>,
 }
@@ -304,16 +305,16 @@ impl Relay {
         let store = Arc::new(Store::open(&config.database).unwrap());
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());
-        let (reload, config_rx) = tokio::sync::watch::channel(config);
+        let (config_tx, config_rx) = tokio::sync::watch::channel(config);
         let task =
             tokio::spawn(dari_relay::app::serve(config_rx, Arc::clone(&store), Arc::clone(&metrics), shutdown.clone()));
-        Relay { store, metrics, reload, shutdown, task }
+        Relay { store, metrics, config_tx, shutdown, task }
     }
 
     /// Replaces the running config, as SIGHUP does after a successful reload.
     pub fn reload(&self, config_text: &str) {
         let config = Config::from_toml(config_text, Path::new("test.toml"), &env).unwrap();
-        self.reload.send_replace(Arc::new(config));
+        self.config_tx.send_replace(Arc::new(config));
     }
 
     /// Stops the relay as SIGTERM would, and waits for it.
