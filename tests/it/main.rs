@@ -3,6 +3,7 @@
 //! receivers on 127.0.0.1:0, each test on its own temporary database.
 
 mod cli;
+mod crash;
 mod delivery;
 mod diff_props;
 mod fakes;
