@@ -16,8 +16,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::deliver::Deliverer;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
 use crate::store::{PruneSummary, Store, StoreError, now_ms};
@@ -31,6 +33,9 @@ pub enum AppError {
     /// An HTTP client could not be built (TLS setup).
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// The admin API could not listen.
+    #[error("cannot listen on {listen} for the admin API: {source}")]
+    Admin { listen: String, source: std::io::Error },
     /// A loop ended on its own.
     #[error("the {task} loop stopped unexpectedly: {reason}")]
     TaskEnded { task: &'static str, reason: String },
@@ -39,39 +44,66 @@ pub enum AppError {
 /// How often delivered deliveries and ended watches past `retention` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
-/// Opens the database named by the config and runs the relay on it until
-/// `shutdown` is cancelled, following config reloads sent on `config`.
+/// Opens the database named by the config, binds the admin API if it is
+/// enabled, and runs the relay until `shutdown` is cancelled, following
+/// config reloads sent on `config`.
 pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) -> Result<(), AppError> {
-    let metrics = Arc::new(Metrics::default());
     let path = config.borrow().database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path))
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
-    serve(config, Arc::new(store), metrics, shutdown).await
+    let listen = config.borrow().admin.as_ref().map(|a| a.listen.clone());
+    let admin = match listen {
+        Some(addr) => Some(
+            admin::Listener::bind(&addr)
+                .await
+                .map_err(|source| AppError::Admin { listen: addr.to_string(), source })?,
+        ),
+        None => None,
+    };
+    serve(config, Arc::new(store), Arc::new(Metrics::default()), admin, shutdown).await
 }
 
-/// Runs the poller, the deliverer and the pruner on an open store until
-/// `shutdown` is cancelled, then waits for them to finish their shutdown.
+/// Runs the poller, the deliverer, the pruner, the systemd watchdog and (with
+/// a listener) the admin API on an open store until `shutdown` is cancelled,
+/// then waits for them to finish their shutdown.
 pub async fn serve(
     config: watch::Receiver<Arc<Config>>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    admin: Option<admin::Listener>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
     let wake_delivery = Arc::new(Notify::new());
-    let poller = Poller::new(config.clone(), Arc::clone(&store), Arc::clone(&metrics), Arc::clone(&wake_delivery))?;
-    let deliverer = Deliverer::new(config.clone(), Arc::clone(&store), metrics, wake_delivery)?;
+    let health = Arc::new(Health::default());
+    let poller = Poller::new(
+        config.clone(),
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+        Arc::clone(&wake_delivery),
+    )?;
+    let deliverer =
+        Deliverer::new(config.clone(), Arc::clone(&store), Arc::clone(&metrics), Arc::clone(&health), wake_delivery)?;
 
     // Every long-lived task goes into this one set, named, so the app can say
     // which ended and why.
-    let mut tasks: JoinSet<(&'static str, Result<(), StoreError>)> = JoinSet::new();
+    let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
     let token = shutdown.clone();
-    tasks.spawn(async move { ("poller", poller.run(token).await) });
+    tasks.spawn(async move { ("poller", poller.run(token).await.map_err(|e| e.to_string())) });
     let token = shutdown.clone();
-    tasks.spawn(async move { ("deliverer", deliverer.run(token).await) });
-    let token = shutdown.clone();
-    let pruning = Arc::clone(&store);
-    tasks.spawn(async move { ("pruner", prune_loop(config, pruning, token).await) });
+    tasks.spawn(async move { ("deliverer", deliverer.run(token).await.map_err(|e| e.to_string())) });
+    let (token, pruning) = (shutdown.clone(), Arc::clone(&store));
+    let reloads = config.clone();
+    tasks.spawn(async move { ("pruner", prune_loop(reloads, pruning, token).await.map_err(|e| e.to_string())) });
+    let (token, watched) = (shutdown.clone(), Arc::clone(&health));
+    tasks.spawn(async move { ("watchdog", watchdog_loop(watched, token).await) });
+    if let Some(listener) = admin {
+        let state = AdminState { config, store: Arc::clone(&store), metrics, health };
+        let token = shutdown.clone();
+        tasks
+            .spawn(async move { ("admin API", admin::serve(listener, state, token).await.map_err(|e| e.to_string())) });
+    }
 
     // The database is open and migrated and the loops are running.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -85,10 +117,10 @@ pub async fn serve(
                 continue;
             }
             Ok((task, Ok(()))) => (task, "it returned".to_owned()),
-            Ok((task, Err(e))) => (task, e.to_string()),
+            Ok((task, Err(e))) => (task, e),
             Err(e) => ("a relay", e.to_string()),
         };
-        error!(task, %reason, "loop ended; stopping the relay");
+        error!(task, %reason, "task ended; stopping the relay");
         failure.get_or_insert(AppError::TaskEnded { task, reason });
         shutdown.cancel();
     }
@@ -96,6 +128,31 @@ pub async fn serve(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Pings the systemd watchdog at half its interval, but only while every
+/// loop makes progress: a wedged relay stops pinging and systemd restarts
+/// it. Without `WATCHDOG_USEC` (not under systemd, or no `WatchdogSec=`)
+/// it just waits for shutdown.
+async fn watchdog_loop(health: Arc<Health>, shutdown: CancellationToken) -> Result<(), String> {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        shutdown.cancelled().await;
+        return Ok(());
+    }
+    let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let stale = health.stale(now_ms());
+        if stale.is_empty() {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        } else {
+            warn!(?stale, "not pinging the systemd watchdog");
+        }
     }
 }
 

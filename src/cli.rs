@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, DEFAULT_CONFIG_PATH, LogFormat};
 use crate::store::{DeliveryState, NewWatch, Store};
 use crate::upstream::PortalId;
 
@@ -25,20 +25,11 @@ use crate::upstream::PortalId;
 #[derive(Debug, Parser)]
 #[command(name = "dari-relay", version, about, max_term_width = 100)]
 pub struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log format on stderr [default: the config's log_format, else text].
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// `--config`, shared by every command that reads the config.
@@ -67,6 +58,23 @@ pub enum Command {
     /// Show webhooks' state and backlog, or resume a paused one.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
+    /// Start a Dari job and watch it, in one step.
+    Start {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The portal, as <org_id>/<endpoint_name>.
+        #[arg(value_parser = parse_portal)]
+        portal: PortalId,
+        /// The JSON body for Dari's start endpoint, from a file or - for standard input.
+        #[arg(long, value_name = "FILE")]
+        body: PathBuf,
+        /// Deliver to this webhook (repeatable) instead of those whose `portals` match.
+        #[arg(long = "webhook", value_name = "NAME")]
+        webhooks: Vec<String>,
+        /// A label passed through in every notification (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
     /// Send a sample notification to one webhook and show its answer.
     SendTest {
         #[command(flatten)]
@@ -209,11 +217,9 @@ fn runtime(e: impl Into<anyhow::Error>) -> Failure {
     Failure::Runtime(e.into())
 }
 
-/// Parses a job id: a UUID, normalised to lower-case hyphenated form.
+/// Parses a job id (a UUID); see [`crate::upstream::parse_job_id`].
 pub fn parse_job_id(s: &str) -> Result<String, String> {
-    uuid::Uuid::parse_str(s.trim())
-        .map(|u| u.hyphenated().to_string())
-        .map_err(|_| format!("{s:?} is not a UUID (expected e.g. 550e8400-e29b-41d4-a716-446655440000)"))
+    crate::upstream::parse_job_id(s)
 }
 
 fn parse_portal(s: &str) -> Result<PortalId, String> {
@@ -227,10 +233,32 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Sets up logging on stderr: `format` (or text), filtered by `RUST_LOG`,
+/// else at `default_level`.
+pub fn init_logging(format: Option<LogFormat>, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format.unwrap_or(LogFormat::Text) {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+}
+
 /// Runs a parsed command line.
 pub fn execute(cli: Cli) -> Result<(), Failure> {
+    // The daemon logs its work at info, once its config says in which format;
+    // one-shot commands print their own output and only log problems.
+    match &cli.command {
+        Command::Run(_) => {}
+        Command::Demo => init_logging(cli.log_format, "error"),
+        _ => init_logging(cli.log_format, "warn"),
+    }
     match cli.command {
-        Command::Run(c) => run(&c.config),
+        Command::Run(c) => run(&c.config, cli.log_format),
+        Command::Start { config, portal, body, webhooks, labels } => {
+            start(&config.config, portal, &body, webhooks, labels)
+        }
         Command::Demo => block_on(crate::demo::run(std::io::stdout())).map_err(runtime),
         Command::CheckConfig(c) => {
             let config = load_config(&c.config)?;
@@ -259,8 +287,9 @@ fn open_store(config: &Config) -> Result<Store, Failure> {
         .map_err(runtime)
 }
 
-fn run(path: &Path) -> Result<(), Failure> {
+fn run(path: &Path, log_format: Option<LogFormat>) -> Result<(), Failure> {
     let config = Arc::new(load_config(path)?);
+    init_logging(log_format.or(config.log_format), "info");
     let path = path.to_owned();
     block_on(async move {
         let (config_tx, config_rx) = tokio::sync::watch::channel(config);
@@ -313,7 +342,7 @@ fn watch(command: WatchCommand) -> Result<(), Failure> {
                 labels: labels.into_iter().collect(),
                 from_now,
             };
-            check_watch(&config, &watch).map_err(usage)?;
+            config.check_watch(&watch).map_err(usage)?;
             let store = open_store(&config)?;
             let summary = store.add_watches(std::slice::from_ref(&watch)).map_err(runtime)?;
             let verb = if summary.added == 1 { "watching" } else { "already watching" };
@@ -369,30 +398,6 @@ fn watch(command: WatchCommand) -> Result<(), Failure> {
     }
 }
 
-/// The rules `watch add` and `watch import` share: the org has credentials
-/// and every named webhook exists.
-fn check_watch(config: &Config, watch: &NewWatch) -> anyhow::Result<()> {
-    if !config.orgs.contains_key(&watch.portal.org) {
-        return Err(anyhow!(
-            "org {:?} has no [orgs.{}] table in {}; add its api_key_env or api_key_file first",
-            watch.portal.org,
-            watch.portal.org,
-            config.path.display()
-        ));
-    }
-    for name in watch.webhooks.iter().flatten() {
-        if config.webhook(name).is_none() {
-            let known: Vec<&str> = config.webhooks.iter().map(|w| w.name.as_str()).collect();
-            return Err(anyhow!(
-                "--webhook {name:?} is not a webhook in {} (known: {})",
-                config.path.display(),
-                known.join(", ")
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// One line of `watch import`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -432,7 +437,7 @@ fn read_import(config: &Config, file: &Path) -> Result<Vec<NewWatch>, Failure> {
             labels: raw.labels,
             from_now: raw.from_now,
         };
-        check_watch(config, &watch).map_err(|e| at(e.to_string()))?;
+        config.check_watch(&watch).map_err(|e| at(e.to_string()))?;
         watches.push(watch);
     }
     Ok(watches)
@@ -513,6 +518,44 @@ fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// `start`: asks Dari to start a job with the org's key, then watches it.
+/// The watch options are checked first, so a bad `--webhook` never starts a
+/// paid job.
+fn start(
+    path: &Path,
+    portal: PortalId,
+    body: &Path,
+    webhooks: Vec<String>,
+    labels: Vec<(String, String)>,
+) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let body = if body == Path::new("-") {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut text).map_err(usage)?;
+        text
+    } else {
+        std::fs::read(body).with_context(|| format!("cannot read {}", body.display())).map_err(usage)?
+    };
+    serde_json::from_slice::<serde_json::Value>(&body).context("--body is not JSON").map_err(usage)?;
+    let mut watch = NewWatch {
+        job_id: String::new(),
+        portal,
+        webhooks: (!webhooks.is_empty()).then_some(webhooks),
+        labels: labels.into_iter().collect(),
+        from_now: false,
+    };
+    config.check_watch(&watch).map_err(usage)?;
+    let org = &config.orgs[&watch.portal.org];
+    let client = crate::upstream::UpstreamClient::new(&config.upstream).map_err(runtime)?;
+    let (job_id, _) = block_on(client.start_job(&watch.portal, body, &org.api_key))
+        .context("Dari did not start the job")
+        .map_err(runtime)?;
+    watch.job_id = job_id;
+    open_store(&config)?.add_watches(std::slice::from_ref(&watch)).map_err(runtime)?;
+    let _ = writeln!(std::io::stdout().lock(), "started job {} on {}; watching it", watch.job_id, watch.portal);
+    Ok(())
 }
 
 /// One row of `webhooks list`.

@@ -45,6 +45,65 @@ pub struct Config {
     pub orgs: BTreeMap<String, Org>,
     /// Every configured webhook, in file order; names are unique.
     pub webhooks: Vec<Webhook>,
+    /// The admin HTTP API, when `[admin] listen` is set.
+    pub admin: Option<Admin>,
+    /// Log format of `run`, unless `--log-format` says otherwise.
+    pub log_format: Option<LogFormat>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[admin]`: the admin HTTP API.
+#[derive(Clone)]
+pub struct Admin {
+    /// Where it listens.
+    pub listen: ListenAddr,
+    /// The bearer token every request must carry, if set.
+    pub token: Option<SecretString>,
+    /// Where the token came from.
+    pub token_source: Option<SecretSource>,
+}
+
+impl fmt::Debug for Admin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admin").field("listen", &self.listen).field("token", &self.token_source).finish()
+    }
+}
+
+/// Where the admin API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address.
+    Tcp(std::net::SocketAddr),
+    /// A Unix socket path (`unix:/run/dari-relay/admin.sock`).
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// Whether only this machine can reach it: loopback TCP or a Unix socket.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ListenAddr::Tcp(addr) => addr.ip().is_loopback(),
+            ListenAddr::Unix(_) => true,
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 /// `[upstream]`: the Dari API and the polling rhythm.
@@ -197,6 +256,16 @@ impl Webhook {
     }
 }
 
+/// Why a new watch is refused, naming the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidWatch {
+    /// The field of the watch (as in the admin API's JSON) that is wrong.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
 /// A configuration problem, reported before anything runs.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -234,6 +303,36 @@ impl Config {
         self.webhooks.iter().find(|w| w.name == name)
     }
 
+    /// The rules every new watch must follow, whoever adds it (CLI or API):
+    /// its org has credentials and every webhook it names exists.
+    pub fn check_watch(&self, watch: &crate::store::NewWatch) -> Result<(), InvalidWatch> {
+        if !self.orgs.contains_key(&watch.portal.org) {
+            return Err(InvalidWatch {
+                field: "portal_id",
+                message: format!(
+                    "org {:?} has no [orgs.{}] table in {}; add its api_key_env or api_key_file first",
+                    watch.portal.org,
+                    watch.portal.org,
+                    self.path.display()
+                ),
+            });
+        }
+        for name in watch.webhooks.iter().flatten() {
+            if self.webhook(name).is_none() {
+                let known: Vec<&str> = self.webhooks.iter().map(|w| w.name.as_str()).collect();
+                return Err(InvalidWatch {
+                    field: "webhooks",
+                    message: format!(
+                        "--webhook {name:?} is not a webhook in {} (known: {})",
+                        self.path.display(),
+                        known.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `status` (normalised) ends polling.
     pub fn is_terminal(&self, status: &str) -> bool {
         self.upstream.terminal_statuses.iter().any(|s| s == status)
@@ -269,6 +368,15 @@ impl Config {
         let _ = writeln!(out, "retry_schedule = {}", list(schedule));
         let _ = writeln!(out, "request_timeout = {}", dur(d.request_timeout));
         let _ = writeln!(out, "shutdown_timeout = {}", dur(d.shutdown_timeout));
+        if let Some(format) = self.log_format {
+            let _ = writeln!(out, "log_format = {:?}", format!("{format:?}").to_lowercase());
+        }
+        if let Some(admin) = &self.admin {
+            let _ = writeln!(out, "\n[admin]\nlisten = {:?}", admin.listen.to_string());
+            if let Some(source) = &admin.token_source {
+                let _ = writeln!(out, "token = {:?}", source.to_string());
+            }
+        }
         for org in self.orgs.values() {
             let _ = writeln!(out, "\n[orgs.{:?}]", org.id);
             let _ = writeln!(out, "api_key = {:?}", org.api_key_source.to_string());
@@ -316,6 +424,16 @@ struct RawConfig {
     orgs: BTreeMap<String, Spanned<RawOrg>>,
     #[serde(default)]
     webhooks: Vec<Spanned<RawWebhook>>,
+    admin: Option<Spanned<RawAdmin>>,
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+    token_env: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -479,7 +597,18 @@ impl Resolver<'_> {
             webhooks.push(webhook);
         }
         let retention = self.positive("retention", raw.retention, 7 * 24 * 3_600_000)?;
-        Ok(Config { path: self.path.to_owned(), database, retention, upstream, delivery, orgs, webhooks })
+        let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
+        Ok(Config {
+            path: self.path.to_owned(),
+            database,
+            retention,
+            upstream,
+            delivery,
+            orgs,
+            webhooks,
+            admin,
+            log_format: raw.log_format,
+        })
     }
 
     fn upstream(&self, raw: RawUpstream) -> Result<Upstream, ConfigError> {
@@ -561,6 +690,35 @@ impl Resolver<'_> {
                 .filter(|&n| n > 0)
                 .ok_or_else(|| self.error(Some(v.span()), key, "must be a whole number of at least 1")),
         }
+    }
+
+    fn admin(&self, raw: Spanned<RawAdmin>) -> Result<Admin, ConfigError> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let text = raw.listen.get_ref().trim();
+        let listen = match text.strip_prefix("unix:") {
+            Some(path) if !path.is_empty() => ListenAddr::Unix(PathBuf::from(path)),
+            Some(_) => return Err(self.error(Some(raw.listen.span()), "admin.listen", "unix: needs a socket path")),
+            None => ListenAddr::Tcp(text.parse().map_err(|_| {
+                self.error(
+                    Some(raw.listen.span()),
+                    "admin.listen",
+                    format!(
+                        "{text:?} is not an address such as \"127.0.0.1:9187\" or \"unix:/run/dari-relay/admin.sock\""
+                    ),
+                )
+            })?),
+        };
+        let (token, token_source) =
+            self.secret("admin", Some(span.clone()), ("token_env", raw.token_env), ("token_file", raw.token_file))?;
+        if token.is_none() && !listen.is_local() {
+            return Err(self.error(
+                Some(raw.listen.span()),
+                "admin.listen",
+                format!("{listen} is reachable from other machines: set admin.token_env or admin.token_file"),
+            ));
+        }
+        Ok(Admin { listen, token: token.map(SecretString::from), token_source })
     }
 
     fn rate(&self, key: &str, value: Option<Spanned<f64>>) -> Result<Option<f64>, ConfigError> {

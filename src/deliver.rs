@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::{Config, Webhook};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::retry::{self, TokenBucket};
 use crate::store::{AttemptRecord, DeliveryUpdate, OutboundDelivery, Store, StoreError, now_ms};
@@ -181,6 +182,8 @@ pub struct Deliverer {
     /// Rung by the poller when it stored deliveries.
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// Stamped every time round the loop, for `/readyz` and the watchdog.
+    health: Arc<Health>,
     /// (job, webhook) chains with an attempt out; their heads are skipped.
     in_flight: HashSet<(String, String)>,
     /// Attempts out per webhook.
@@ -207,6 +210,7 @@ impl Deliverer {
         config_rx: watch::Receiver<Arc<Config>>,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
         wake: Arc<Notify>,
     ) -> Result<Deliverer, reqwest::Error> {
         let config = Arc::clone(&config_rx.borrow());
@@ -217,6 +221,7 @@ impl Deliverer {
             store,
             wake,
             metrics,
+            health,
             in_flight: HashSet::new(),
             per_webhook: HashMap::new(),
             rate_limits: HashMap::new(),
@@ -248,6 +253,7 @@ impl Deliverer {
     /// finish for up to `shutdown_timeout`. Whatever is left stays pending.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         loop {
+            self.health.deliverer_beat();
             if self.config_rx.has_changed().unwrap_or(false) {
                 let config = Arc::clone(&self.config_rx.borrow_and_update());
                 info!(webhooks = config.webhooks.len(), "deliverer uses the reloaded config");
@@ -419,6 +425,7 @@ impl Attempt {
         let (update, error) = match &outcome {
             AttemptOutcome::Delivered { status } => {
                 let latency_ms = now_ms() - self.delivery.detected_at;
+                self.metrics.delivery_latency(&self.webhook.name, latency_ms.max(0) as f64 / 1000.0);
                 info!(status, kind = %self.delivery.kind, latency_ms, "delivered");
                 (DeliveryUpdate::Delivered, None)
             }

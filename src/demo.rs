@@ -178,6 +178,7 @@ secret_env = "DEMO_WEBHOOK_SECRET"
         config_rx,
         Arc::clone(&store),
         Arc::new(crate::metrics::Metrics::default()),
+        None,
         shutdown.clone(),
     ));
     let key = SigningKey::parse(DEMO_SECRET)?;

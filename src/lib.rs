@@ -11,6 +11,7 @@
 //! together; [`cli`] implements the commands and [`demo`] runs the whole
 //! pipeline against a simulated portal.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod demo;
 pub mod diff;
 pub mod format;
 pub mod glob;
+pub mod health;
 pub mod metrics;
 pub mod notification;
 pub mod poller;

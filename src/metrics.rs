@@ -9,8 +9,60 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
+/// Upper bounds (seconds) of the poll duration histogram.
+const POLL_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Upper bounds (seconds) of the detection-to-2xx latency histogram.
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0, 300.0, 1800.0, 3600.0, 36000.0];
+
+/// A Prometheus histogram with fixed buckets.
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    /// Per bucket, observations at or below its bound (not cumulative yet).
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram { bounds, counts: vec![0; bounds.len()], sum: 0.0, count: 0 }
+    }
+
+    fn observe(&mut self, seconds: f64) {
+        if let Some(i) = self.bounds.iter().position(|&b| seconds <= b) {
+            self.counts[i] += 1;
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (bound, n) in self.bounds.iter().zip(&self.counts) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
+/// Values read from the store at scrape time, for the gauges.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Watches per state.
+    pub watches: BTreeMap<String, i64>,
+    /// Per webhook: (pending, failed, age in seconds of the oldest pending).
+    pub backlog: BTreeMap<String, (i64, i64, Option<f64>)>,
+}
+
 /// The relay's counters. One instance per running relay, shared by `Arc`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Polls by (org, outcome).
     polls: Mutex<BTreeMap<(String, &'static str), u64>>,
@@ -20,6 +72,27 @@ pub struct Metrics {
     deliveries: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Watches given up, by reason.
     watches_failed: Mutex<BTreeMap<&'static str, u64>>,
+    /// Duration of status requests, answer to outcome.
+    poll_duration: Mutex<Histogram>,
+    /// From detecting a transition to a receiver's 2xx, per webhook.
+    delivery_latency: Mutex<BTreeMap<String, Histogram>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            polls: Mutex::default(),
+            notifications: Mutex::default(),
+            deliveries: Mutex::default(),
+            watches_failed: Mutex::default(),
+            poll_duration: Mutex::new(Histogram::new(&POLL_BUCKETS)),
+            delivery_latency: Mutex::default(),
+        }
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
@@ -51,6 +124,17 @@ impl Metrics {
         bump(&self.watches_failed, reason);
     }
 
+    /// Records how long one status request took.
+    pub fn poll_duration(&self, seconds: f64) {
+        self.poll_duration.lock().unwrap_or_else(|e| e.into_inner()).observe(seconds);
+    }
+
+    /// Records the time from detection to a receiver's 2xx.
+    pub fn delivery_latency(&self, webhook: &str, seconds: f64) {
+        let mut map = self.delivery_latency.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(webhook.to_owned()).or_insert_with(|| Histogram::new(&LATENCY_BUCKETS)).observe(seconds);
+    }
+
     /// Polls of `org` with `outcome` so far.
     pub fn polls(&self, org: &str, outcome: &'static str) -> u64 {
         get(&self.polls, &(org.to_owned(), outcome))
@@ -61,10 +145,56 @@ impl Metrics {
         get(&self.deliveries, &(webhook.to_owned(), outcome))
     }
 
-    /// Everything, in the Prometheus text exposition format.
-    pub fn render(&self) -> String {
+    /// Everything, in the Prometheus text exposition format, with the
+    /// gauges taken from `snapshot`.
+    pub fn render(&self, snapshot: &Snapshot) -> String {
         let mut out = String::new();
-        let escape = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let _ = writeln!(out, "# HELP dari_relay_build_info The running version.");
+        let _ = writeln!(out, "# TYPE dari_relay_build_info gauge");
+        let _ = writeln!(out, "dari_relay_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(out, "# HELP dari_relay_watches Watches by state.");
+        let _ = writeln!(out, "# TYPE dari_relay_watches gauge");
+        for (state, n) in &snapshot.watches {
+            let _ = writeln!(out, "dari_relay_watches{{state=\"{}\"}} {n}", escape(state));
+        }
+        let _ = writeln!(out, "# HELP dari_relay_deliveries_pending Deliveries waiting, per webhook.");
+        let _ = writeln!(out, "# TYPE dari_relay_deliveries_pending gauge");
+        for (webhook, (pending, _, _)) in &snapshot.backlog {
+            let _ = writeln!(out, "dari_relay_deliveries_pending{{webhook=\"{}\"}} {pending}", escape(webhook));
+        }
+        let _ = writeln!(out, "# HELP dari_relay_deliveries_failed Deliveries that gave up, per webhook.");
+        let _ = writeln!(out, "# TYPE dari_relay_deliveries_failed gauge");
+        for (webhook, (_, failed, _)) in &snapshot.backlog {
+            let _ = writeln!(out, "dari_relay_deliveries_failed{{webhook=\"{}\"}} {failed}", escape(webhook));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dari_relay_oldest_pending_delivery_age_seconds Age of the oldest pending delivery, per webhook."
+        );
+        let _ = writeln!(out, "# TYPE dari_relay_oldest_pending_delivery_age_seconds gauge");
+        for (webhook, (_, _, age)) in &snapshot.backlog {
+            let _ = writeln!(
+                out,
+                "dari_relay_oldest_pending_delivery_age_seconds{{webhook=\"{}\"}} {}",
+                escape(webhook),
+                age.unwrap_or(0.0)
+            );
+        }
+        let _ = writeln!(out, "# HELP dari_relay_poll_duration_seconds Duration of status requests.");
+        let _ = writeln!(out, "# TYPE dari_relay_poll_duration_seconds histogram");
+        self.poll_duration.lock().unwrap_or_else(|e| e.into_inner()).render(
+            &mut out,
+            "dari_relay_poll_duration_seconds",
+            "",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dari_relay_delivery_latency_seconds From detecting a transition to the receiver's 2xx."
+        );
+        let _ = writeln!(out, "# TYPE dari_relay_delivery_latency_seconds histogram");
+        for (webhook, h) in self.delivery_latency.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            h.render(&mut out, "dari_relay_delivery_latency_seconds", &format!("webhook=\"{}\"", escape(webhook)));
+        }
         let _ = writeln!(out, "# HELP dari_relay_polls_total Status requests to Dari, by org and outcome.");
         let _ = writeln!(out, "# TYPE dari_relay_polls_total counter");
         for ((org, outcome), n) in self.polls.lock().unwrap_or_else(|e| e.into_inner()).iter() {

@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::Config;
 use crate::diff::{self, Transition};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::notification::{self, WatchContext};
 use crate::retry::{self, TokenBucket};
@@ -157,6 +158,8 @@ pub struct Poller {
     /// Origin of the monotonic clock used by the token buckets.
     epoch: Instant,
     metrics: Arc<Metrics>,
+    /// Stamped every time round the loop, for `/readyz` and the watchdog.
+    health: Arc<Health>,
     next_generation: u64,
     watch_rev: i64,
     results_tx: mpsc::UnboundedSender<Finished>,
@@ -169,6 +172,7 @@ impl Poller {
         config_rx: watch::Receiver<Arc<Config>>,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
         wake_delivery: Arc<Notify>,
     ) -> Result<Poller, reqwest::Error> {
         let config = Arc::clone(&config_rx.borrow());
@@ -191,6 +195,7 @@ impl Poller {
             rate_limits,
             epoch,
             metrics,
+            health,
             next_generation: 0,
             watch_rev: 0,
             results_tx,
@@ -239,6 +244,7 @@ impl Poller {
         let mut scan = tokio::time::interval(SCAN_INTERVAL);
         scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.health.poller_beat();
             if self.config_rx.has_changed().unwrap_or(false) {
                 let config = Arc::clone(&self.config_rx.borrow_and_update());
                 self.apply_config(config);
@@ -508,7 +514,10 @@ impl PollTask {
         let Some(org) = self.config.orgs.get(&self.portal.org) else {
             return PollOutcome::NoCredentials;
         };
-        let body = match self.client.fetch_status(&self.portal, &self.job_id, &org.api_key).await {
+        let started = Instant::now();
+        let fetched = self.client.fetch_status(&self.portal, &self.job_id, &org.api_key).await;
+        self.metrics.poll_duration(started.elapsed().as_secs_f64());
+        let body = match fetched {
             Ok(body) => body,
             Err(e) => return PollOutcome::Failed(e),
         };

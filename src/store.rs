@@ -154,6 +154,11 @@ impl WatchState {
         }
     }
 
+    /// Parses a state name, as stored or given to a filter.
+    pub fn from_name(s: &str) -> Option<WatchState> {
+        WatchState::parse(s).ok()
+    }
+
     fn parse(s: &str) -> Result<WatchState, StoreError> {
         Ok(match s {
             "active" => WatchState::Active,
@@ -219,6 +224,21 @@ pub struct DiffContext {
     pub state: WatchState,
     /// What was announced so far.
     pub seen: SeenState,
+}
+
+/// A filter over watches, for the CLI and the admin API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchQuery {
+    /// Only this state.
+    pub state: Option<WatchState>,
+    /// Only this portal (`org/endpoint`).
+    pub portal_id: Option<String>,
+    /// Only this job.
+    pub job_id: Option<String>,
+    /// Only watches added after this job's (a pagination cursor).
+    pub after: Option<String>,
+    /// At most this many.
+    pub limit: Option<usize>,
 }
 
 /// One row of `watch list`.
@@ -558,12 +578,25 @@ impl Store {
 
     /// Watches for `watch list`: active ones, or all with `all`.
     pub fn list_watches(&self, all: bool) -> Result<Vec<WatchSummary>, StoreError> {
+        let state = (!all).then_some(WatchState::Active);
+        self.query_watches(&WatchQuery { state, ..WatchQuery::default() })
+    }
+
+    /// Watches matching `query`, in the order they were added.
+    pub fn query_watches(&self, query: &WatchQuery) -> Result<Vec<WatchSummary>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT job_id, org_id, endpoint_name, state, state_reason, last_status, webhooks, labels, created_at, updated_at
-             FROM watches WHERE ?1 OR state = 'active' ORDER BY created_at, job_id",
+             FROM watches
+             WHERE (?1 IS NULL OR state = ?1)
+               AND (?2 IS NULL OR org_id || '/' || endpoint_name = ?2)
+               AND (?3 IS NULL OR job_id = ?3)
+               AND (?4 IS NULL OR rowid > (SELECT rowid FROM watches WHERE job_id = ?4))
+             ORDER BY rowid LIMIT ?5",
         )?;
-        let rows = stmt.query_map([all], |r| {
+        let limit = query.limit.map_or(-1, |l| l as i64);
+        let bind = params![query.state.map(WatchState::as_str), query.portal_id, query.job_id, query.after, limit];
+        let rows = stmt.query_map(bind, |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 format!("{}/{}", r.get::<_, String>(1)?, r.get::<_, String>(2)?),
@@ -592,6 +625,23 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// Watches per state.
+    pub fn watch_counts(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM watches GROUP BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Fails unless the database accepts a write (tried, then rolled back).
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("UPDATE meta SET value = value WHERE key = 'watch_rev'", [])?;
+        tx.rollback()?;
+        Ok(())
     }
 
     /// The current watch revision; see the `meta` table.

@@ -45,6 +45,13 @@ impl FromStr for PortalId {
     }
 }
 
+/// Parses a job id: a UUID, normalised to lower-case hyphenated form.
+pub fn parse_job_id(s: &str) -> Result<String, String> {
+    uuid::Uuid::parse_str(s.trim())
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| format!("{s:?} is not a UUID (expected e.g. 550e8400-e29b-41d4-a716-446655440000)"))
+}
+
 /// Whether `s` can be one path segment of a portal id.
 pub fn is_valid_segment(s: &str) -> bool {
     !s.is_empty() && !s.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control())
@@ -199,6 +206,51 @@ impl UpstreamClient {
             s => return Err(UpstreamError::Status(s.as_u16())),
         }
         read_capped(response, self.max_response_bytes).await
+    }
+}
+
+impl UpstreamClient {
+    /// `POST {base}/jobs/{org}/{endpoint}/start` with `body` passed through
+    /// as JSON. Returns Dari's answer and the `job_id` it names.
+    pub async fn start_job(
+        &self,
+        portal: &PortalId,
+        body: Vec<u8>,
+        api_key: &SecretString,
+    ) -> Result<(String, Value), UpstreamError> {
+        let mut url = self.base_url.clone();
+        url.path_segments_mut()
+            .map_err(|_| UpstreamError::Transport("base_url cannot take a path".into()))?
+            .pop_if_empty()
+            .extend(["jobs", &portal.org, &portal.endpoint, "start"]);
+        let response = self
+            .http
+            .post(url)
+            .header("X-API-Key", api_key.expose_secret())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        match status {
+            s if s.is_success() => {}
+            StatusCode::NOT_FOUND => return Err(UpstreamError::NotFound),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(UpstreamError::Unauthorized(status.as_u16()));
+            }
+            StatusCode::TOO_MANY_REQUESTS => return Err(UpstreamError::RateLimited { retry_after: None }),
+            s => return Err(UpstreamError::Status(s.as_u16())),
+        }
+        let bytes = read_capped(response, self.max_response_bytes).await?;
+        let answer: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| UpstreamError::Malformed(format!("{e}; body starts {:?}", excerpt(&bytes, 120))))?;
+        let job_id = answer
+            .get("job_id")
+            .and_then(Value::as_str)
+            .and_then(|id| parse_job_id(id).ok())
+            .ok_or_else(|| UpstreamError::Malformed("the start answer has no job_id UUID".into()))?;
+        Ok((job_id, answer))
     }
 }
 

@@ -210,3 +210,47 @@ fn demo_runs_the_whole_pipeline() {
     assert!(stdout.contains("10 notifications delivered in order, every signature verified"), "{stdout}");
     assert!(stdout.contains("will be retried, same id"));
 }
+
+#[test]
+fn admin_api_on_a_public_address_needs_a_token() {
+    let err = bad_config("[admin]\nlisten = \"0.0.0.0:9187\"\n");
+    assert!(err.contains(":3: admin.listen: 0.0.0.0:9187 is reachable from other machines"), "{err}");
+    let err = bad_config("[admin]\nlisten = \"localhost\"\n");
+    assert!(err.contains("admin.listen") && err.contains("is not an address"), "{err}");
+}
+
+/// `--log-format json`: one JSON object per line, and every line about a job
+/// carries its job id (through the span).
+#[test]
+fn json_logs_carry_the_job_id() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    // A portal that answers nothing: the relay logs a failed poll for the job.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = env.config(&format!(
+        "[upstream]\nbase_url = \"http://{closed}\"\npoll_interval = \"50ms\"\nmax_poll_interval = \"100ms\"\n{GOOD}"
+    ));
+    env.cmd(&config, &["watch", "add", "acme/form", JOB]).assert().success();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dari-relay"))
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&config)
+        .env("DARI_API_KEY", "sk-live-0123456789")
+        .env("HOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut about_job = 0;
+    while about_job < 2 {
+        let line = lines.next().expect("the daemon keeps logging").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if v["message"] == "poll failed" {
+            // As an event field, or through the span the line was logged in.
+            assert!(v["job_id"] == JOB || v["span"]["job_id"] == JOB, "{line}");
+            about_job += 1;
+        }
+    }
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 /// The API key every fake org accepts.
 pub const API_KEY: &str = "sk-test-3f9a2c";
+/// The admin API token of configs that set `token_env = "ADMIN_TOKEN"`.
+pub const ADMIN_TOKEN: &str = "admin-token-5e1f";
 /// The signing secret of every fake webhook.
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -53,6 +55,10 @@ struct DariState {
     /// Per job, the answers still to give; the last one repeats.
     scripts: HashMap<String, VecDeque<Reply>>,
     requests: Vec<DariRequest>,
+    /// Bodies received by the start endpoint.
+    starts: Vec<Value>,
+    /// The job id the start endpoint hands out next, with the script it gets.
+    next_start: Option<(String, Vec<Reply>)>,
 }
 
 /// A fake Dari status endpoint.
@@ -65,8 +71,10 @@ pub struct FakeDari {
 impl FakeDari {
     pub async fn start() -> FakeDari {
         let state = Arc::new(Mutex::new(DariState::default()));
-        let router =
-            Router::new().route("/task/{org}/{endpoint}/status", get(dari_status)).with_state(Arc::clone(&state));
+        let router = Router::new()
+            .route("/task/{org}/{endpoint}/status", get(dari_status))
+            .route("/jobs/{org}/{endpoint}/start", post(dari_start))
+            .with_state(Arc::clone(&state));
         let url = format!("http://{}", serve(router).await);
         FakeDari { url, state }
     }
@@ -74,6 +82,16 @@ impl FakeDari {
     /// Replaces the job's script: each poll takes the next reply; the last repeats.
     pub fn script(&self, job_id: &str, replies: Vec<Reply>) {
         self.state.lock().unwrap().scripts.insert(job_id.to_owned(), replies.into());
+    }
+
+    /// The next `POST /jobs/.../start` creates `job_id` with this script.
+    pub fn on_start(&self, job_id: &str, replies: Vec<Reply>) {
+        self.state.lock().unwrap().next_start = Some((job_id.to_owned(), replies));
+    }
+
+    /// Bodies the start endpoint received.
+    pub fn starts(&self) -> Vec<Value> {
+        self.state.lock().unwrap().starts.clone()
     }
 
     /// Every request so far.
@@ -127,6 +145,19 @@ async fn dari_status(
             response
         }
     }
+}
+
+async fn dari_start(State(state): State<Arc<Mutex<DariState>>>, headers: HeaderMap, body: String) -> Response {
+    if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(API_KEY) {
+        return (StatusCode::UNAUTHORIZED, "{\"detail\":\"invalid key\"}").into_response();
+    }
+    let mut state = state.lock().unwrap();
+    state.starts.push(serde_json::from_str(&body).unwrap_or(Value::Null));
+    let Some((job_id, replies)) = state.next_start.take() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "{}").into_response();
+    };
+    state.scripts.insert(job_id.clone(), replies.into());
+    (StatusCode::OK, serde_json::json!({"job_id": job_id, "status": "pending"}).to_string()).into_response()
 }
 
 /// A request a fake receiver got.
@@ -258,6 +289,7 @@ pub fn env(name: &str) -> Option<String> {
         "DARI_API_KEY" => Some(API_KEY.to_owned()),
         "HOOK_SECRET" => Some(SECRET.to_owned()),
         "OLD_DARI_API_KEY" => Some("sk-revoked".to_owned()),
+        "ADMIN_TOKEN" => Some(ADMIN_TOKEN.to_owned()),
         _ => None,
     }
 }
@@ -301,13 +333,23 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(config_text: &str) -> Relay {
+        Relay::start_with_admin(config_text, None).await
+    }
+
+    /// Starts the relay with the admin API on `admin` (e.g. 127.0.0.1:0).
+    pub async fn start_with_admin(config_text: &str, admin: Option<dari_relay::admin::Listener>) -> Relay {
         let config = Arc::new(Config::from_toml(config_text, Path::new("test.toml"), &env).unwrap());
         let store = Arc::new(Store::open(&config.database).unwrap());
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());
         let (config_tx, config_rx) = tokio::sync::watch::channel(config);
-        let task =
-            tokio::spawn(dari_relay::app::serve(config_rx, Arc::clone(&store), Arc::clone(&metrics), shutdown.clone()));
+        let task = tokio::spawn(dari_relay::app::serve(
+            config_rx,
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            admin,
+            shutdown.clone(),
+        ));
         Relay { store, metrics, config_tx, shutdown, task }
     }
 

@@ -1,0 +1,458 @@
+//! The admin HTTP API (axum), enabled by `[admin] listen`.
+//!
+//! Routes, all JSON but `/metrics`:
+//! - `POST /v1/watches`, `GET /v1/watches`, `GET /v1/watches/{job_id}`,
+//!   `DELETE /v1/watches/{job_id}`: the same watches as `dari-relay watch`,
+//!   with the same rules ([`Config::check_watch`]).
+//! - `GET /v1/deliveries`, `POST /v1/deliveries/{id}/retry`.
+//! - `POST /v1/jobs/{org_id}/{endpoint_name}/start`: starts a Dari job with
+//!   the org's key and watches it in the same call.
+//! - `GET /healthz` (alive), `GET /readyz` (database writable, loops making
+//!   progress), `GET /metrics` (Prometheus text).
+//!
+//! Every request needs `Authorization: Bearer <token>` when a token is
+//! configured; config loading refuses a non-local listener without one.
+//! Bodies over [`MAX_BODY`] are refused with 413. The API never sends
+//! webhooks: it writes to the store, and the deliverer does the rest.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use secrecy::ExposeSecret;
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Config, ListenAddr};
+use crate::health::Health;
+use crate::metrics::{Metrics, Snapshot};
+use crate::store::{DeliveryState, NewWatch, Store, StoreError, WatchQuery, WatchState, now_ms};
+use crate::upstream::{PortalId, UpstreamClient, parse_job_id};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Page size of `GET /v1/watches` unless `limit` says otherwise, and its maximum.
+const PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// What the handlers share. Created by `app`, dropped when the server stops.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The live config (reloads included).
+    pub config: watch::Receiver<Arc<Config>>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+/// A bound admin listener.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    /// Binds `addr`. A Unix socket left over from an earlier run is replaced,
+    /// and the new one is made 0660 so only the service's user and group use it.
+    pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
+            ListenAddr::Unix(path) => {
+                use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    std::fs::remove_file(path)?;
+                }
+                let listener = tokio::net::UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Listener::Unix(listener))
+            }
+        }
+    }
+
+    /// Where it listens, for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: Listener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+    info!(listen = %listener.describe(), "admin API listening");
+    let app = router(state);
+    match listener {
+        Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
+        Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
+    }
+}
+
+/// The routes, with auth and the body limit.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/v1/watches", post(create_watch).get(list_watches))
+        .route("/v1/watches/{job_id}", get(get_watch).delete(delete_watch))
+        .route("/v1/deliveries", get(list_deliveries))
+        .route("/v1/deliveries/{id}/retry", post(retry_delivery))
+        .route("/v1/jobs/{org_id}/{endpoint_name}/start", post(start_job))
+        .route("/healthz", get(|| async { Json(json!({"status": "alive"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// A JSON response.
+struct Json(Value);
+
+impl IntoResponse for Json {
+    fn into_response(self) -> Response {
+        ([(header::CONTENT_TYPE, "application/json")], self.0.to_string()).into_response()
+    }
+}
+
+/// An error response: `{"error": ..., "field": ...}` with a status.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<&'static str>,
+}
+
+impl ApiError {
+    fn bad(field: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), field: Some(field) }
+    }
+
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into(), field: None }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        warn!(error = %e, "admin API: database error");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("database error: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.message});
+        if let Some(field) = self.field {
+            body["field"] = field.into();
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Refuses requests without the configured bearer token.
+async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let config = Arc::clone(&state.config.borrow());
+    let Some(token) = config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes()) {
+        next.run(request).await
+    } else {
+        let mut response =
+            ApiError::new(StatusCode::UNAUTHORIZED, "a valid Authorization: Bearer token is required").into_response();
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static header value"));
+        response
+    }
+}
+
+/// Compares without stopping at the first difference, so response timing
+/// says nothing about how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads a watch from a JSON object, naming the field at fault.
+fn parse_watch(config: &Config, body: &Value, portal: Option<PortalId>) -> Result<NewWatch, ApiError> {
+    let Value::Object(fields) = body else {
+        return Err(ApiError::bad("body", "the body must be a JSON object"));
+    };
+    let allowed = ["portal_id", "job_id", "webhooks", "labels", "from_now"];
+    if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError { field: None, ..ApiError::bad("body", format!("unknown field {unknown:?}")) });
+    }
+    let portal = match portal {
+        Some(p) => p,
+        None => match fields.get("portal_id") {
+            Some(Value::String(s)) => s.parse().map_err(|e: String| ApiError::bad("portal_id", e))?,
+            _ => return Err(ApiError::bad("portal_id", "portal_id is required: \"<org_id>/<endpoint_name>\"")),
+        },
+    };
+    let job_id = match fields.get("job_id") {
+        Some(Value::String(s)) => parse_job_id(s).map_err(|e| ApiError::bad("job_id", e))?,
+        _ => return Err(ApiError::bad("job_id", "job_id is required: a UUID")),
+    };
+    let webhooks = match fields.get("webhooks") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(names)) => Some(
+            names
+                .iter()
+                .map(|n| n.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ApiError::bad("webhooks", "webhooks must be a list of webhook names"))?,
+        )
+        .filter(|names: &Vec<String>| !names.is_empty()),
+        Some(_) => return Err(ApiError::bad("webhooks", "webhooks must be a list of webhook names")),
+    };
+    let labels = match fields.get("labels") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+            .collect::<Option<_>>()
+            .ok_or_else(|| ApiError::bad("labels", "labels must be an object of strings"))?,
+        Some(_) => return Err(ApiError::bad("labels", "labels must be an object of strings")),
+    };
+    let from_now = match fields.get("from_now") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad("from_now", "from_now must be true or false")),
+    };
+    let watch = NewWatch { job_id, portal, webhooks, labels, from_now };
+    config.check_watch(&watch).map_err(|e| ApiError::bad(e.field, e.message))?;
+    Ok(watch)
+}
+
+fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad("body", format!("the body is not JSON: {e}")))
+}
+
+/// Stores a watch; 201 if new, 200 if it already existed.
+async fn add_watch(state: &AdminState, watch: NewWatch) -> Result<(StatusCode, Value), ApiError> {
+    let job_id = watch.job_id.clone();
+    let (added, row) = state
+        .store
+        .call(move |s| {
+            let summary = s.add_watches(std::slice::from_ref(&watch))?;
+            let row = s.query_watches(&WatchQuery { job_id: Some(watch.job_id.clone()), ..WatchQuery::default() })?;
+            Ok((summary.added == 1, row))
+        })
+        .await?;
+    let watch = serde_json::to_value(row.first()).expect("rows serialise");
+    if added {
+        info!(job_id = %job_id, "admin API: watch added");
+    }
+    Ok((if added { StatusCode::CREATED } else { StatusCode::OK }, watch))
+}
+
+async fn create_watch(State(state): State<AdminState>, body: Bytes) -> Result<Response, ApiError> {
+    let config = Arc::clone(&state.config.borrow());
+    let watch = parse_watch(&config, &parse_json(&body)?, None)?;
+    let (status, watch) = add_watch(&state, watch).await?;
+    Ok((status, Json(watch)).into_response())
+}
+
+async fn list_watches(
+    State(state): State<AdminState>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Result<Json, ApiError> {
+    let mut query = WatchQuery::default();
+    for (key, value) in &q {
+        match key.as_str() {
+            "state" => {
+                query.state = Some(
+                    WatchState::from_name(value)
+                        .ok_or_else(|| ApiError::bad("state", "state is one of active, finished, failed, removed"))?,
+                )
+            }
+            "portal_id" => query.portal_id = Some(value.clone()),
+            "after" => query.after = Some(value.clone()),
+            "limit" => {
+                query.limit = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_PAGE).contains(n))
+                        .ok_or_else(|| ApiError::bad("limit", format!("limit is a number from 1 to {MAX_PAGE}")))?,
+                )
+            }
+            other => return Err(ApiError::bad("query", format!("unknown query parameter {other:?}"))),
+        }
+    }
+    let limit = *query.limit.get_or_insert(PAGE);
+    let rows = state.store.call(move |s| s.query_watches(&query)).await?;
+    let next = (rows.len() == limit).then(|| rows.last().map(|w| w.job_id.clone())).flatten();
+    Ok(Json(json!({"watches": rows, "next_after": next})))
+}
+
+async fn get_watch(State(state): State<AdminState>, Path(job_id): Path<String>) -> Result<Json, ApiError> {
+    let job_id = parse_job_id(&job_id).map_err(|e| ApiError::bad("job_id", e))?;
+    let (rows, notifications) = state
+        .store
+        .call(move |s| {
+            let rows = s.query_watches(&WatchQuery { job_id: Some(job_id.clone()), ..WatchQuery::default() })?;
+            Ok((rows, s.notifications_of(&job_id)?))
+        })
+        .await?;
+    let Some(watch) = rows.into_iter().next() else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no such watch"));
+    };
+    let notifications: Vec<Value> = notifications
+        .into_iter()
+        .map(|n| {
+            let body: Value = serde_json::from_str(&n.body).unwrap_or(Value::Null);
+            json!({
+                "id": n.id,
+                "type": n.kind,
+                "timestamp": body["timestamp"],
+                "deliveries": n.deliveries.iter().map(|d| json!({
+                    "webhook": d.webhook, "webhook_id": d.msg_id, "state": d.state.as_str(), "attempts": d.attempts,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut body = serde_json::to_value(watch).expect("rows serialise");
+    body["notifications"] = notifications.into();
+    Ok(Json(body))
+}
+
+async fn delete_watch(State(state): State<AdminState>, Path(job_id): Path<String>) -> Result<Response, ApiError> {
+    let job_id = parse_job_id(&job_id).map_err(|e| ApiError::bad("job_id", e))?;
+    let id = job_id.clone();
+    if state.store.call(move |s| s.remove_watch(&id)).await? {
+        info!(job_id = %job_id, "admin API: watch removed");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, "no such watch"))
+    }
+}
+
+async fn list_deliveries(
+    State(state): State<AdminState>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Result<Json, ApiError> {
+    let status = match q.get("status") {
+        None => None,
+        Some(s) => Some(
+            DeliveryState::parse(s)
+                .ok_or_else(|| ApiError::bad("status", "status is one of pending, delivered, failed"))?,
+        ),
+    };
+    if let Some(other) = q.keys().find(|k| k.as_str() != "status") {
+        return Err(ApiError::bad("query", format!("unknown query parameter {other:?}")));
+    }
+    let rows = state.store.call(move |s| s.list_deliveries(status, MAX_PAGE)).await?;
+    Ok(Json(json!({"deliveries": rows})))
+}
+
+async fn retry_delivery(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json, ApiError> {
+    let id: i64 = id.parse().map_err(|_| ApiError::bad("id", "a delivery id is a number"))?;
+    let requeued = state.store.call(move |s| s.retry_failed(Some(id))).await?;
+    if requeued == 0 {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("delivery {id} does not exist or is not failed")));
+    }
+    info!(delivery_id = id, "admin API: failed delivery requeued");
+    Ok(Json(json!({"requeued": id})))
+}
+
+/// Starts a Dari job and watches it. The body goes to Dari unchanged; the
+/// query may name `webhook`s, `label`s (`key=value`) and `from_now`.
+async fn start_job(
+    State(state): State<AdminState>,
+    Path((org, endpoint)): Path<(String, String)>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let config = Arc::clone(&state.config.borrow());
+    let portal: PortalId = format!("{org}/{endpoint}").parse().map_err(|e: String| ApiError::bad("portal_id", e))?;
+    let Some(org) = config.orgs.get(&portal.org) else {
+        return Err(ApiError::bad("portal_id", format!("org {:?} is not configured", portal.org)));
+    };
+    parse_json(&body)?;
+    let mut options = Map::new();
+    let (mut webhooks, mut labels) = (Vec::new(), Map::new());
+    for (key, value) in q {
+        match key.as_str() {
+            "webhook" => webhooks.push(Value::String(value)),
+            "label" => {
+                let (k, v) = value
+                    .split_once('=')
+                    .ok_or_else(|| ApiError::bad("label", format!("{value:?} is not key=value")))?;
+                labels.insert(k.to_owned(), v.into());
+            }
+            "from_now" => {
+                options.insert("from_now".into(), Value::Bool(value == "true"));
+            }
+            other => return Err(ApiError::bad("query", format!("unknown query parameter {other:?}"))),
+        }
+    }
+    options.insert("webhooks".into(), webhooks.into());
+    options.insert("labels".into(), labels.into());
+    // Check the watch options before starting a paid job.
+    options.insert("job_id".into(), "00000000-0000-4000-8000-000000000000".into());
+    parse_watch(&config, &Value::Object(options.clone()), Some(portal.clone()))?;
+    let client = UpstreamClient::new(&config.upstream)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("HTTP client: {e}")))?;
+    let (job_id, answer) = client
+        .start_job(&portal, body.to_vec(), &org.api_key)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("Dari did not start the job: {e}")))?;
+    options.insert("job_id".into(), job_id.clone().into());
+    let watch = parse_watch(&config, &Value::Object(options), Some(portal))?;
+    let (_, watch) = add_watch(&state, watch).await?;
+    info!(job_id = %job_id, "admin API: job started and watched");
+    Ok((StatusCode::CREATED, Json(json!({"job_id": job_id, "dari": answer, "watch": watch}))).into_response())
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let mut reasons = state.health.stale(now_ms());
+    if let Err(e) = state.store.call(|s| s.check_writable()).await {
+        reasons.push(format!("the database is not writable: {e}"));
+    }
+    if reasons.is_empty() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not ready", "reasons": reasons}))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Result<Response, ApiError> {
+    let (watches, backlog) = state.store.call(|s| Ok((s.watch_counts()?, s.backlog()?))).await?;
+    let now = now_ms();
+    let snapshot = Snapshot {
+        watches,
+        backlog: backlog
+            .into_iter()
+            .map(|(w, b)| (w, (b.pending, b.failed, b.oldest_pending.map(|t| (now - t).max(0) as f64 / 1000.0))))
+            .collect(),
+    };
+    let text = state.metrics.render(&snapshot);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret!"));
+    }
+}
