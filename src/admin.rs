@@ -51,20 +51,41 @@ pub struct AdminState {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// The token in force when the listener was bound (see [`Listener`]);
+    /// set by [`serve`].
+    pub startup_token: Option<secrecy::SecretString>,
 }
 
-/// A bound admin listener.
-pub enum Listener {
+/// A bound admin listener, with the token in force when it was bound.
+pub struct Listener {
+    socket: Socket,
+    /// A reload may change the token but never remove it: the listener stays
+    /// bound where it was, so dropping auth would expose it (even on a public
+    /// address). Captured here, at bind time, so no reload can race it.
+    token: Option<secrecy::SecretString>,
+}
+
+enum Socket {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
 }
 
 impl Listener {
+    /// Binds `[admin] listen`, keeping its token.
+    pub async fn bind_admin(admin: &crate::config::Admin) -> std::io::Result<Listener> {
+        Listener::bind(&admin.listen, admin.token.clone()).await
+    }
+
     /// Binds `addr`. A Unix socket left over from an earlier run is replaced,
     /// and the new one is made 0660 so only the service's user and group use it.
-    pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
+    pub async fn bind(addr: &ListenAddr, token: Option<secrecy::SecretString>) -> std::io::Result<Listener> {
+        let socket = Listener::socket(addr).await?;
+        Ok(Listener { socket, token })
+    }
+
+    async fn socket(addr: &ListenAddr) -> std::io::Result<Socket> {
         match addr {
-            ListenAddr::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
+            ListenAddr::Tcp(addr) => Ok(Socket::Tcp(tokio::net::TcpListener::bind(addr).await?)),
             ListenAddr::Unix(path) => {
                 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
                 if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
@@ -72,16 +93,16 @@ impl Listener {
                 }
                 let listener = tokio::net::UnixListener::bind(path)?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-                Ok(Listener::Unix(listener))
+                Ok(Socket::Unix(listener))
             }
         }
     }
 
     /// Where it listens, for the log.
     pub fn describe(&self) -> String {
-        match self {
-            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            Listener::Unix(l) => l
+        match &self.socket {
+            Socket::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Socket::Unix(l) => l
                 .local_addr()
                 .ok()
                 .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
@@ -91,12 +112,13 @@ impl Listener {
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: Listener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(listener: Listener, mut state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
     info!(listen = %listener.describe(), "admin API listening");
+    state.startup_token = listener.token;
     let app = router(state);
-    match listener {
-        Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
-        Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
+    match listener.socket {
+        Socket::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
+        Socket::Unix(l) => axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
     }
 }
 
@@ -162,7 +184,7 @@ impl IntoResponse for ApiError {
 /// Refuses requests without the configured bearer token.
 async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let config = Arc::clone(&state.config.borrow());
-    let Some(token) = config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
+    let Some(token) = config.admin.as_ref().and_then(|a| a.token.as_ref()).or(state.startup_token.as_ref()) else {
         return next.run(request).await;
     };
     let given = request
@@ -194,7 +216,7 @@ fn parse_watch(config: &Config, body: &Value, portal: Option<PortalId>) -> Resul
     };
     let allowed = ["portal_id", "job_id", "webhooks", "labels", "from_now"];
     if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(ApiError { field: None, ..ApiError::bad("body", format!("unknown field {unknown:?}")) });
+        return Err(ApiError::bad("body", format!("unknown field {unknown:?}")));
     }
     let portal = match portal {
         Some(p) => p,
@@ -396,7 +418,8 @@ async fn start_job(
                 labels.insert(k.to_owned(), v.into());
             }
             "from_now" => {
-                options.insert("from_now".into(), Value::Bool(value == "true"));
+                let on = value.parse().map_err(|_| ApiError::bad("from_now", "from_now is true or false"))?;
+                options.insert("from_now".into(), Value::Bool(on));
             }
             other => return Err(ApiError::bad("query", format!("unknown query parameter {other:?}"))),
         }
@@ -414,7 +437,14 @@ async fn start_job(
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("Dari did not start the job: {e}")))?;
     options.insert("job_id".into(), job_id.clone().into());
     let watch = parse_watch(&config, &Value::Object(options), Some(portal))?;
-    let (_, watch) = add_watch(&state, watch).await?;
+    // The job is running and paid for: if it cannot be watched, say which it is.
+    let (_, watch) = add_watch(&state, watch).await.map_err(|e| ApiError {
+        message: format!(
+            "Dari started job {job_id}, but it could not be watched ({}); add it with POST /v1/watches",
+            e.message
+        ),
+        ..e
+    })?;
     info!(job_id = %job_id, "admin API: job started and watched");
     Ok((StatusCode::CREATED, Json(json!({"job_id": job_id, "dari": answer, "watch": watch}))).into_response())
 }

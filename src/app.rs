@@ -52,12 +52,12 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
     let store = tokio::task::spawn_blocking(move || Store::open(&path))
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
-    let listen = config.borrow().admin.as_ref().map(|a| a.listen.clone());
-    let admin = match listen {
-        Some(addr) => Some(
-            admin::Listener::bind(&addr)
+    let admin_config = config.borrow().admin.clone();
+    let admin = match admin_config {
+        Some(a) => Some(
+            admin::Listener::bind_admin(&a)
                 .await
-                .map_err(|source| AppError::Admin { listen: addr.to_string(), source })?,
+                .map_err(|source| AppError::Admin { listen: a.listen.to_string(), source })?,
         ),
         None => None,
     };
@@ -99,14 +99,20 @@ pub async fn serve(
     let (token, watched) = (shutdown.clone(), Arc::clone(&health));
     tasks.spawn(async move { ("watchdog", watchdog_loop(watched, token).await) });
     if let Some(listener) = admin {
-        let state = AdminState { config, store: Arc::clone(&store), metrics, health };
+        let state = AdminState { config, store: Arc::clone(&store), metrics, health, startup_token: None };
         let token = shutdown.clone();
         tasks
             .spawn(async move { ("admin API", admin::serve(listener, state, token).await.map_err(|e| e.to_string())) });
     }
 
-    // The database is open and migrated and the loops are running.
+    // The database is open and migrated and the loops are running. STOPPING
+    // goes out as soon as shutdown begins, before deliveries drain.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let stopping = shutdown.clone();
+    tokio::spawn(async move {
+        stopping.cancelled().await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    });
     info!("dari-relay running");
 
     let mut failure = None;
@@ -124,7 +130,6 @@ pub async fn serve(
         failure.get_or_insert(AppError::TaskEnded { task, reason });
         shutdown.cancel();
     }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     match failure {
         Some(e) => Err(e),
         None => Ok(()),

@@ -25,7 +25,7 @@ use crate::upstream::PortalId;
 #[derive(Debug, Parser)]
 #[command(name = "dari-relay", version, about, max_term_width = 100)]
 pub struct Cli {
-    /// Log format on stderr [default: the config's log_format, else text].
+    /// Log format on stderr [default: for `run`, the config's log_format; else text].
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
     #[command(subcommand)]
@@ -553,7 +553,18 @@ fn start(
         .context("Dari did not start the job")
         .map_err(runtime)?;
     watch.job_id = job_id;
-    open_store(&config)?.add_watches(std::slice::from_ref(&watch)).map_err(runtime)?;
+    // The job is running and paid for: if it cannot be watched, say which it is.
+    open_store(&config).and_then(|store| store.add_watches(std::slice::from_ref(&watch)).map_err(runtime)).map_err(
+        |f| {
+            runtime(anyhow!(
+                "Dari started job {}, but it could not be watched: {:#}; add it with `dari-relay watch add {} {}`",
+                watch.job_id,
+                f.error(),
+                watch.portal,
+                watch.job_id
+            ))
+        },
+    )?;
     let _ = writeln!(std::io::stdout().lock(), "started job {} on {}; watching it", watch.job_id, watch.portal);
     Ok(())
 }

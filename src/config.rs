@@ -348,7 +348,11 @@ impl Config {
         let mut out = String::new();
         let _ = writeln!(out, "# resolved from {}", self.path.display());
         let _ = writeln!(out, "database = {:?}", self.database.display().to_string());
-        let _ = writeln!(out, "retention = {}\n", dur(self.retention));
+        let _ = writeln!(out, "retention = {}", dur(self.retention));
+        if let Some(format) = self.log_format {
+            let _ = writeln!(out, "log_format = {:?}", format!("{format:?}").to_lowercase());
+        }
+        out.push('\n');
         let u = &self.upstream;
         let _ = writeln!(out, "[upstream]");
         let _ = writeln!(out, "base_url = {:?}", u.base_url.as_str());
@@ -368,9 +372,6 @@ impl Config {
         let _ = writeln!(out, "retry_schedule = {}", list(schedule));
         let _ = writeln!(out, "request_timeout = {}", dur(d.request_timeout));
         let _ = writeln!(out, "shutdown_timeout = {}", dur(d.shutdown_timeout));
-        if let Some(format) = self.log_format {
-            let _ = writeln!(out, "log_format = {:?}", format!("{format:?}").to_lowercase());
-        }
         if let Some(admin) = &self.admin {
             let _ = writeln!(out, "\n[admin]\nlisten = {:?}", admin.listen.to_string());
             if let Some(source) = &admin.token_source {

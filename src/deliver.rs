@@ -270,7 +270,14 @@ impl Deliverer {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
-                Some(done) = self.tasks.join_next() => self.finish(done).await,
+                Some(done) = self.tasks.join_next() => {
+                    self.finish(done).await;
+                    // Take every attempt that ended meanwhile before looking
+                    // at the outbox again: one query for many completions.
+                    while let Some(done) = self.tasks.try_join_next() {
+                        self.finish(done).await;
+                    }
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -341,6 +348,7 @@ impl Deliverer {
             let name = webhook.name.clone();
             let heads = self.store.call(move |s| s.pending_heads(&name, limit)).await?;
             let now = now_ms();
+            let mut to_start = Vec::new();
             for head in heads {
                 let chain = (head.job_id, head.webhook);
                 if self.in_flight.contains(&chain) {
@@ -359,12 +367,18 @@ impl Deliverer {
                     next_due = Some(next_due.map_or(at, |n| n.min(at)));
                     break;
                 }
-                let id = head.id;
-                let Some(delivery) = self.store.call(move |s| s.outbound(id)).await? else {
-                    continue;
-                };
                 *self.per_webhook.entry(webhook.name.clone()).or_default() += 1;
-                self.in_flight.insert(chain.clone());
+                self.in_flight.insert(chain);
+                to_start.push(head.id);
+            }
+            if to_start.is_empty() {
+                continue;
+            }
+            // One query for the bodies of everything this webhook starts now.
+            let ids = std::mem::take(&mut to_start);
+            for delivery in self.store.call(move |s| s.outbound_many(&ids)).await? {
+                let chain = (delivery.job_id.clone(), delivery.webhook.clone());
+                let id = delivery.id;
                 let attempt = Attempt {
                     http: self.http.clone(),
                     metrics: Arc::clone(&self.metrics),
@@ -449,10 +463,7 @@ impl Attempt {
         };
         let id = self.delivery.id;
         let store = &self.store;
-        let write = || async {
-            let record = record.clone();
-            store.call(move |s| s.record_attempt(id, &record, update)).await
-        };
+        let write = || async { store.write_attempt(id, record.clone(), update).await };
         if let Err(e) =
             write.retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_times(5)).await
         {

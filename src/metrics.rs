@@ -135,6 +135,11 @@ impl Metrics {
         map.entry(webhook.to_owned()).or_insert_with(|| Histogram::new(&LATENCY_BUCKETS)).observe(seconds);
     }
 
+    /// Notifications stored so far, all types.
+    pub fn notifications(&self) -> u64 {
+        self.notifications.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
+    }
+
     /// Polls of `org` with `outcome` so far.
     pub fn polls(&self, org: &str, outcome: &'static str) -> u64 {
         get(&self.polls, &(org.to_owned(), outcome))

@@ -647,7 +647,7 @@ impl PollTask {
             end: terminal.then(|| (WatchState::Finished, format!("status {}", answer.status))),
             notifications: new_notifications,
         };
-        match self.store.call(move |s| s.commit_poll(&commit)).await? {
+        match self.store.write_poll(commit).await? {
             CommitOutcome::WatchGone => Ok(PollOutcome::Gone),
             CommitOutcome::Stored { deliveries } => {
                 if deliveries > 0 {

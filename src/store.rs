@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -125,6 +126,9 @@ pub enum StoreError {
     /// A row holds something this version cannot read.
     #[error("database holds an unreadable value: {0}")]
     Corrupt(String),
+    /// A batched write failed (its transaction could not commit).
+    #[error("database write failed: {0}")]
+    Write(String),
     /// The blocking task running the query panicked or was cancelled.
     #[error("database task failed: {0}")]
     Task(String),
@@ -460,13 +464,34 @@ pub struct DeliverySummary {
 
 /// The database.
 pub struct Store {
+    /// For reads and the rare writes (CLI changes, pauses, pruning).
     conn: Mutex<Connection>,
+    /// The file, for the writer's own connection.
+    path: PathBuf,
+    /// The batching writer's queue, once started; see [`Store::write_poll`].
+    writer: Mutex<Option<std::sync::mpsc::Sender<WriteOp>>>,
+    /// Write transactions committed through this handle, for the benchmark.
+    commits: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Store")
     }
+}
+
+/// A connection with the relay's settings.
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a commit is on disk before anyone is told it happened, so a
+    // delivery never goes out for a notification that power loss could undo
+    // (which would come back with a new webhook-id). Group commit in the
+    // writer keeps this to one fsync for many polls.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
 }
 
 /// The current time in Unix milliseconds.
@@ -490,15 +515,19 @@ impl Store {
         if !path.exists() {
             fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path).map_err(create)?;
         }
-        let mut conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: a watch added by the CLI or a delivered mark survives power
-        // loss, not only a process crash.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut conn = open_connection(path)?;
         Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+            writer: Mutex::new(None),
+            commits: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Write transactions committed through this handle so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// Runs `f` on a blocking thread, so SQLite never stalls the runtime.
@@ -558,6 +587,7 @@ impl Store {
             }
         }
         tx.commit()?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(summary)
     }
 
@@ -573,6 +603,7 @@ impl Store {
             params![job_id, rev, now_ms()],
         )?;
         tx.commit()?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(changed == 1)
     }
 
@@ -736,23 +767,48 @@ impl Store {
     pub fn commit_poll(&self, commit: &PollCommit) -> Result<CommitOutcome, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let now = now_ms();
-        let fps: Vec<u8> = commit.seen.event_fingerprints.iter().flat_map(|f| f.to_be_bytes()).collect();
-        let (state, reason) = match &commit.end {
-            None => (WatchState::Active, None),
-            Some((state, reason)) => (*state, Some(reason.as_str())),
-        };
-        let updated = tx.execute(
-            "UPDATE watches SET last_status = ?2, event_fps = ?3, body_hash = ?4, state = ?5, state_reason = ?6, updated_at = ?7
-             WHERE job_id = ?1 AND state = 'active'",
-            params![commit.job_id, commit.seen.status, fps, commit.body_hash as i64, state.as_str(), reason, now],
-        )?;
-        if updated == 0 {
-            return Ok(CommitOutcome::WatchGone);
-        }
-        let deliveries = insert_notifications(&tx, &commit.job_id, &commit.notifications, now)?;
+        let outcome = apply_poll(&tx, commit, now_ms())?;
         tx.commit()?;
-        Ok(CommitOutcome::Stored { deliveries })
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(outcome)
+    }
+
+    /// [`Store::commit_poll`] through the batching writer: the same atomic
+    /// effect, but many polls share one transaction and one fsync.
+    pub async fn write_poll(&self, commit: PollCommit) -> Result<CommitOutcome, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer()?.send(WriteOp::Poll(Box::new(commit), reply)).map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// [`Store::record_attempt`] through the batching writer.
+    pub async fn write_attempt(
+        &self,
+        id: i64,
+        attempt: AttemptRecord,
+        update: DeliveryUpdate,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer()?.send(WriteOp::Attempt(id, attempt, update, reply)).map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// The batching writer's queue, starting its thread and connection on
+    /// first use (the CLI never needs them).
+    fn writer(&self) -> Result<std::sync::mpsc::Sender<WriteOp>, StoreError> {
+        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = slot.as_ref() {
+            return Ok(tx.clone());
+        }
+        let conn = open_connection(&self.path)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let commits = Arc::clone(&self.commits);
+        std::thread::Builder::new()
+            .name("dari-relay-writer".into())
+            .spawn(move || writer_loop(conn, rx, &commits))
+            .map_err(|e| StoreError::Write(format!("cannot start the writer thread: {e}")))?;
+        *slot = Some(tx.clone());
+        Ok(tx)
     }
 
     /// Gives up on an active watch: marks it `failed` with `reason` and
@@ -775,6 +831,7 @@ impl Store {
         }
         let deliveries = insert_notifications(&tx, job_id, std::slice::from_ref(notification), now)?;
         tx.commit()?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(CommitOutcome::Stored { deliveries })
     }
 
@@ -798,61 +855,39 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// A delivery with its notification, for sending.
-    pub fn outbound(&self, id: i64) -> Result<Option<OutboundDelivery>, StoreError> {
+    /// Deliveries with their notifications, for sending, in id order.
+    pub fn outbound_many(&self, ids: &[i64]) -> Result<Vec<OutboundDelivery>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        let marks = vec!["?"; ids.len()].join(",");
+        let mut stmt = conn.prepare(&format!(
             "SELECT d.id, d.msg_id, d.webhook, d.job_id, n.type, n.body, d.attempts, n.created_at
-             FROM deliveries d JOIN notifications n ON n.id = d.notification_id WHERE d.id = ?1",
-        )?;
-        Ok(stmt
-            .query_row([id], |r| {
-                Ok(OutboundDelivery {
-                    id: r.get(0)?,
-                    msg_id: r.get(1)?,
-                    webhook: r.get(2)?,
-                    job_id: r.get(3)?,
-                    kind: r.get(4)?,
-                    body: r.get(5)?,
-                    attempts: r.get(6)?,
-                    detected_at: r.get(7)?,
-                })
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id WHERE d.id IN ({marks}) ORDER BY d.id"
+        ))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(ids), |r| {
+            Ok(OutboundDelivery {
+                id: r.get(0)?,
+                msg_id: r.get(1)?,
+                webhook: r.get(2)?,
+                job_id: r.get(3)?,
+                kind: r.get(4)?,
+                body: r.get(5)?,
+                attempts: r.get(6)?,
+                detected_at: r.get(7)?,
             })
-            .optional()?)
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records an attempt and moves the delivery on, in one transaction.
     pub fn record_attempt(&self, id: i64, attempt: &AttemptRecord, update: DeliveryUpdate) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO attempts (delivery_id, attempted_at, duration_ms, http_status, response_excerpt, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                id,
-                attempt.attempted_at,
-                attempt.duration_ms,
-                attempt.http_status,
-                attempt.response_excerpt,
-                attempt.error
-            ],
-        )?;
-        let now = now_ms();
-        let (state, next, finished) = match update {
-            DeliveryUpdate::Delivered => ("delivered", attempt.attempted_at, Some(now)),
-            DeliveryUpdate::RetryAt(at) => ("pending", at, None),
-            DeliveryUpdate::GaveUp => ("failed", attempt.attempted_at, Some(now)),
-            DeliveryUpdate::Paused => ("pending", attempt.attempted_at, None),
-        };
-        let counted = i64::from(update != DeliveryUpdate::Paused);
-        let error = attempt.error.clone().or_else(|| attempt.http_status.map(|s| format!("HTTP {s}")));
-        tx.execute(
-            "UPDATE deliveries SET state = ?2, attempts = attempts + ?6, next_attempt_at = ?3, finished_at = ?4,
-                 last_error = CASE WHEN ?2 = 'delivered' THEN NULL ELSE ?5 END
-             WHERE id = ?1",
-            params![id, state, next, finished, error, counted],
-        )?;
+        apply_attempt(&tx, id, attempt, update, now_ms())?;
         tx.commit()?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1032,6 +1067,7 @@ impl Store {
             [cutoff_ms],
         )?;
         tx.commit()?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(PruneSummary { attempts, deliveries, notifications, watches })
     }
 
@@ -1040,7 +1076,9 @@ impl Store {
     #[doc(hidden)]
     pub fn set_read_only(&self, read_only: bool) -> Result<(), StoreError> {
         self.conn().pragma_update(None, "query_only", read_only)?;
-        Ok(())
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.writer()?.send(WriteOp::ReadOnly(read_only, reply)).map_err(|_| writer_gone())?;
+        answer.recv().map_err(|_| writer_gone())?
     }
 
     /// Counts of deliveries per state, for the demo and the tests.
@@ -1052,12 +1090,166 @@ impl Store {
     }
 }
 
+/// The body of [`Store::commit_poll`], on any connection or savepoint.
+fn apply_poll(conn: &Connection, commit: &PollCommit, now: i64) -> Result<CommitOutcome, StoreError> {
+    let fps: Vec<u8> = commit.seen.event_fingerprints.iter().flat_map(|f| f.to_be_bytes()).collect();
+    let (state, reason) = match &commit.end {
+        None => (WatchState::Active, None),
+        Some((state, reason)) => (*state, Some(reason.as_str())),
+    };
+    let updated = conn.prepare_cached(
+        "UPDATE watches SET last_status = ?2, event_fps = ?3, body_hash = ?4, state = ?5, state_reason = ?6, updated_at = ?7
+         WHERE job_id = ?1 AND state = 'active'",
+    )?
+    .execute(params![commit.job_id, commit.seen.status, fps, commit.body_hash as i64, state.as_str(), reason, now])?;
+    if updated == 0 {
+        return Ok(CommitOutcome::WatchGone);
+    }
+    let deliveries = insert_notifications(conn, &commit.job_id, &commit.notifications, now)?;
+    Ok(CommitOutcome::Stored { deliveries })
+}
+
+/// The body of [`Store::record_attempt`], on any connection or savepoint.
+fn apply_attempt(
+    conn: &Connection,
+    id: i64,
+    attempt: &AttemptRecord,
+    update: DeliveryUpdate,
+    now: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO attempts (delivery_id, attempted_at, duration_ms, http_status, response_excerpt, error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        id,
+        attempt.attempted_at,
+        attempt.duration_ms,
+        attempt.http_status,
+        attempt.response_excerpt,
+        attempt.error
+    ])?;
+    let (state, next, finished) = match update {
+        DeliveryUpdate::Delivered => ("delivered", attempt.attempted_at, Some(now)),
+        DeliveryUpdate::RetryAt(at) => ("pending", at, None),
+        DeliveryUpdate::GaveUp => ("failed", attempt.attempted_at, Some(now)),
+        DeliveryUpdate::Paused => ("pending", attempt.attempted_at, None),
+    };
+    let counted = i64::from(update != DeliveryUpdate::Paused);
+    let error = attempt.error.clone().or_else(|| attempt.http_status.map(|s| format!("HTTP {s}")));
+    conn.prepare_cached(
+        "UPDATE deliveries SET state = ?2, attempts = attempts + ?6, next_attempt_at = ?3, finished_at = ?4,
+             last_error = CASE WHEN ?2 = 'delivered' THEN NULL ELSE ?5 END
+         WHERE id = ?1",
+    )?
+    .execute(params![id, state, next, finished, error, counted])?;
+    Ok(())
+}
+
+/// A write for the batching writer, with where to send its result.
+enum WriteOp {
+    Poll(Box<PollCommit>, tokio::sync::oneshot::Sender<Result<CommitOutcome, StoreError>>),
+    Attempt(i64, AttemptRecord, DeliveryUpdate, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
+    /// Test hook: answered at once on a std channel, so a caller may block on it.
+    ReadOnly(bool, std::sync::mpsc::Sender<Result<(), StoreError>>),
+}
+
+/// Most writes folded into one transaction.
+const MAX_BATCH: usize = 512;
+
+/// The writer thread: takes every write waiting, applies each in its own
+/// savepoint (so one failing write cannot undo or block the others), commits
+/// them in one transaction and only then answers each. While it waits for
+/// the disk, the next batch queues up: group commit, one fsync for many
+/// polls. It ends when the store is dropped.
+fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, commits: &AtomicU64) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        write_batch(&mut conn, batch, commits);
+    }
+}
+
+fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &AtomicU64) {
+    /// A result waiting for the commit, with its reply channel.
+    enum Done {
+        Poll(Result<CommitOutcome, StoreError>, tokio::sync::oneshot::Sender<Result<CommitOutcome, StoreError>>),
+        Unit(Result<(), StoreError>, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
+    }
+    let now = now_ms();
+    let mut tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let e = e.to_string();
+            for op in batch {
+                match op {
+                    WriteOp::Poll(_, reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
+                    WriteOp::Attempt(.., reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
+                    WriteOp::ReadOnly(_, reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
+                }
+            }
+            return;
+        }
+    };
+    let mut done = Vec::with_capacity(batch.len());
+    for op in batch {
+        match op {
+            WriteOp::ReadOnly(on, reply) => {
+                let _ = reply.send(tx.pragma_update(None, "query_only", on).map_err(StoreError::from));
+            }
+            WriteOp::Poll(commit, reply) => {
+                let result = in_savepoint(&mut tx, |c| apply_poll(c, &commit, now));
+                done.push(Done::Poll(result, reply));
+            }
+            WriteOp::Attempt(id, attempt, update, reply) => {
+                let result = in_savepoint(&mut tx, |c| apply_attempt(c, id, &attempt, update, now));
+                done.push(Done::Unit(result, reply));
+            }
+        }
+    }
+    let committed = tx.commit().map_err(|e| e.to_string());
+    if committed.is_ok() {
+        commits.fetch_add(1, Ordering::Relaxed);
+    }
+    // Nobody hears "stored" before the commit is on disk.
+    for d in done {
+        match d {
+            Done::Poll(result, reply) => {
+                let _ = reply.send(committed.clone().map_err(StoreError::Write).and(result));
+            }
+            Done::Unit(result, reply) => {
+                let _ = reply.send(committed.clone().map_err(StoreError::Write).and(result));
+            }
+        }
+    }
+}
+
+/// Runs `f` in a savepoint of `tx`: kept if it succeeds, rolled back if not.
+fn in_savepoint<T>(
+    tx: &mut Transaction<'_>,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let sp = tx.savepoint()?;
+    let value = f(&sp)?; // dropping `sp` on error rolls it back
+    sp.commit()?;
+    Ok(value)
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Write("the writer thread has stopped".into())
+}
+
 fn bump_rev(tx: &Transaction<'_>) -> Result<i64, StoreError> {
     Ok(tx.query_row("UPDATE meta SET value = value + 1 WHERE key = 'watch_rev' RETURNING value", [], |r| r.get(0))?)
 }
 
 fn insert_notifications(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     notifications: &[NewNotification],
     now: i64,

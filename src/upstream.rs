@@ -164,6 +164,9 @@ impl UpstreamClient {
     pub fn new(config: &crate::config::Upstream) -> Result<UpstreamClient, reqwest::Error> {
         let http = reqwest::Client::builder()
             .user_agent(crate::USER_AGENT)
+            // A redirect could carry X-API-Key to another host: never follow
+            // one. A 3xx is an unexpected status, retried with backoff.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(config.request_timeout)
             .connect_timeout(config.request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))

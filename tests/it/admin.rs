@@ -18,9 +18,13 @@ fn job(status: &str, events: usize) -> Reply {
     Reply::Json(json!({"status": status, "events": events}))
 }
 
-/// A relay with its admin API on 127.0.0.1:0; returns it and the API's base URL.
+/// A relay with its admin API on 127.0.0.1:0 (with the config's token, if
+/// any); returns it and the API's base URL.
 async fn relay_with_api(text: &str) -> (Relay, String) {
-    let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())).await.unwrap();
+    let config =
+        dari_relay::config::Config::from_toml(text, std::path::Path::new("t.toml"), &crate::fakes::env).unwrap();
+    let token = config.admin.and_then(|a| a.token);
+    let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()), token).await.unwrap();
     let base = format!("http://{}", listener.describe());
     (Relay::start_with_admin(text, Some(listener)).await, base)
 }
@@ -320,7 +324,7 @@ async fn admin_api_on_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
     let socket = dir.path().join("admin.sock");
-    let listener = Listener::bind(&ListenAddr::Unix(socket.clone())).await.unwrap();
+    let listener = Listener::bind(&ListenAddr::Unix(socket.clone()), None).await.unwrap();
     let relay = Relay::start_with_admin(&config_text(&dir.path().join("r.db"), &dari, &[], ""), Some(listener)).await;
     let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
     stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n").await.unwrap();
@@ -381,4 +385,21 @@ async fn systemd_notify_ready_watchdog_stopping() {
     }
     assert!(stopping);
     assert!(child.wait().unwrap().success());
+}
+
+/// A reload may rotate the admin token but never remove it: the listener
+/// stays bound, so dropping auth would expose it.
+#[tokio::test]
+async fn a_reload_cannot_switch_auth_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let dari = FakeDari::start().await;
+    let db = dir.path().join("r.db");
+    let extra = "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"ADMIN_TOKEN\"\n";
+    let (relay, api) = relay_with_api(&config_text(&db, &dari, &[], extra)).await;
+    relay.reload(&config_text(&db, &dari, &[], ""));
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(format!("{api}/v1/watches")).send().await.unwrap().status().as_u16(), 401);
+    let right = client.get(format!("{api}/v1/watches")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(right.status().as_u16(), 200);
+    relay.stop().await;
 }
