@@ -12,6 +12,8 @@
 //!    transactions per second, bytes written per notification;
 //! 5. latency: detection-to-2xx p50 and p99 at about 1,000 notifications/s.
 //!
+//! `--only start|unchanged|changed|latency` runs the start and memory
+//! phases and then just that one (for profiling).
 //! `--smoke` runs every phase briefly at a small scale, for CI (no figure is
 //! asserted); `--seconds N` sets each measuring phase's length (default 10).
 
@@ -240,7 +242,8 @@ fn polls(m: &Metrics) -> u64 {
     m.polls("bench", "unchanged") + m.polls("bench", "changed")
 }
 
-async fn bench(smoke: bool, seconds: u64) {
+async fn bench(smoke: bool, seconds: u64, only: Option<String>) {
+    let wants = |phase: &str| only.as_deref().is_none_or(|o| o == phase);
     let jobs = if smoke { 2_000 } else { 100_000 };
     let exe = std::env::current_exe().unwrap();
     let mut child: Child =
@@ -321,50 +324,82 @@ async fn bench(smoke: bool, seconds: u64) {
     let fast = b.config(&db, "1ms", "1ms", 64);
     control(&b.control, "changing=0").await;
     let secs = b.seconds;
-    let (n, cpu) = b
-        .with_relay(Arc::clone(&fast), Arc::new(Store::open(&db).unwrap()), |m, _| async move {
-            tokio::time::sleep(Duration::from_secs(1)).await; // warm up connections
-            let (p0, c0) = (polls(&m), cpu_time());
-            tokio::time::sleep(Duration::from_secs(secs)).await;
-            (polls(&m) - p0, cpu_time() - c0)
-        })
-        .await;
-    println!(
-        "unchanged polls:     {:.0} polls/s, {:.1} µs CPU per unchanged poll",
-        n as f64 / secs as f64,
-        cpu.as_secs_f64() * 1e6 / n.max(1) as f64
-    );
+    if wants("unchanged") {
+        let (n, cpu) = b
+            .with_relay(Arc::clone(&fast), Arc::new(Store::open(&db).unwrap()), |m, _| async move {
+                tokio::time::sleep(Duration::from_secs(1)).await; // warm up connections
+                let (p0, c0) = (polls(&m), cpu_time());
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                (polls(&m) - p0, cpu_time() - c0)
+            })
+            .await;
+        println!(
+            "unchanged polls:     {:.0} polls/s, {:.1} µs CPU per unchanged poll",
+            n as f64 / secs as f64,
+            cpu.as_secs_f64() * 1e6 / n.max(1) as f64
+        );
+    }
 
-    // 4: every poll changed (one new event each): stored and enqueued.
-    control(&b.control, "changing=1").await;
-    let (n, notes, cpu, commits, written) = b
-        .with_relay(Arc::clone(&fast), Arc::new(Store::open(&db).unwrap()), |m, store| async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let (p0, c0, t0, w0) = (m.polls("bench", "changed"), cpu_time(), store.commits(), write_bytes());
-            let n0 = m.notifications();
-            tokio::time::sleep(Duration::from_secs(secs)).await;
-            (
-                m.polls("bench", "changed") - p0,
-                m.notifications() - n0,
-                cpu_time() - c0,
-                store.commits() - t0,
-                write_bytes() - w0,
-            )
-        })
-        .await;
-    println!(
-        "changed polls:       {:.0} polls/s, {:.1} µs CPU per changed poll (stored, enqueued and delivered)",
-        n as f64 / secs as f64,
-        cpu.as_secs_f64() * 1e6 / n.max(1) as f64
-    );
-    println!(
-        "sqlite:              {:.0} transactions/s, {:.0} bytes written per notification",
-        commits as f64 / secs as f64,
-        written as f64 / notes.max(1) as f64
-    );
+    // 4: every poll changed (one new event each), stored and enqueued: the
+    // webhook is paused, so the deliveries wait and their sending is not
+    // counted here. Then the webhook is resumed and the backlog is sent,
+    // which gives the CPU per delivery on its own.
+    if wants("changed") {
+        control(&b.control, "changing=1").await;
+        let store = Arc::new(Store::open(&db).unwrap());
+        store.pause_webhook("receiver", "bench: measuring polls alone").unwrap();
+        let (n, notes, cpu, commits, written) = b
+            .with_relay(Arc::clone(&fast), Arc::clone(&store), |m, store| async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let (p0, c0, t0, w0) = (m.polls("bench", "changed"), cpu_time(), store.commits(), write_bytes());
+                let n0 = m.notifications();
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                (
+                    m.polls("bench", "changed") - p0,
+                    m.notifications() - n0,
+                    cpu_time() - c0,
+                    store.commits() - t0,
+                    write_bytes() - w0,
+                )
+            })
+            .await;
+        println!(
+            "changed polls:       {:.0} polls/s, {:.1} µs CPU per changed poll (parsed, diffed, stored and enqueued)",
+            n as f64 / secs as f64,
+            cpu.as_secs_f64() * 1e6 / n.max(1) as f64
+        );
+        println!(
+            "sqlite:              {:.0} transactions/s, {:.0} bytes written per notification",
+            commits as f64 / secs as f64,
+            written as f64 / notes.max(1) as f64
+        );
+        // The backlog, sent with polling idle (no change, 60 s interval).
+        control(&b.control, "changing=0").await;
+        store.resume_webhook("receiver").unwrap();
+        let backlog = store.delivery_counts().unwrap().get("pending").copied().unwrap_or(0) as u64;
+        let (sent, cpu) = b
+            .with_relay(Arc::clone(&idle), Arc::clone(&store), |m, _| async move {
+                let c0 = cpu_time();
+                let deadline = Instant::now() + Duration::from_secs(secs * 6);
+                while m.deliveries("receiver", "delivered") < backlog && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (m.deliveries("receiver", "delivered"), cpu_time() - c0)
+            })
+            .await;
+        println!(
+            "deliveries:          {sent} sent, {:.1} µs CPU per delivery (signed, sent, recorded; idle polling included)",
+            cpu.as_secs_f64() * 1e6 / sent.max(1) as f64
+        );
+    }
 
     // 5: about 1,000 notifications a second: 1,000 watches polled every
     // second, each poll bringing one new event.
+    if !wants("latency") {
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    }
     let lat_db = b.dir.path().join("latency.db");
     let lat_store = Arc::new(Store::open(&lat_db).unwrap());
     lat_store.add_watches(&Bench::watches(0..1000.min(b.jobs))).unwrap();
@@ -397,6 +432,11 @@ fn main() {
     }
     let smoke = args.iter().any(|a| a == "--smoke");
     let seconds = args.iter().position(|a| a == "--seconds").map_or(10, |i| args[i + 1].parse().unwrap());
+    let only = args.iter().position(|a| a == "--only").map(|i| args[i + 1].clone());
+    // The daemon's own logging, at its own level, so spans cost what they
+    // cost in production; the lines go nowhere.
+    let filter = tracing_subscriber::EnvFilter::new("info");
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::sink).init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    runtime.block_on(bench(smoke, seconds));
+    runtime.block_on(bench(smoke, seconds, only));
 }

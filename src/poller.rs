@@ -243,6 +243,15 @@ impl Poller {
         self.load().await?;
         let mut scan = tokio::time::interval(SCAN_INTERVAL);
         scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer and one cancellation future for the loop's whole life:
+        // at tens of thousands of polls a second, registering a fresh timer
+        // per turn was the loop's largest cost.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let idle = || Instant::now() + Duration::from_secs(3600);
+        let timer = tokio::time::sleep_until(idle());
+        tokio::pin!(timer);
+        let mut batch = Vec::with_capacity(256);
         loop {
             self.health.poller_beat();
             if self.config_rx.has_changed().unwrap_or(false) {
@@ -250,11 +259,20 @@ impl Poller {
                 self.apply_config(config);
             }
             self.poll_due_once(Instant::now());
-            let next_due = self.next_due().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let next_due = self.next_due().unwrap_or_else(idle);
+            if timer.deadline() != next_due {
+                timer.as_mut().reset(next_due);
+            }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                Some(finished) = self.results_rx.recv() => self.handle(finished),
-                _ = tokio::time::sleep_until(next_due) => {}
+                _ = &mut cancelled => return Ok(()),
+                // Every poll that finished meanwhile, handled in one turn.
+                n = self.results_rx.recv_many(&mut batch, 256) => {
+                    let now = Instant::now();
+                    for finished in batch.drain(..n) {
+                        self.handle(finished, now);
+                    }
+                }
+                _ = &mut timer => {}
                 _ = scan.tick() => {
                     if let Err(e) = self.scan_changes().await {
                         warn!(error = %e, "cannot read watch changes; will retry");
@@ -401,10 +419,9 @@ impl Poller {
     }
 
     /// Applies a finished poll to its watch's schedule.
-    fn handle(&mut self, finished: Finished) {
+    fn handle(&mut self, finished: Finished, now: Instant) {
         let Finished { job_id, outcome, .. } = finished;
         let up = &self.config.upstream;
-        let now = Instant::now();
         let Some(watch) = self.watches.get_mut(&job_id) else {
             return; // removed while in flight
         };
