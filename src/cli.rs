@@ -636,7 +636,7 @@ fn send_test(path: &Path, name: &str, kind: Option<&str>) -> Result<(), Failure>
     let kinds: Vec<&str> = match kind {
         Some(kind) => {
             if !accepted(kind) {
-                eprintln!("note: webhook {name}'s types filter leaves out {kind}; sending it anyway");
+                eprintln!("note: the types filter of webhook {name} leaves out {kind}; sending it anyway");
             }
             vec![kind]
         }
@@ -644,7 +644,7 @@ fn send_test(path: &Path, name: &str, kind: Option<&str>) -> Result<(), Failure>
     };
     if kinds.is_empty() {
         return Err(usage(anyhow!(
-            "webhook {name}'s types filter accepts none of {}; pick a type with --type",
+            "the types filter of webhook {name} accepts none of {}; pick a type with --type",
             SAMPLE_KINDS.join(", ")
         )));
     }

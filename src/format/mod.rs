@@ -31,7 +31,7 @@ pub enum RenderError {
     Body { format: &'static str, source: serde_json::Error },
     /// The webhook's template failed: an undefined value, a wrong type, a
     /// missing filter, or it ran out of fuel.
-    #[error("cannot render {name}: {source:#}")]
+    #[error("cannot render {name}: {source}")]
     Template { name: String, source: minijinja::Error },
     /// The template's content type is JSON but what it wrote is not.
     #[error(

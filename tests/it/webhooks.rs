@@ -325,7 +325,7 @@ async fn send_test_prints_each_answer_and_exits_by_them() {
     let out = run(&config, &["send-test", "ops", "--type", "job.archived"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "job.archived: HTTP 204\n");
-    assert!(stderr(&out).contains("types filter leaves out job.archived; sending it anyway"));
+    assert!(stderr(&out).contains("the types filter of webhook ops leaves out job.archived; sending it anyway"));
     let got = receiver.drain();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].json()["blocks"][0]["text"]["text"], "🔄 Job is now archived");
