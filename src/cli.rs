@@ -75,12 +75,16 @@ pub enum Command {
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
-    /// Send a sample notification to one webhook and show its answer.
+    /// Send a sample notification of each type a webhook accepts and show its answers.
     SendTest {
         #[command(flatten)]
         config: ConfigArg,
         /// The webhook's name.
         webhook: String,
+        /// Send only a sample of this type (job.event, job.<status> or watch.failed), even one
+        /// the webhook's `types` filter leaves out.
+        #[arg(long = "type", value_name = "TYPE", value_parser = parse_kind)]
+        kind: Option<String>,
     },
 }
 
@@ -226,6 +230,20 @@ fn parse_portal(s: &str) -> Result<PortalId, String> {
     s.parse()
 }
 
+/// Parses a notification type: `job.event`, `watch.failed` or `job.<status>`
+/// with the status in its normalised form.
+pub fn parse_kind(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let status_ok = |status: &str| !status.is_empty() && crate::diff::normalize_status(status) == status;
+    match s.strip_prefix("job.") {
+        _ if s == "watch.failed" => Ok(s.to_owned()),
+        Some(status) if status_ok(status) => Ok(s.to_owned()),
+        _ => Err(format!(
+            "{s:?} is not a notification type (job.event, job.<status> in lower case such as job.completed, or watch.failed)"
+        )),
+    }
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
@@ -268,7 +286,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         Command::Watch(w) => watch(w),
         Command::Deliveries(d) => deliveries(d),
         Command::Webhooks(w) => webhooks(w),
-        Command::SendTest { config, webhook } => send_test(&config.config, &webhook),
+        Command::SendTest { config, webhook, kind } => send_test(&config.config, &webhook, kind.as_deref()),
     }
 }
 
@@ -656,37 +674,85 @@ fn attempt_json(a: &crate::store::AttemptRecord) -> serde_json::Value {
     })
 }
 
-fn send_test(path: &Path, name: &str) -> Result<(), Failure> {
+/// Longest `Retry-After` that `send-test` waits out on a 429 before trying
+/// again; Discord allows only a few messages per second to a webhook, and
+/// one run sends up to eight.
+const SEND_TEST_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn send_test(path: &Path, name: &str, kind: Option<&str>) -> Result<(), Failure> {
+    use crate::notification::{SAMPLE_KINDS, now_timestamp, sample};
     let config = load_config(path)?;
     let webhook = config
         .webhook(name)
         .cloned()
         .ok_or_else(|| usage(anyhow!("{name:?} is not a webhook in {}", config.path.display())))?;
+    let accepted = |k: &str| crate::glob::any_matches(&webhook.types, k);
+    let kinds: Vec<&str> = match kind {
+        Some(kind) => {
+            if !accepted(kind) {
+                eprintln!("note: the types filter of webhook {name} leaves out {kind}; sending it anyway");
+            }
+            vec![kind]
+        }
+        None => SAMPLE_KINDS.into_iter().filter(|k| accepted(k)).collect(),
+    };
+    if kinds.is_empty() {
+        return Err(usage(anyhow!(
+            "the types filter of webhook {name} accepts none of {}; pick a type with --type",
+            SAMPLE_KINDS.join(", ")
+        )));
+    }
     let http = crate::deliver::http_client(&config).map_err(runtime)?;
-    let labels = serde_json::Map::new();
-    let sample = crate::notification::watch_failed(
-        crate::notification::WatchContext {
-            job_id: "00000000-0000-4000-8000-000000000000",
-            portal_id: "example-org/example_portal",
-            labels: &labels,
-        },
-        "send-test: a sample notification from dari-relay",
-        None,
-        &crate::notification::now_timestamp(),
-    );
-    let body = crate::format::render(webhook.format, &sample.body).map_err(runtime)?;
-    let response = block_on(crate::deliver::send(&http, &webhook, &crate::poller::new_msg_id(), body));
+    // The sample job carries the labels the webhook follows, as a real one would.
+    let mut labels: serde_json::Map<String, serde_json::Value> =
+        webhook.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+    labels.insert("sent_by".into(), "dari-relay send-test".into());
+    let timestamp = now_timestamp();
     let mut out = std::io::stdout().lock();
-    match response.status {
-        Some(status) => {
-            let _ = writeln!(out, "{name}: HTTP {status}");
+    let mut failed = 0;
+    block_on(async {
+        for kind in &kinds {
+            let notification = sample(kind, &labels, &timestamp);
+            let body = match crate::format::render(&webhook, &notification.body) {
+                Ok(body) => body,
+                Err(e) => {
+                    let _ = writeln!(out, "{kind}: {e}");
+                    failed += 1;
+                    continue;
+                }
+            };
+            let msg_id = crate::poller::new_msg_id();
+            let mut response = crate::deliver::send(&http, &webhook, &msg_id, body.clone()).await;
+            for _ in 0..3 {
+                let wait = response.retry_after.unwrap_or(std::time::Duration::from_secs(1));
+                if response.status != Some(429) || wait > SEND_TEST_MAX_WAIT {
+                    break;
+                }
+                let _ = writeln!(out, "{kind}: HTTP 429, trying again in {:.1}s", wait.as_secs_f64());
+                tokio::time::sleep(wait).await;
+                response = crate::deliver::send(&http, &webhook, &msg_id, body.clone()).await;
+            }
+            match response.status {
+                Some(status) => {
+                    let _ = writeln!(out, "{kind}: HTTP {status}");
+                }
+                None => {
+                    let _ =
+                        writeln!(out, "{kind}: no answer: {}", response.error.as_deref().unwrap_or("unknown error"));
+                }
+            }
+            if let Some(excerpt) = &response.excerpt {
+                let line = excerpt.split_whitespace().collect::<Vec<_>>().join(" ");
+                let _ = writeln!(out, "  answer: {}", crate::format::truncate(&line, 300));
+            }
+            if !response.is_success() {
+                failed += 1;
+            }
         }
-        None => {
-            let _ = writeln!(out, "{name}: no answer: {}", response.error.as_deref().unwrap_or("unknown error"));
-        }
+    });
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(runtime(anyhow!("{failed} of {} samples to webhook {name} did not get a 2xx answer", kinds.len())))
     }
-    if let Some(excerpt) = &response.excerpt {
-        let _ = writeln!(out, "{}", crate::format::truncate(excerpt, 500));
-    }
-    if response.is_success() { Ok(()) } else { Err(runtime(anyhow!("webhook {name} did not answer 2xx"))) }
 }

@@ -16,16 +16,34 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::Url;
+use reqwest::header::{HeaderName, HeaderValue};
 use secrecy::SecretString;
 use serde::Deserialize;
+use serde_json::{Map, Value};
 use toml::Spanned;
 
+use crate::format::{BodyTemplate, TemplateSource};
 use crate::glob::Glob;
 use crate::signature::SigningKey;
 
 /// Where the config file is looked for when neither `--config` nor
 /// `$DARI_RELAY_CONFIG` names one.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/dari-relay/config.toml";
+
+/// Headers a webhook's `headers` and `headers_env` may not set: the relay
+/// sets these itself (the Standard Webhooks headers and the body's type,
+/// INTERFACE.md), and the rest belong to HTTP framing.
+pub const RESERVED_HEADERS: [&str; 9] = [
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "content-type",
+    "user-agent",
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+];
 
 /// The resolved configuration. Built by [`Config::load`] (or
 /// [`Config::from_toml`] in tests and the demo), then shared read-only.
@@ -227,6 +245,13 @@ pub struct Webhook {
     pub types: Vec<Glob>,
     /// Portal ids this webhook follows when a watch names no webhooks; empty means all.
     pub portals: Vec<Glob>,
+    /// Labels this webhook follows when a watch names no webhooks: the
+    /// watch's labels must hold every pair; empty means all.
+    pub labels: BTreeMap<String, String>,
+    /// Extra headers of every delivery, sorted by name.
+    pub headers: Vec<ExtraHeader>,
+    /// The webhook's own body template, compiled; it replaces the format's body.
+    pub template: Option<BodyTemplate>,
     /// Attempts in flight to this webhook at once (different jobs in parallel).
     pub max_in_flight: usize,
     /// Attempts per second to this webhook; `None` for no limit.
@@ -239,20 +264,56 @@ impl fmt::Debug for Webhook {
             .field("name", &self.name)
             .field("format", &self.format)
             .field("signed", &self.secret.is_some())
+            .field("headers", &self.headers)
+            .field("template", &self.template)
             .finish_non_exhaustive()
     }
 }
 
 impl Webhook {
-    /// Whether a notification of `kind` for a watch on `portal_id` goes to this
-    /// webhook. `named` is the watch's own webhook list: when present, it
-    /// replaces the `portals` patterns, but the `types` filter still applies.
-    pub fn accepts(&self, kind: &str, portal_id: &str, named: Option<&[String]>) -> bool {
+    /// Whether a notification of `kind` for a watch on `portal_id` with
+    /// `labels` goes to this webhook. `named` is the watch's own webhook
+    /// list: when present, it replaces the `portals` and `labels` filters
+    /// (they choose watches), but the `types` filter still applies (it
+    /// chooses what the receiver wants to hear).
+    pub fn accepts(&self, kind: &str, portal_id: &str, named: Option<&[String]>, labels: &Map<String, Value>) -> bool {
         let chosen = match named {
             Some(names) => names.iter().any(|n| n == &self.name),
-            None => crate::glob::any_matches(&self.portals, portal_id),
+            None => crate::glob::any_matches(&self.portals, portal_id) && self.follows_labels(labels),
         };
         chosen && crate::glob::any_matches(&self.types, kind)
+    }
+
+    /// Whether a watch's labels hold every `key = value` of this webhook's
+    /// `labels` filter.
+    pub fn follows_labels(&self, labels: &Map<String, Value>) -> bool {
+        self.labels.iter().all(|(k, v)| labels.get(k).and_then(Value::as_str) == Some(v.as_str()))
+    }
+
+    /// The `content-type` of this webhook's bodies.
+    pub fn content_type(&self) -> &str {
+        self.template.as_ref().map_or("application/json", |t| t.content_type.as_str())
+    }
+}
+
+/// One of a webhook's extra headers.
+#[derive(Clone)]
+pub struct ExtraHeader {
+    /// The header's name, lower-case.
+    pub name: HeaderName,
+    /// Its value; marked sensitive when it came from the environment.
+    pub value: HeaderValue,
+    /// `None` when the value is written in the config, else where it came
+    /// from (and then it is a secret, never printed).
+    pub source: Option<SecretSource>,
+}
+
+impl fmt::Debug for ExtraHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            None => write!(f, "{}: {:?}", self.name, self.value),
+            Some(source) => write!(f, "{}: {source}", self.name),
+        }
     }
 }
 
@@ -399,6 +460,37 @@ impl Config {
             }
             let _ = writeln!(out, "types = {}", globs(&w.types));
             let _ = writeln!(out, "portals = {}", globs(&w.portals));
+            if !w.labels.is_empty() {
+                let pairs: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k:?} = {v:?}")).collect();
+                let _ = writeln!(out, "labels = {{ {} }}", pairs.join(", "));
+            }
+            let (plain, secret): (Vec<&ExtraHeader>, Vec<&ExtraHeader>) =
+                w.headers.iter().partition(|h| h.source.is_none());
+            if !plain.is_empty() {
+                let pairs: Vec<String> = plain
+                    .iter()
+                    .map(|h| format!("{:?} = {:?}", h.name.as_str(), h.value.to_str().unwrap_or("<not UTF-8>")))
+                    .collect();
+                let _ = writeln!(out, "headers = {{ {} }}", pairs.join(", "));
+            }
+            if !secret.is_empty() {
+                let pairs: Vec<String> = secret
+                    .iter()
+                    .filter_map(|h| Some(format!("{:?} = {:?}", h.name.as_str(), h.source.as_ref()?.to_string())))
+                    .collect();
+                let _ = writeln!(out, "headers_env = {{ {} }}", pairs.join(", "));
+            }
+            if let Some(t) = &w.template {
+                match &t.source {
+                    TemplateSource::File(path) => {
+                        let _ = writeln!(out, "template = {:?}", path.display().to_string());
+                    }
+                    TemplateSource::Inline(text) => {
+                        let _ = writeln!(out, "body_template = {text:?}");
+                    }
+                }
+                let _ = writeln!(out, "content_type = {:?}", t.content_type);
+            }
             let _ = writeln!(out, "max_in_flight = {}", w.max_in_flight);
             if let Some(rate) = w.max_per_second {
                 let _ = writeln!(out, "max_per_second = {rate}");
@@ -484,6 +576,25 @@ struct RawWebhook {
     portals: Vec<Spanned<String>>,
     max_in_flight: Option<Spanned<i64>>,
     max_per_second: Option<Spanned<f64>>,
+    /// `labels = { team = "growth" }`: watches (that name no webhooks) whose
+    /// labels hold every pair.
+    #[serde(default)]
+    labels: BTreeMap<String, Spanned<String>>,
+    /// `headers = { "X-Team" = "growth" }`: extra headers, values as written.
+    #[serde(default)]
+    headers: BTreeMap<String, Spanned<String>>,
+    /// `headers_env = { "Authorization" = "HOOK_TOKEN" }`: extra headers whose
+    /// values are secrets, each read from the named environment variable.
+    #[serde(default)]
+    headers_env: BTreeMap<String, Spanned<String>>,
+    /// A minijinja template file for the body, relative to the config file's
+    /// folder unless absolute.
+    template: Option<Spanned<String>>,
+    /// A minijinja template for the body, inline.
+    body_template: Option<Spanned<String>>,
+    /// The `content-type` of templated bodies; JSON (the default) escapes
+    /// inserted values as JSON.
+    content_type: Option<Spanned<String>>,
 }
 
 fn default_format() -> Format {
@@ -820,6 +931,15 @@ impl Resolver<'_> {
         };
         let max_in_flight = self.count(&format!("{key}.max_in_flight"), raw.max_in_flight, 4)?;
         let max_per_second = self.rate(&format!("{key}.max_per_second"), raw.max_per_second)?;
+        let mut labels = BTreeMap::new();
+        for (label, value) in raw.labels {
+            if label.trim().is_empty() {
+                return Err(self.error(Some(value.span()), &format!("{key}.labels"), "a label name must not be empty"));
+            }
+            labels.insert(label, value.into_inner());
+        }
+        let headers = self.headers(&key, raw.headers, raw.headers_env)?;
+        let template = self.template(&key, span, raw.template, raw.body_template, raw.content_type)?;
         Ok(Webhook {
             max_in_flight,
             max_per_second,
@@ -831,7 +951,115 @@ impl Resolver<'_> {
             secret_source,
             types: globs("types", raw.types)?,
             portals: globs("portals", raw.portals)?,
+            labels,
+            headers,
+            template,
         })
+    }
+
+    /// Resolves `headers` (values as written) and `headers_env` (values from
+    /// the environment, secrets) into one list sorted by name.
+    fn headers(
+        &self,
+        key: &str,
+        literal: BTreeMap<String, Spanned<String>>,
+        from_env: BTreeMap<String, Spanned<String>>,
+    ) -> Result<Vec<ExtraHeader>, ConfigError> {
+        let mut headers: BTreeMap<String, ExtraHeader> = BTreeMap::new();
+        let entries =
+            literal.into_iter().map(|(n, v)| (n, v, false)).chain(from_env.into_iter().map(|(n, v)| (n, v, true)));
+        for (raw_name, value, is_env) in entries {
+            let table = if is_env { "headers_env" } else { "headers" };
+            let k = format!("{key}.{table}.{raw_name}");
+            let span = Some(value.span());
+            let name = HeaderName::from_bytes(raw_name.trim().as_bytes())
+                .map_err(|_| self.error(span.clone(), &k, format!("{raw_name:?} is not a valid header name")))?;
+            if RESERVED_HEADERS.contains(&name.as_str()) {
+                return Err(self.error(
+                    span,
+                    &k,
+                    format!("{name} is set by the relay itself and cannot be overridden"),
+                ));
+            }
+            let header = if is_env {
+                let var = value.get_ref().trim().to_owned();
+                let text = (self.env)(&var)
+                    .filter(|v| !v.trim().is_empty())
+                    .ok_or_else(|| self.error(span.clone(), &k, format!("environment variable {var} is not set")))?;
+                // The value is a secret: the message names the variable only.
+                let mut value = HeaderValue::from_str(text.trim()).map_err(|_| {
+                    self.error(span.clone(), &k, format!("environment variable {var} is not a valid header value"))
+                })?;
+                value.set_sensitive(true);
+                ExtraHeader { name: name.clone(), value, source: Some(SecretSource::Env(var)) }
+            } else {
+                let value = HeaderValue::from_str(value.get_ref()).map_err(|_| {
+                    self.error(span.clone(), &k, "not a valid header value (control characters or non-ASCII)")
+                })?;
+                ExtraHeader { name: name.clone(), value, source: None }
+            };
+            if headers.insert(name.as_str().to_owned(), header).is_some() {
+                return Err(self.error(span, &k, format!("header {name} is set twice")));
+            }
+        }
+        Ok(headers.into_values().collect())
+    }
+
+    /// Reads and compiles the body template given as `template` (a file) or
+    /// `body_template` (inline), not both.
+    fn template(
+        &self,
+        key: &str,
+        table_span: Range<usize>,
+        file: Option<Spanned<String>>,
+        inline: Option<Spanned<String>>,
+        content_type: Option<Spanned<String>>,
+    ) -> Result<Option<BodyTemplate>, ConfigError> {
+        let (source, text, span, k) = match (file, inline) {
+            (Some(_), Some(_)) => {
+                return Err(self.error(Some(table_span), key, "set either template or body_template, not both"));
+            }
+            (None, None) => {
+                return match content_type {
+                    Some(ct) => Err(self.error(
+                        Some(ct.span()),
+                        &format!("{key}.content_type"),
+                        "only applies to a templated body: set template or body_template too",
+                    )),
+                    None => Ok(None),
+                };
+            }
+            (Some(file), None) => {
+                let k = format!("{key}.template");
+                let written = PathBuf::from(file.get_ref().trim());
+                // Relative to the config file, so a template can sit next to it.
+                let path = self.path.parent().unwrap_or(Path::new("")).join(&written);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| self.error(Some(file.span()), &k, format!("cannot read {}: {e}", path.display())))?;
+                (TemplateSource::File(path), text, file.span(), k)
+            }
+            (None, Some(text)) => {
+                let k = format!("{key}.body_template");
+                (TemplateSource::Inline(text.get_ref().clone()), text.get_ref().clone(), text.span(), k)
+            }
+        };
+        if text.trim().is_empty() {
+            return Err(self.error(Some(span), &k, "the template is empty"));
+        }
+        if let Some(ct) = &content_type {
+            let essence = ct.get_ref().split(';').next().unwrap_or_default().trim();
+            let (kind, sub) = essence.split_once('/').unwrap_or_default();
+            if kind.is_empty() || sub.is_empty() || HeaderValue::from_str(ct.get_ref()).is_err() {
+                return Err(self.error(
+                    Some(ct.span()),
+                    &format!("{key}.content_type"),
+                    format!("{:?} is not a content type such as \"application/json\" or \"text/plain\"", ct.get_ref()),
+                ));
+            }
+        }
+        BodyTemplate::compile(source, text, content_type.as_ref().map(|c| c.get_ref().as_str()))
+            .map(Some)
+            .map_err(|e| self.error(Some(span), &k, format!("the template does not compile: {e}")))
     }
 }
 
@@ -847,6 +1075,8 @@ mod tests {
         };
         Config::from_toml(text, Path::new("relay.toml"), &env)
     }
+
+    const SECRET_VALUE: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
     #[test]
     fn defaults_fill_an_empty_file() {
@@ -893,5 +1123,98 @@ mod tests {
         let shown = format!("{}\n{:?}", c.redacted_toml(), c);
         assert!(!shown.contains("sk-test") && !shown.contains("MfKQ9r8"), "{shown}");
         assert!(shown.contains("<redacted, from $KEY>"));
+    }
+
+    const HOOK: &str = "[[webhooks]]\nname = \"h\"\nurl = \"http://127.0.0.1/h\"\n";
+
+    #[test]
+    fn headers_literal_and_from_the_environment() {
+        let c = load(&format!(
+            "{HOOK}headers = {{ \"X-Team\" = \"growth\" }}\nheaders_env = {{ Authorization = \"SECRET\" }}\n"
+        ))
+        .unwrap();
+        let h = &c.webhooks[0].headers;
+        assert_eq!(h.len(), 2);
+        assert_eq!((h[0].name.as_str(), h[0].value.to_str().unwrap()), ("authorization", SECRET_VALUE));
+        assert!(h[0].value.is_sensitive() && h[0].source == Some(SecretSource::Env("SECRET".into())));
+        assert_eq!((h[1].name.as_str(), h[1].value.to_str().unwrap(), &h[1].source), ("x-team", "growth", &None));
+        let shown = format!("{}\n{:?}", c.redacted_toml(), c);
+        assert!(!shown.contains("MfKQ9r8"), "{shown}");
+        assert!(shown.contains("headers = { \"x-team\" = \"growth\" }"), "{shown}");
+        assert!(shown.contains("headers_env = { \"authorization\" = \"<redacted, from $SECRET>\" }"), "{shown}");
+    }
+
+    #[test]
+    fn bad_headers_are_refused_naming_the_key() {
+        let cases = [
+            (
+                "headers = { \"Bad Name\" = \"x\" }",
+                ":4: webhooks[0] (h).headers.Bad Name: \"Bad Name\" is not a valid header name",
+            ),
+            ("headers = { \"X-A\" = \"line\\nbreak\" }", "webhooks[0] (h).headers.X-A: not a valid header value"),
+            ("headers = { \"Content-Type\" = \"text/plain\" }", "content-type is set by the relay itself"),
+            ("headers = { \"webhook-signature\" = \"v1,x\" }", "webhook-signature is set by the relay itself"),
+            ("headers_env = { \"X-Token\" = \"NOPE\" }", "headers_env.X-Token: environment variable NOPE is not set"),
+            ("headers = { \"X-A\" = \"1\" }\nheaders_env = { \"x-a\" = \"SECRET\" }", "header x-a is set twice"),
+            ("headers = { \"X-A\" = 1 }", "line 4"),
+        ];
+        for (extra, want) in cases {
+            let err = load(&format!("{HOOK}{extra}\n")).unwrap_err().to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn labels_choose_watches_like_portals_do() {
+        let c =
+            load(&format!("{HOOK}labels = {{ team = \"growth\", tier = \"gold\" }}\ntypes = [\"job.*\"]\n")).unwrap();
+        let w = &c.webhooks[0];
+        let labels = |v: serde_json::Value| -> Map<String, Value> { serde_json::from_value(v).unwrap() };
+        let growth_gold = labels(serde_json::json!({"team": "growth", "tier": "gold", "other": "x"}));
+        assert!(w.accepts("job.completed", "o/e", None, &growth_gold));
+        assert!(!w.accepts("watch.failed", "o/e", None, &growth_gold), "types still apply");
+        assert!(!w.accepts("job.completed", "o/e", None, &labels(serde_json::json!({"team": "growth"}))));
+        assert!(!w.accepts(
+            "job.completed",
+            "o/e",
+            None,
+            &labels(serde_json::json!({"team": "sales", "tier": "gold"}))
+        ));
+        assert!(!w.accepts("job.completed", "o/e", None, &Map::new()));
+        // A watch that names the webhook gets it whatever its labels.
+        assert!(w.accepts("job.completed", "o/e", Some(&["h".to_owned()]), &Map::new()));
+        assert!(!w.accepts("watch.failed", "o/e", Some(&["h".to_owned()]), &Map::new()));
+        assert!(c.redacted_toml().contains("labels = { \"team\" = \"growth\", \"tier\" = \"gold\" }"));
+    }
+
+    #[test]
+    fn templates_compile_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("body.j2"), "{\"text\": {{ data.job_id }}}").unwrap();
+        let text = format!("{HOOK}template = \"body.j2\"\n");
+        let c = Config::from_toml(&text, &dir.path().join("relay.toml"), &|_| None).unwrap();
+        let t = c.webhooks[0].template.as_ref().unwrap();
+        assert_eq!(t.source, TemplateSource::File(dir.path().join("body.j2")));
+        assert_eq!(c.webhooks[0].content_type(), "application/json");
+        assert!(c.redacted_toml().contains("template = "));
+
+        let cases = [
+            (
+                "body_template = \"{{ data.job_id \"",
+                ":4: webhooks[0] (h).body_template: the template does not compile: syntax error",
+            ),
+            ("body_template = \"{% for %}\"", "the template does not compile"),
+            ("body_template = \" \"", "the template is empty"),
+            ("template = \"missing.j2\"", "webhooks[0] (h).template: cannot read"),
+            ("template = \"a\"\nbody_template = \"b\"", "set either template or body_template, not both"),
+            ("content_type = \"text/plain\"", "content_type: only applies to a templated body"),
+            ("body_template = \"x\"\ncontent_type = \"plain\"", "is not a content type"),
+        ];
+        for (extra, want) in cases {
+            let err = load(&format!("{HOOK}{extra}\n")).unwrap_err().to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+        let plain = load(&format!("{HOOK}body_template = \"x\"\ncontent_type = \"text/plain\"\n")).unwrap();
+        assert_eq!(plain.webhooks[0].content_type(), "text/plain");
     }
 }

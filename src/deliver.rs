@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::config::{Config, Webhook};
+use crate::config::{Config, Format, Webhook};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::retry::{self, TokenBucket};
@@ -89,12 +89,21 @@ pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
         .build()
 }
 
-/// Sends `body` (already rendered for the webhook's format) to `webhook` with
-/// the Standard Webhooks headers, signing it for this attempt's timestamp.
+/// Sends `body` (already rendered for the webhook's format or template) to
+/// `webhook` with the Standard Webhooks headers, signing it for this
+/// attempt's timestamp, and the webhook's own headers.
 pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body: String) -> Response {
     let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let mut headers = HeaderMap::new();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // Config loading refused the names the relay sets below, so these never
+    // replace a Standard Webhooks header.
+    for extra in &webhook.headers {
+        headers.insert(extra.name.clone(), extra.value.clone());
+    }
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_str(webhook.content_type()).expect("config loading checked the content type"),
+    );
     let text_header = |s: &str| HeaderValue::from_str(s).expect("ids, digits and base64 are valid header values");
     headers.insert("webhook-id", text_header(msg_id));
     headers.insert("webhook-timestamp", text_header(&timestamp.to_string()));
@@ -133,6 +142,11 @@ pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body:
         }
     }
     let excerpt = (!excerpt.is_empty()).then(|| String::from_utf8_lossy(&excerpt).into_owned());
+    // Discord's 429 says how long to wait in its JSON body as well.
+    let retry_after = match (retry_after, &excerpt) {
+        (None, Some(body)) if status == 429 && webhook.format == Format::Discord => retry::retry_after_in_body(body),
+        (retry_after, _) => retry_after,
+    };
     Response { status: Some(status), retry_after, excerpt, error }
 }
 
@@ -418,7 +432,7 @@ impl Attempt {
     async fn run(self) -> bool {
         let started_ms = now_ms();
         let clock = Instant::now();
-        let (response, outcome) = match crate::format::render(self.webhook.format, &self.delivery.body) {
+        let (response, outcome) = match crate::format::render(&self.webhook, &self.delivery.body) {
             Ok(body) => {
                 let response = send(&self.http, &self.webhook, &self.delivery.msg_id, body).await;
                 let outcome = if response.status == Some(410) {
@@ -429,8 +443,9 @@ impl Attempt {
                 (response, outcome)
             }
             Err(e) => {
-                // A body that cannot be rendered will not render next time either.
-                let error = format!("cannot render the {} body: {e}", self.webhook.format.as_str());
+                // A body that cannot be rendered will not render next time
+                // either (the stored body and the template are both fixed).
+                let error = e.to_string();
                 let response = Response { status: None, retry_after: None, excerpt: None, error: Some(error.clone()) };
                 (response, AttemptOutcome::GaveUp { error })
             }

@@ -582,7 +582,7 @@ impl PollTask {
             &notification::now_timestamp(),
         );
         let notification = NewNotification {
-            deliveries: self.deliveries_for(&n.kind, &portal_id, ctx.webhooks.as_deref()),
+            deliveries: self.deliveries_for(&n.kind, &portal_id, ctx.webhooks.as_deref(), &ctx.labels),
             kind: n.kind,
             body: n.body,
         };
@@ -603,11 +603,17 @@ impl PollTask {
     }
 
     /// One new delivery per webhook that accepts a notification of `kind`.
-    fn deliveries_for(&self, kind: &str, portal_id: &str, named: Option<&[String]>) -> Vec<NewDelivery> {
+    fn deliveries_for(
+        &self,
+        kind: &str,
+        portal_id: &str,
+        named: Option<&[String]>,
+        labels: &serde_json::Map<String, serde_json::Value>,
+    ) -> Vec<NewDelivery> {
         self.config
             .webhooks
             .iter()
-            .filter(|w| w.accepts(kind, portal_id, named))
+            .filter(|w| w.accepts(kind, portal_id, named, labels))
             .map(|w| NewDelivery { webhook: w.name.clone(), msg_id: new_msg_id() })
             .collect()
     }
@@ -648,7 +654,7 @@ impl PollTask {
                     .config
                     .webhooks
                     .iter()
-                    .filter(|w| w.accepts(&n.kind, &portal_id, ctx.webhooks.as_deref()))
+                    .filter(|w| w.accepts(&n.kind, &portal_id, ctx.webhooks.as_deref(), &ctx.labels))
                     .map(|w| NewDelivery { webhook: w.name.clone(), msg_id: new_msg_id() })
                     .collect(),
                 kind: n.kind,

@@ -56,6 +56,16 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// The wait a JSON answer states in its `retry_after` field, in seconds
+/// (fractions allowed), as Discord's 429 body does: `{"message": "You are
+/// being rate limited.", "retry_after": 0.52, "global": false}`. Used only
+/// when the answer has no usable `Retry-After` header.
+pub fn retry_after_in_body(body: &str) -> Option<Duration> {
+    let value: serde_json::Value = serde_json::from_str(body).ok()?;
+    let secs = value.get("retry_after")?.as_f64()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +116,23 @@ mod tests {
         assert_eq!(parse_retry_after(&date, now), Some(S(30)));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-1", now), None);
+    }
+
+    #[test]
+    fn retry_after_in_a_json_body() {
+        let cases = [
+            (r#"{"message": "You are being rate limited.", "retry_after": 0.52, "global": false}"#, Some(520)),
+            (r#"{"retry_after": 3}"#, Some(3000)),
+            (r#"{"retry_after": 1e9}"#, Some(86_400_000)),
+            (r#"{"retry_after": -1}"#, None),
+            (r#"{"retry_after": "soon"}"#, None),
+            (r#"{"message": "no hint"}"#, None),
+            ("[1]", None),
+            ("<html>rate limited</html>", None),
+        ];
+        for (body, want) in cases {
+            assert_eq!(retry_after_in_body(body), want.map(Duration::from_millis), "{body}");
+        }
     }
 }
 

@@ -9,5 +9,7 @@ mod delivery;
 mod diff_props;
 mod fakes;
 mod faults;
+mod formats;
 mod lifecycle;
 mod robustness;
+mod webhooks;
