@@ -238,6 +238,28 @@ max_in_flight = 64
     }
 }
 
+/// Samples `count` (a counter) and this process's CPU time once a second for
+/// `secs` seconds; returns the total count and the median, lowest and highest
+/// CPU µs per counted item over the one-second windows. Medians, because these
+/// machines are shared and a window can be disturbed.
+async fn windows(secs: u64, count: impl Fn() -> u64) -> (u64, f64, f64, f64) {
+    let (mut last_n, mut last_cpu) = (count(), cpu_time());
+    let start_n = last_n;
+    let mut per_item = Vec::new();
+    for _ in 0..secs {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (n, cpu) = (count(), cpu_time());
+        if n > last_n {
+            per_item.push((cpu - last_cpu).as_secs_f64() * 1e6 / (n - last_n) as f64);
+        }
+        (last_n, last_cpu) = (n, cpu);
+    }
+    per_item.sort_by(f64::total_cmp);
+    let median = per_item.get(per_item.len() / 2).copied().unwrap_or(0.0);
+    let (low, high) = (per_item.first().copied().unwrap_or(0.0), per_item.last().copied().unwrap_or(0.0));
+    (last_n - start_n, median, low, high)
+}
+
 fn polls(m: &Metrics) -> u64 {
     m.polls("bench", "unchanged") + m.polls("bench", "changed")
 }
@@ -325,18 +347,15 @@ async fn bench(smoke: bool, seconds: u64, only: Option<String>) {
     control(&b.control, "changing=0").await;
     let secs = b.seconds;
     if wants("unchanged") {
-        let (n, cpu) = b
+        let (n, median, low, high) = b
             .with_relay(Arc::clone(&fast), Arc::new(Store::open(&db).unwrap()), |m, _| async move {
                 tokio::time::sleep(Duration::from_secs(1)).await; // warm up connections
-                let (p0, c0) = (polls(&m), cpu_time());
-                tokio::time::sleep(Duration::from_secs(secs)).await;
-                (polls(&m) - p0, cpu_time() - c0)
+                windows(secs, || polls(&m)).await
             })
             .await;
         println!(
-            "unchanged polls:     {:.0} polls/s, {:.1} µs CPU per unchanged poll",
+            "unchanged polls:     {:.0} polls/s, {median:.1} µs CPU per unchanged poll (median of {secs} 1-s windows; {low:.1} to {high:.1})",
             n as f64 / secs as f64,
-            cpu.as_secs_f64() * 1e6 / n.max(1) as f64
         );
     }
 
@@ -348,25 +367,17 @@ async fn bench(smoke: bool, seconds: u64, only: Option<String>) {
         control(&b.control, "changing=1").await;
         let store = Arc::new(Store::open(&db).unwrap());
         store.pause_webhook("receiver", "bench: measuring polls alone").unwrap();
-        let (n, notes, cpu, commits, written) = b
+        let (n, notes, median, low, high, commits, written) = b
             .with_relay(Arc::clone(&fast), Arc::clone(&store), |m, store| async move {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let (p0, c0, t0, w0) = (m.polls("bench", "changed"), cpu_time(), store.commits(), write_bytes());
-                let n0 = m.notifications();
-                tokio::time::sleep(Duration::from_secs(secs)).await;
-                (
-                    m.polls("bench", "changed") - p0,
-                    m.notifications() - n0,
-                    cpu_time() - c0,
-                    store.commits() - t0,
-                    write_bytes() - w0,
-                )
+                let (t0, w0, n0) = (store.commits(), write_bytes(), m.notifications());
+                let (n, median, low, high) = windows(secs, || m.polls("bench", "changed")).await;
+                (n, m.notifications() - n0, median, low, high, store.commits() - t0, write_bytes() - w0)
             })
             .await;
         println!(
-            "changed polls:       {:.0} polls/s, {:.1} µs CPU per changed poll (parsed, diffed, stored and enqueued)",
+            "changed polls:       {:.0} polls/s, {median:.1} µs CPU per changed poll, parsed, diffed, stored and enqueued (median of {secs} 1-s windows; {low:.1} to {high:.1})",
             n as f64 / secs as f64,
-            cpu.as_secs_f64() * 1e6 / n.max(1) as f64
         );
         println!(
             "sqlite:              {:.0} transactions/s, {:.0} bytes written per notification",

@@ -266,8 +266,11 @@ impl Deliverer {
     /// Delivers until `shutdown` is cancelled, then lets attempts in flight
     /// finish for up to `shutdown_timeout`. Whatever is left stays pending.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        // The heartbeat has its own tick, so a busy loop does not read the
+        // clock every turn and an idle one still beats.
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            self.health.deliverer_beat();
             if self.config_rx.has_changed().unwrap_or(false) {
                 let config = Arc::clone(&self.config_rx.borrow_and_update());
                 info!(webhooks = config.webhooks.len(), "deliverer uses the reloaded config");
@@ -293,6 +296,7 @@ impl Deliverer {
                     }
                 }
                 _ = tokio::time::sleep(wait) => {}
+                _ = beat.tick() => self.health.deliverer_beat(),
             }
         }
         let in_flight = self.tasks.len();

@@ -130,8 +130,10 @@ pub fn normalize_status(status: &str) -> String {
 /// Stored in the database, so it must not change between versions, which rules
 /// out std's `DefaultHasher`.
 pub fn fingerprint(event: &Value) -> u64 {
-    let canonical = serde_json::to_vec(event).expect("a JSON value serialises");
-    let digest = Sha256::digest(&canonical);
+    // Streamed into the hash: no buffer per event.
+    let mut hasher = Sha256::new();
+    serde_json::to_writer(&mut hasher, event).expect("a JSON value serialises into a hasher");
+    let digest = hasher.finalize();
     u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 

@@ -78,12 +78,15 @@ pub fn build(
     // `job.waiting_for_input` is about, and a status body carries no events.
     // A field of that name sent by Dari itself still passes through as sent.
     data.entry("latest_question").or_insert_with(|| latest_question(&answer.events));
+    // One map for every notification of this answer: a `job.event` borrows
+    // it with its `event` set, a status change with Dari's own `event` field
+    // (if it sent one) put back. No clone of the answer per notification.
+    let dari_event = data.get("event").cloned();
     transitions
         .iter()
         .map(|transition| {
-            let (kind, data) = match transition {
+            let kind = match transition {
                 Transition::Event { index } => {
-                    let mut data = data.clone();
                     let event = match answer.events.get(*index) {
                         Some(Value::Object(fields)) => {
                             let mut event = fields.clone();
@@ -93,11 +96,17 @@ pub fn build(
                         other => json!({"index": index, "value": other}),
                     };
                     data.insert("event".into(), event);
-                    ("job.event".to_owned(), data)
+                    "job.event".to_owned()
                 }
-                Transition::Status { status, .. } => (status_kind(status), data.clone()),
+                Transition::Status { status, .. } => {
+                    match &dari_event {
+                        Some(value) => data.insert("event".into(), value.clone()),
+                        None => data.remove("event"),
+                    };
+                    status_kind(status)
+                }
             };
-            Notification { body: envelope(&kind, timestamp, Value::Object(data)), kind }
+            Notification { body: envelope(&kind, timestamp, &data), kind }
         })
         .collect()
 }
@@ -124,11 +133,20 @@ pub fn watch_failed(watch: WatchContext<'_>, reason: &str, last_status: Option<&
         "labels": watch.labels,
     });
     let kind = "watch.failed".to_owned();
-    Notification { body: envelope(&kind, timestamp, data), kind }
+    let Value::Object(data) = data else { unreachable!("json! of an object is an object") };
+    Notification { body: envelope(&kind, timestamp, &data), kind }
 }
 
-fn envelope(kind: &str, timestamp: &str, data: Value) -> String {
-    json!({"type": kind, "timestamp": timestamp, "data": data}).to_string()
+fn envelope(kind: &str, timestamp: &str, data: &Map<String, Value>) -> String {
+    /// The standard body, serialised straight from borrowed parts.
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        timestamp: &'a str,
+        data: &'a Map<String, Value>,
+    }
+    serde_json::to_string(&Envelope { kind, timestamp, data }).expect("a JSON map serialises")
 }
 
 /// The current time as RFC 3339 with milliseconds, the `timestamp` format.

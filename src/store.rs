@@ -14,6 +14,7 @@
 //! [`Store::call`]), never held across an `.await`. The CLI opens its own
 //! `Store` on the same file; WAL mode and a busy timeout let both write.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -468,7 +469,7 @@ pub struct Store {
     conn: Mutex<Connection>,
     /// The file, for the writer's own connection.
     path: PathBuf,
-    /// The batching writer's queue, once started; see [`Store::write_poll`].
+    /// The batching writer's queue, once started; see [`Store::write_poll_with`].
     writer: Mutex<Option<std::sync::mpsc::Sender<WriteOp>>>,
     /// Write transactions committed through this handle, for the benchmark.
     commits: Arc<AtomicU64>,
@@ -724,42 +725,7 @@ impl Store {
 
     /// What the diff needs about one watch; `None` if it does not exist.
     pub fn diff_context(&self, job_id: &str) -> Result<Option<DiffContext>, StoreError> {
-        let conn = self.conn();
-        let row = conn
-            .query_row(
-                "SELECT org_id, endpoint_name, webhooks, labels, from_now, state, last_status, event_fps
-                 FROM watches WHERE job_id = ?1",
-                [job_id],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, bool>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, Option<String>>(6)?,
-                        r.get::<_, Vec<u8>>(7)?,
-                    ))
-                },
-            )
-            .optional()?;
-        let Some((org, endpoint, webhooks, labels, from_now, state, last_status, fps)) = row else {
-            return Ok(None);
-        };
-        if fps.len() % 8 != 0 {
-            return Err(StoreError::Corrupt(format!("event fingerprints of job {job_id}")));
-        }
-        let event_fingerprints =
-            fps.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect();
-        Ok(Some(DiffContext {
-            portal: PortalId { org, endpoint },
-            webhooks: parse_webhooks(webhooks.as_deref())?,
-            labels: parse_labels(&labels)?,
-            from_now,
-            state: WatchState::parse(&state)?,
-            seen: SeenState { status: last_status, event_fingerprints },
-        }))
+        read_diff_context(&self.conn(), job_id)
     }
 
     /// Stores a poll's new state, its notifications and their deliveries in
@@ -773,12 +739,33 @@ impl Store {
         Ok(outcome)
     }
 
-    /// [`Store::commit_poll`] through the batching writer: the same atomic
-    /// effect, but many polls share one transaction and one fsync.
-    pub async fn write_poll(&self, commit: PollCommit) -> Result<CommitOutcome, StoreError> {
+    /// Reads a watch's [`DiffContext`], lets `decide` turn it into a
+    /// [`PollCommit`] (or nothing, to leave the watch untouched), and applies
+    /// that commit: all on the writer thread, in one savepoint of a batched
+    /// transaction. The read and the write see the same state and cost no
+    /// extra hop between threads. Returns `None` for a missing watch or when
+    /// `decide` declines; otherwise the commit's outcome and `decide`'s `T`.
+    pub async fn write_poll_with<T, F>(
+        &self,
+        job_id: String,
+        decide: F,
+    ) -> Result<Option<(CommitOutcome, T)>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(DiffContext) -> Option<(PollCommit, T)> + Send + 'static,
+    {
+        let job: WriteJob = Box::new(move |conn, now| {
+            let decided = read_diff_context(conn, &job_id)?.and_then(decide);
+            let result = match decided {
+                None => None,
+                Some((commit, extra)) => Some((apply_poll(conn, &commit, now)?, extra)),
+            };
+            Ok(Box::new(result) as Box<dyn Any + Send>)
+        });
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.writer()?.send(WriteOp::Poll(Box::new(commit), reply)).map_err(|_| writer_gone())?;
-        answer.await.map_err(|_| writer_gone())?
+        self.writer()?.send(WriteOp::Job(job, reply)).map_err(|_| writer_gone())?;
+        let value = answer.await.map_err(|_| writer_gone())??;
+        Ok(*value.downcast::<Option<(CommitOutcome, T)>>().expect("the job returns what its caller expects"))
     }
 
     /// [`Store::record_attempt`] through the batching writer.
@@ -1090,6 +1077,43 @@ impl Store {
     }
 }
 
+/// A watch's [`DiffContext`], on any connection.
+fn read_diff_context(conn: &Connection, job_id: &str) -> Result<Option<DiffContext>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT org_id, endpoint_name, webhooks, labels, from_now, state, last_status, event_fps
+             FROM watches WHERE job_id = ?1",
+        )?
+        .query_row([job_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, bool>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Vec<u8>>(7)?,
+            ))
+        })
+        .optional()?;
+    let Some((org, endpoint, webhooks, labels, from_now, state, last_status, fps)) = row else {
+        return Ok(None);
+    };
+    if fps.len() % 8 != 0 {
+        return Err(StoreError::Corrupt(format!("event fingerprints of job {job_id}")));
+    }
+    let event_fingerprints = fps.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect();
+    Ok(Some(DiffContext {
+        portal: PortalId { org, endpoint },
+        webhooks: parse_webhooks(webhooks.as_deref())?,
+        labels: parse_labels(&labels)?,
+        from_now,
+        state: WatchState::parse(&state)?,
+        seen: SeenState { status: last_status, event_fingerprints },
+    }))
+}
+
 /// The body of [`Store::commit_poll`], on any connection or savepoint.
 fn apply_poll(conn: &Connection, commit: &PollCommit, now: i64) -> Result<CommitOutcome, StoreError> {
     let fps: Vec<u8> = commit.seen.event_fingerprints.iter().flat_map(|f| f.to_be_bytes()).collect();
@@ -1146,9 +1170,12 @@ fn apply_attempt(
     Ok(())
 }
 
+/// A read-modify-write for the writer thread (see [`Store::write_poll_with`]).
+type WriteJob = Box<dyn FnOnce(&Connection, i64) -> Result<Box<dyn Any + Send>, StoreError> + Send>;
+
 /// A write for the batching writer, with where to send its result.
 enum WriteOp {
-    Poll(Box<PollCommit>, tokio::sync::oneshot::Sender<Result<CommitOutcome, StoreError>>),
+    Job(WriteJob, tokio::sync::oneshot::Sender<Result<Box<dyn Any + Send>, StoreError>>),
     Attempt(i64, AttemptRecord, DeliveryUpdate, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
     /// Test hook: answered at once on a std channel, so a caller may block on it.
     ReadOnly(bool, std::sync::mpsc::Sender<Result<(), StoreError>>),
@@ -1178,8 +1205,11 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, com
 fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &AtomicU64) {
     /// A result waiting for the commit, with its reply channel.
     enum Done {
-        Poll(Result<CommitOutcome, StoreError>, tokio::sync::oneshot::Sender<Result<CommitOutcome, StoreError>>),
         Unit(Result<(), StoreError>, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
+        Job(
+            Result<Box<dyn Any + Send>, StoreError>,
+            tokio::sync::oneshot::Sender<Result<Box<dyn Any + Send>, StoreError>>,
+        ),
     }
     let now = now_ms();
     let mut tx = match conn.transaction() {
@@ -1188,8 +1218,8 @@ fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &AtomicU64) 
             let e = e.to_string();
             for op in batch {
                 match op {
-                    WriteOp::Poll(_, reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
                     WriteOp::Attempt(.., reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
+                    WriteOp::Job(_, reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
                     WriteOp::ReadOnly(_, reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
                 }
             }
@@ -1202,13 +1232,13 @@ fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &AtomicU64) 
             WriteOp::ReadOnly(on, reply) => {
                 let _ = reply.send(tx.pragma_update(None, "query_only", on).map_err(StoreError::from));
             }
-            WriteOp::Poll(commit, reply) => {
-                let result = in_savepoint(&mut tx, |c| apply_poll(c, &commit, now));
-                done.push(Done::Poll(result, reply));
-            }
             WriteOp::Attempt(id, attempt, update, reply) => {
                 let result = in_savepoint(&mut tx, |c| apply_attempt(c, id, &attempt, update, now));
                 done.push(Done::Unit(result, reply));
+            }
+            WriteOp::Job(job, reply) => {
+                let result = in_savepoint(&mut tx, |c| job(c, now));
+                done.push(Done::Job(result, reply));
             }
         }
     }
@@ -1219,10 +1249,10 @@ fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &AtomicU64) 
     // Nobody hears "stored" before the commit is on disk.
     for d in done {
         match d {
-            Done::Poll(result, reply) => {
+            Done::Unit(result, reply) => {
                 let _ = reply.send(committed.clone().map_err(StoreError::Write).and(result));
             }
-            Done::Unit(result, reply) => {
+            Done::Job(result, reply) => {
                 let _ = reply.send(committed.clone().map_err(StoreError::Write).and(result));
             }
         }
@@ -1230,14 +1260,29 @@ fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &AtomicU64) 
 }
 
 /// Runs `f` in a savepoint of `tx`: kept if it succeeds, rolled back if not.
+/// The savepoint statements are prepared once and cached: parsing them anew
+/// for every write was a tenth of the writer's time.
 fn in_savepoint<T>(
     tx: &mut Transaction<'_>,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let sp = tx.savepoint()?;
-    let value = f(&sp)?; // dropping `sp` on error rolls it back
-    sp.commit()?;
-    Ok(value)
+    let run = |sql: &str| -> Result<(), StoreError> {
+        tx.prepare_cached(sql)?.raw_execute()?;
+        Ok(())
+    };
+    run("SAVEPOINT write_op")?;
+    match f(tx) {
+        Ok(value) => {
+            run("RELEASE write_op")?;
+            Ok(value)
+        }
+        Err(e) => {
+            // Undo this write only; the rest of the batch stands.
+            run("ROLLBACK TO write_op")?;
+            run("RELEASE write_op")?;
+            Err(e)
+        }
+    }
 }
 
 fn writer_gone() -> StoreError {
