@@ -448,6 +448,13 @@ fn main() {
     // cost in production; the lines go nowhere.
     let filter = tracing_subscriber::EnvFilter::new("info");
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::sink).init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    // The daemon's runtime (see cli::block_on): one async thread.
+    // BENCH_MULTI_THREAD=1 measures a multi-threaded one instead, for comparison.
+    let mut builder = if std::env::var_os("BENCH_MULTI_THREAD").is_some() {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = builder.enable_all().build().unwrap();
     runtime.block_on(bench(smoke, seconds, only));
 }

@@ -124,6 +124,16 @@ struct Scheduled {
     in_flight: bool,
 }
 
+/// Why the scheduler's loop woke up.
+enum Wake {
+    /// This many polls finished (they are in the batch buffer).
+    Finished(usize),
+    /// The earliest poll is due.
+    Due,
+    /// Time to look for watches the CLI changed.
+    Scan,
+}
+
 /// Results sent back by poll tasks.
 struct Finished {
     job_id: String,
@@ -155,8 +165,12 @@ pub struct Poller {
     unconfigured_orgs: HashSet<String>,
     /// Per-org request rate limits (`max_requests_per_second`).
     rate_limits: HashMap<String, TokenBucket>,
-    /// Origin of the monotonic clock used by the token buckets.
+    /// Origin of the monotonic clock used by the token buckets, and
+    /// `epoch_wall_ms` the wall-clock time then: watch ages (wall-clock, as
+    /// `created_at` survives restarts) are derived from the monotonic clock,
+    /// so a scheduler turn reads the clock once.
     epoch: Instant,
+    epoch_wall_ms: i64,
     metrics: Arc<Metrics>,
     /// Stamped every time round the loop, for `/readyz` and the watchdog.
     health: Arc<Health>,
@@ -194,6 +208,7 @@ impl Poller {
             unconfigured_orgs: HashSet::new(),
             rate_limits,
             epoch,
+            epoch_wall_ms: now_ms(),
             metrics,
             health,
             next_generation: 0,
@@ -252,30 +267,38 @@ impl Poller {
         let timer = tokio::time::sleep_until(idle());
         tokio::pin!(timer);
         let mut batch = Vec::with_capacity(256);
+        // One clock reading per turn, taken when the loop wakes; it serves
+        // the finished polls of this turn and the due check of the next.
+        let mut now = Instant::now();
         loop {
             if self.config_rx.has_changed().unwrap_or(false) {
                 let config = Arc::clone(&self.config_rx.borrow_and_update());
                 self.apply_config(config);
             }
-            self.poll_due_once(Instant::now());
+            self.poll_due_once(now);
             let next_due = self.next_due().unwrap_or_else(idle);
             if timer.deadline() != next_due {
                 timer.as_mut().reset(next_due);
             }
-            tokio::select! {
+            let woke_by = tokio::select! {
                 _ = &mut cancelled => return Ok(()),
                 // Every poll that finished meanwhile, handled in one turn.
-                n = self.results_rx.recv_many(&mut batch, 256) => {
-                    let now = Instant::now();
+                n = self.results_rx.recv_many(&mut batch, 256) => Wake::Finished(n),
+                _ = &mut timer => Wake::Due,
+                _ = scan.tick() => Wake::Scan,
+            };
+            now = Instant::now();
+            match woke_by {
+                Wake::Finished(n) => {
                     for finished in batch.drain(..n) {
                         self.handle(finished, now);
                     }
                 }
-                _ = &mut timer => {}
-                _ = scan.tick() => {
+                Wake::Due => {}
+                Wake::Scan => {
                     // The heartbeat rides on this tick (4 a second), not on
                     // every turn: a clock read per turn was a measurable cost,
-                    // and the tick only runs if the loop is turning.
+                    // and the tick only comes if the loop is turning.
                     self.health.poller_beat();
                     if let Err(e) = self.scan_changes().await {
                         warn!(error = %e, "cannot read watch changes; will retry");
@@ -361,9 +384,7 @@ impl Poller {
     /// loop in [`Poller::run`] is this step plus waiting.
     pub fn poll_due_once(&mut self, now: Instant) -> usize {
         let mut started = 0;
-        // Watch ages are wall-clock (created_at survives restarts); one read
-        // per turn, not per poll.
-        let wall_ms = now_ms();
+        let wall_ms = self.epoch_wall_ms + now.saturating_duration_since(self.epoch).as_millis() as i64;
         while self.next_due().is_some_and(|due| due <= now) && self.permits.available_permits() > 0 {
             let Reverse((_, generation, job_id)) = self.queue.pop().expect("peeked");
             // Skip stale entries: a removed watch, or one re-added since.
