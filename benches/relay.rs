@@ -90,10 +90,10 @@ async fn fake_status(
 }
 
 async fn fake_receive(State(f): State<Arc<Fakes>>, body: String) -> axum::http::StatusCode {
-    // The envelope's timestamp (the last one: keys are sorted, and `data`
-    // may hold an event's own) is when the relay detected the transition.
-    let at = body.rfind("\"timestamp\":\"").and_then(|i| body.get(i + 13..i + 37));
-    if let Some(Ok(t)) = at.map(|at| humantime::parse_rfc3339(at.trim_end_matches('"'))) {
+    // The body's top-level timestamp is when the relay detected the transition.
+    let parsed: Option<serde_json::Value> = serde_json::from_str(&body).ok();
+    let at = parsed.as_ref().and_then(|b| b["timestamp"].as_str()).map(humantime::parse_rfc3339);
+    if let Some(Ok(t)) = at {
         let latency = SystemTime::now().duration_since(t).unwrap_or_default().as_micros() as u64;
         f.latencies.lock().unwrap().push(latency);
     }

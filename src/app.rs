@@ -91,8 +91,25 @@ pub async fn serve(
     let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
     let token = shutdown.clone();
     tasks.spawn(async move { ("poller", poller.run(token).await.map_err(|e| e.to_string())) });
+    // The deliverer gets its own thread and single-threaded runtime: a burst
+    // of polls on the main runtime never holds up sending (nor the other way
+    // round), and each side keeps the low cost of one async thread.
     let token = shutdown.clone();
-    tasks.spawn(async move { ("deliverer", deliverer.run(token).await.map_err(|e| e.to_string())) });
+    let (delivered, delivery_ended) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("dari-relay-deliver".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the delivery runtime: {e}"))
+                .and_then(|runtime| runtime.block_on(deliverer.run(token)).map_err(|e| e.to_string()));
+            let _ = delivered.send(result);
+        })
+        .map_err(|e| AppError::TaskEnded { task: "deliverer", reason: format!("cannot start its thread: {e}") })?;
+    tasks.spawn(async move {
+        ("deliverer", delivery_ended.await.unwrap_or_else(|_| Err("the delivery thread panicked".to_owned())))
+    });
     let (token, pruning) = (shutdown.clone(), Arc::clone(&store));
     let reloads = config.clone();
     tasks.spawn(async move { ("pruner", prune_loop(reloads, pruning, token).await.map_err(|e| e.to_string())) });
