@@ -30,6 +30,8 @@ use crate::store::{AttemptRecord, DeliveryUpdate, OutboundDelivery, Store, Store
 /// Longest wait between looks at the outbox, so deliveries requeued by the
 /// CLI (`deliveries retry`) start within about a second.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How long the deliverer trusts its copy of the paused webhooks.
+const PAUSES_FRESH: Duration = Duration::from_millis(250);
 /// Largest part of a receiver's answer kept with an attempt.
 const EXCERPT_BYTES: usize = 4096;
 
@@ -206,8 +208,9 @@ pub struct Deliverer {
     rate_limits: HashMap<String, TokenBucket>,
     /// Origin of the clock the buckets use.
     epoch: Instant,
-    /// Webhooks paused by a 410, as last read from the store.
+    /// Webhooks paused by a 410, as last read from the store, and when.
     paused: HashSet<String>,
+    paused_read_at: Option<Instant>,
     tasks: JoinSet<AttemptDone>,
 }
 
@@ -241,6 +244,7 @@ impl Deliverer {
             rate_limits: HashMap::new(),
             epoch: Instant::now(),
             paused: HashSet::new(),
+            paused_read_at: None,
             tasks: JoinSet::new(),
         };
         deliverer.apply_config(config);
@@ -349,11 +353,18 @@ impl Deliverer {
     /// earliest head not started is due (Unix ms), if any. The loop's one
     /// step; tests call it directly.
     pub async fn deliver_due_once(&mut self) -> Result<Option<i64>, StoreError> {
-        let paused = self.store.call(|s| s.paused_webhooks()).await?;
-        for name in self.paused.iter().filter(|n| !paused.contains_key(*n)) {
-            info!(webhook = %name, "webhook resumed");
+        // The pauses change only by a 410 (seen here first) or by
+        // `webhooks resume` in another process, so they are read again at
+        // most every PAUSES_FRESH, not on each of the many wake-ups a busy
+        // poller sends.
+        if self.paused_read_at.is_none_or(|at| at.elapsed() >= PAUSES_FRESH) {
+            let paused = self.store.call(|s| s.paused_webhooks()).await?;
+            for name in self.paused.iter().filter(|n| !paused.contains_key(*n)) {
+                info!(webhook = %name, "webhook resumed");
+            }
+            self.paused = paused.into_keys().collect();
+            self.paused_read_at = Some(Instant::now());
         }
-        self.paused = paused.into_keys().collect();
         let mut next_due: Option<i64> = None;
         let webhooks = self.config.webhooks.clone();
         for webhook in webhooks.iter().filter(|w| !self.paused.contains(&w.name)) {

@@ -56,6 +56,8 @@ pub enum PollOutcome {
         terminal: bool,
         /// Hash of the stored answer.
         body_hash: u64,
+        /// Deliveries stored with the notifications.
+        deliveries: usize,
     },
     /// The watch was removed while the request was out; nothing stored.
     Gone,
@@ -65,8 +67,9 @@ pub enum PollOutcome {
     Failed(UpstreamError),
     /// The answer could not be stored; it will be seen again next poll.
     StoreFailed(StoreError),
-    /// The relay gave up on the watch; `watch.failed` is stored.
-    GaveUp,
+    /// The relay gave up on the watch; `watch.failed` is stored with this
+    /// many deliveries.
+    GaveUp { deliveries: usize },
 }
 
 impl PollOutcome {
@@ -79,7 +82,7 @@ impl PollOutcome {
             PollOutcome::NoCredentials => "no_credentials",
             PollOutcome::Failed(e) => e.label(),
             PollOutcome::StoreFailed(_) => "store_error",
-            PollOutcome::GaveUp => "gave_up",
+            PollOutcome::GaveUp { .. } => "gave_up",
         }
     }
 }
@@ -281,6 +284,9 @@ impl Poller {
                 timer.as_mut().reset(next_due);
             }
             let woke_by = tokio::select! {
+                // In this order, without tokio's per-turn shuffle: shutdown
+                // first, so a busy loop still stops at once.
+                biased;
                 _ = &mut cancelled => return Ok(()),
                 // Every poll that finished meanwhile, handled in one turn.
                 n = self.results_rx.recv_many(&mut batch, 256) => Wake::Finished(n),
@@ -290,8 +296,19 @@ impl Poller {
             now = Instant::now();
             match woke_by {
                 Wake::Finished(n) => {
+                    // One wake-up of the deliverer (on its own thread) for all
+                    // the deliveries this turn stored, not one per poll.
+                    let mut stored = 0;
                     for finished in batch.drain(..n) {
+                        if let PollOutcome::Changed { deliveries, .. } | PollOutcome::GaveUp { deliveries } =
+                            finished.outcome
+                        {
+                            stored += deliveries;
+                        }
                         self.handle(finished, now);
+                    }
+                    if stored > 0 {
+                        self.wake_delivery.notify_one();
                     }
                 }
                 Wake::Due => {}
@@ -429,7 +446,6 @@ impl Poller {
             store: Arc::clone(&self.store),
             client: self.client.clone(),
             metrics: Arc::clone(&self.metrics),
-            wake_delivery: Arc::clone(&self.wake_delivery),
         };
         let results = self.results_tx.clone();
         // Debug level: at tens of thousands of polls a second an info span per
@@ -481,7 +497,7 @@ impl Poller {
                 watch.interval = up.poll_interval;
                 watch.interval
             }
-            PollOutcome::Gone | PollOutcome::GaveUp => {
+            PollOutcome::Gone | PollOutcome::GaveUp { .. } => {
                 self.watches.remove(&job_id);
                 return;
             }
@@ -553,7 +569,6 @@ struct PollTask {
     store: Arc<Store>,
     client: UpstreamClient,
     metrics: Arc<Metrics>,
-    wake_delivery: Arc<Notify>,
 }
 
 impl PollTask {
@@ -623,10 +638,7 @@ impl PollTask {
                 error!(job_id = %self.job_id, reason = reason.label(), "gave up on the watch; watch.failed stored");
                 self.metrics.watch_failed(reason.label());
                 self.metrics.notification("watch.failed");
-                if deliveries > 0 {
-                    self.wake_delivery.notify_one();
-                }
-                PollOutcome::GaveUp
+                PollOutcome::GaveUp { deliveries }
             }
             Err(e) => PollOutcome::StoreFailed(e),
         }
@@ -710,9 +722,6 @@ impl PollTask {
         match self.store.write_poll_with(self.job_id.clone(), decide).await? {
             None | Some((CommitOutcome::WatchGone, _)) => Ok(PollOutcome::Gone),
             Some((CommitOutcome::Stored { deliveries }, summary)) => {
-                if deliveries > 0 {
-                    self.wake_delivery.notify_one();
-                }
                 for kind in &summary.kinds {
                     self.metrics.notification(kind);
                 }
@@ -722,7 +731,12 @@ impl PollTask {
                 } else if count > 0 {
                     debug!(job_id = %self.job_id, notifications = count, deliveries, "new events");
                 }
-                Ok(PollOutcome::Changed { notifications: count, terminal: summary.terminal, body_hash: hash })
+                Ok(PollOutcome::Changed {
+                    notifications: count,
+                    terminal: summary.terminal,
+                    body_hash: hash,
+                    deliveries,
+                })
             }
         }
     }
