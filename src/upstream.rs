@@ -183,31 +183,11 @@ impl UpstreamClient {
         job_id: &str,
         api_key: &SecretString,
     ) -> Result<Vec<u8>, UpstreamError> {
-        let mut url = self.base_url.clone();
-        url.path_segments_mut()
-            .map_err(|_| UpstreamError::Transport("base_url cannot take a path".into()))?
-            .pop_if_empty()
-            .extend(["task", &portal.org, &portal.endpoint, "status"]);
+        let mut url = self.url(["task", &portal.org, &portal.endpoint, "status"])?;
         url.query_pairs_mut().append_pair("job_id", job_id);
         let response =
             self.http.get(url).header("X-API-Key", api_key.expose_secret()).send().await.map_err(transport_error)?;
-        let status = response.status();
-        match status {
-            s if s.is_success() => {}
-            StatusCode::NOT_FOUND => return Err(UpstreamError::NotFound),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(UpstreamError::Unauthorized(status.as_u16()));
-            }
-            StatusCode::TOO_MANY_REQUESTS => {
-                let retry_after = response
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| crate::retry::parse_retry_after(v, SystemTime::now()));
-                return Err(UpstreamError::RateLimited { retry_after });
-            }
-            s => return Err(UpstreamError::Status(s.as_u16())),
-        }
+        let response = classify_status(response)?;
         read_capped(response, self.max_response_bytes).await
     }
 }
@@ -221,11 +201,7 @@ impl UpstreamClient {
         body: Vec<u8>,
         api_key: &SecretString,
     ) -> Result<(String, Value), UpstreamError> {
-        let mut url = self.base_url.clone();
-        url.path_segments_mut()
-            .map_err(|_| UpstreamError::Transport("base_url cannot take a path".into()))?
-            .pop_if_empty()
-            .extend(["jobs", &portal.org, &portal.endpoint, "start"]);
+        let url = self.url(["jobs", &portal.org, &portal.endpoint, "start"])?;
         let response = self
             .http
             .post(url)
@@ -235,16 +211,7 @@ impl UpstreamClient {
             .send()
             .await
             .map_err(transport_error)?;
-        let status = response.status();
-        match status {
-            s if s.is_success() => {}
-            StatusCode::NOT_FOUND => return Err(UpstreamError::NotFound),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(UpstreamError::Unauthorized(status.as_u16()));
-            }
-            StatusCode::TOO_MANY_REQUESTS => return Err(UpstreamError::RateLimited { retry_after: None }),
-            s => return Err(UpstreamError::Status(s.as_u16())),
-        }
+        let response = classify_status(response)?;
         let bytes = read_capped(response, self.max_response_bytes).await?;
         let answer: Value = serde_json::from_slice(&bytes)
             .map_err(|e| UpstreamError::Malformed(format!("{e}; body starts {:?}", excerpt(&bytes, 120))))?;
@@ -254,6 +221,37 @@ impl UpstreamClient {
             .and_then(|id| parse_job_id(id).ok())
             .ok_or_else(|| UpstreamError::Malformed("the start answer has no job_id UUID".into()))?;
         Ok((job_id, answer))
+    }
+}
+
+impl UpstreamClient {
+    /// `{base_url}/{segments...}`, each segment percent-encoded.
+    fn url(&self, segments: [&str; 4]) -> Result<Url, UpstreamError> {
+        let mut url = self.base_url.clone();
+        url.path_segments_mut()
+            .map_err(|_| UpstreamError::Transport("base_url cannot take a path".into()))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
+    }
+}
+
+/// Passes a 2xx answer through; turns any other status into its error.
+fn classify_status(response: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+    let status = response.status();
+    match status {
+        s if s.is_success() => Ok(response),
+        StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(UpstreamError::Unauthorized(status.as_u16())),
+        StatusCode::TOO_MANY_REQUESTS => {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| crate::retry::parse_retry_after(v, SystemTime::now()));
+            Err(UpstreamError::RateLimited { retry_after })
+        }
+        s => Err(UpstreamError::Status(s.as_u16())),
     }
 }
 

@@ -150,16 +150,7 @@ async fn failed_delivery_is_retried_through_the_api() {
     receiver.answer_with(&[500, 500, 500, 500]);
     dari.script(JOB, vec![job("completed", 0)]);
     let (relay, api) = relay_with_api(&config_text(&dir.path().join("r.db"), &dari, &[("h", &receiver.url)], "")).await;
-    relay
-        .store
-        .add_watches(&[dari_relay::store::NewWatch {
-            job_id: JOB.into(),
-            portal: "acme/form".parse().unwrap(),
-            webhooks: None,
-            labels: Default::default(),
-            from_now: false,
-        }])
-        .unwrap();
+    relay.store.add_watches(&[crate::fakes::watch_on("acme/form", JOB)]).unwrap();
     for _ in 0..4 {
         receiver.next().await;
     }
@@ -291,16 +282,7 @@ async fn metrics_parse_and_move() {
     };
     let before = scrape().await;
     assert_eq!(before, (0.0, 0.0, 0.0, 0.0, 0.0, 1.0));
-    relay
-        .store
-        .add_watches(&[dari_relay::store::NewWatch {
-            job_id: JOB.into(),
-            portal: "acme/form".parse().unwrap(),
-            webhooks: None,
-            labels: Default::default(),
-            from_now: false,
-        }])
-        .unwrap();
+    relay.store.add_watches(&[crate::fakes::watch_on("acme/form", JOB)]).unwrap();
     receiver.until_delivered("job.completed").await;
     relay.settle().await;
     let (polls, completed, delivered, latency, finished, _) = scrape().await;

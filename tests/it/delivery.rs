@@ -10,20 +10,14 @@ use dari_relay::store::{DeliveryState, NewWatch};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::fakes::{API_KEY, Behaviour, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text};
+use crate::fakes::{API_KEY, Behaviour, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, watch_on};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 const JOB2: &str = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
 const JOB3: &str = "7c9e6679-7425-40de-944b-e07fc1f098ae";
 
 fn watch(job_id: &str) -> NewWatch {
-    NewWatch {
-        job_id: job_id.into(),
-        portal: "acme/form".parse().unwrap(),
-        webhooks: None,
-        labels: Default::default(),
-        from_now: false,
-    }
+    watch_on("acme/form", job_id)
 }
 
 fn job(status: &str, events: usize) -> Reply {

@@ -283,6 +283,17 @@ async fn serve(router: Router) -> std::net::SocketAddr {
     addr
 }
 
+/// A watch of `job_id` on `portal`, by portal patterns, no labels, from the start.
+pub fn watch_on(portal: &str, job_id: &str) -> dari_relay::store::NewWatch {
+    dari_relay::store::NewWatch {
+        job_id: job_id.into(),
+        portal: portal.parse().unwrap(),
+        webhooks: None,
+        labels: Default::default(),
+        from_now: false,
+    }
+}
+
 /// The environment the test configs read secrets from.
 pub fn env(name: &str) -> Option<String> {
     match name {

@@ -5,7 +5,6 @@
 
 use std::collections::HashSet;
 
-use dari_relay::store::NewWatch;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -85,16 +84,7 @@ async fn run_case(steps: Vec<(&'static str, usize)>, faults: Vec<(usize, Fault)>
         .replace("max_poll_interval = \"400ms\"", "max_poll_interval = \"50ms\"")
         .replace("request_timeout = \"2s\"\n[delivery]", "request_timeout = \"200ms\"\n[delivery]");
     let relay = Relay::start(&text).await;
-    relay
-        .store
-        .add_watches(&[NewWatch {
-            job_id: JOB.into(),
-            portal: "acme/form".parse().unwrap(),
-            webhooks: None,
-            labels: Default::default(),
-            from_now: false,
-        }])
-        .unwrap();
+    relay.store.add_watches(&[crate::fakes::watch_on("acme/form", JOB)]).unwrap();
     let got = receiver.until_delivered("job.completed").await;
     relay.settle().await;
     relay.stop().await;

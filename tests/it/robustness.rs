@@ -4,24 +4,13 @@
 
 use std::time::Duration;
 
-use dari_relay::store::NewWatch;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text};
+use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, watch_on};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 const JOB2: &str = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
-
-fn watch_on(portal: &str, job_id: &str) -> NewWatch {
-    NewWatch {
-        job_id: job_id.into(),
-        portal: portal.parse().unwrap(),
-        webhooks: None,
-        labels: Default::default(),
-        from_now: false,
-    }
-}
 
 fn job(status: &str, events: usize) -> Reply {
     let events: Vec<Value> = (0..events).map(|i| json!({"event_type": "step", "message": format!("e{i}")})).collect();
