@@ -4,7 +4,7 @@
 //! notifications, one delivery per (notification, webhook), and every delivery
 //! attempt. The invariant the rest of the program leans on is that a poll's
 //! new job state and the deliveries it produced are committed in one
-//! transaction ([`Store::commit_poll`]): a crash either loses both (and the
+//! transaction ([`Store::write_poll_with`]): a crash either loses both (and the
 //! next poll sees the change again) or keeps both (and the deliveries are
 //! sent after the restart). Every pending delivery is a row, so a restart
 //! loses nothing.
@@ -295,7 +295,7 @@ pub struct PollCommit {
     pub notifications: Vec<NewNotification>,
 }
 
-/// The result of [`Store::commit_poll`].
+/// The result of storing a poll (see [`Store::write_poll_with`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
     /// Stored; this many deliveries were created.
@@ -728,17 +728,6 @@ impl Store {
         read_diff_context(&self.conn(), job_id)
     }
 
-    /// Stores a poll's new state, its notifications and their deliveries in
-    /// one transaction, provided the watch is still active.
-    pub fn commit_poll(&self, commit: &PollCommit) -> Result<CommitOutcome, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let outcome = apply_poll(&tx, commit, now_ms())?;
-        tx.commit()?;
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        Ok(outcome)
-    }
-
     /// Reads a watch's [`DiffContext`], lets `decide` turn it into a
     /// [`PollCommit`] (or nothing, to leave the watch untouched), and applies
     /// that commit: all on the writer thread, in one savepoint of a batched
@@ -768,7 +757,7 @@ impl Store {
         Ok(*value.downcast::<Option<(CommitOutcome, T)>>().expect("the job returns what its caller expects"))
     }
 
-    /// [`Store::record_attempt`] through the batching writer.
+    /// Records an attempt and moves its delivery on, through the batching writer.
     pub async fn write_attempt(
         &self,
         id: i64,
@@ -866,16 +855,6 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Records an attempt and moves the delivery on, in one transaction.
-    pub fn record_attempt(&self, id: i64, attempt: &AttemptRecord, update: DeliveryUpdate) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        apply_attempt(&tx, id, attempt, update, now_ms())?;
-        tx.commit()?;
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Deliveries for `deliveries list`, newest first, at most `limit`.
@@ -1114,7 +1093,8 @@ fn read_diff_context(conn: &Connection, job_id: &str) -> Result<Option<DiffConte
     }))
 }
 
-/// The body of [`Store::commit_poll`], on any connection or savepoint.
+/// Stores a poll's new state, its notifications and their deliveries,
+/// provided the watch is still active; on any connection or savepoint.
 fn apply_poll(conn: &Connection, commit: &PollCommit, now: i64) -> Result<CommitOutcome, StoreError> {
     let fps: Vec<u8> = commit.seen.event_fingerprints.iter().flat_map(|f| f.to_be_bytes()).collect();
     let (state, reason) = match &commit.end {
@@ -1133,7 +1113,7 @@ fn apply_poll(conn: &Connection, commit: &PollCommit, now: i64) -> Result<Commit
     Ok(CommitOutcome::Stored { deliveries })
 }
 
-/// The body of [`Store::record_attempt`], on any connection or savepoint.
+/// Records an attempt and moves its delivery on; on any connection or savepoint.
 fn apply_attempt(
     conn: &Connection,
     id: i64,
