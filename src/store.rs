@@ -9,10 +9,16 @@
 //! sent after the restart). Every pending delivery is a row, so a restart
 //! loses nothing.
 //!
-//! The connection sits behind a std `Mutex`: every critical section is a
-//! short synchronous SQLite call made on a blocking thread (see
-//! [`Store::call`]), never held across an `.await`. The CLI opens its own
-//! `Store` on the same file; WAL mode and a busy timeout let both write.
+//! Two connections. The hot writes (each poll's read-diff-write, each
+//! delivery attempt) go to one writer thread with its own connection, which
+//! applies every write waiting in its own savepoint and commits them
+//! together: one fsync for many polls (group commit), and nobody is told
+//! "stored" before the commit. Reads and the rare writes (CLI changes,
+//! pauses, pruning) use the other connection, behind a std `Mutex`: every
+//! critical section is a short synchronous SQLite call made on a blocking
+//! thread (see [`Store::call`]), never held across an `.await`. The CLI opens
+//! its own `Store` on the same file; WAL mode and a busy timeout let all of
+//! them write.
 
 use std::any::Any;
 use std::collections::BTreeMap;
