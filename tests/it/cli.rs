@@ -254,3 +254,19 @@ fn json_logs_carry_the_job_id() {
     std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+/// Without `--config`, the config file is `$DARI_RELAY_CONFIG`.
+#[test]
+fn config_path_comes_from_the_environment_without_the_flag() {
+    let env = Env::new();
+    let config = env.config(GOOD);
+    let out = Command::new(env!("CARGO_BIN_EXE_dari-relay"))
+        .arg("check-config")
+        .env("DARI_RELAY_CONFIG", &config)
+        .env("DARI_API_KEY", "sk-live-0123456789")
+        .env("HOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("# resolved from {}", config.display())));
+}

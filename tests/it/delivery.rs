@@ -408,3 +408,44 @@ async fn reloaded_org_key_is_used_without_a_restart() {
     assert_eq!(got.iter().map(|r| r.kind()).collect::<Vec<_>>(), ["job.event", "job.running"]);
     assert_eq!(dari.requests().last().unwrap().api_key, API_KEY);
 }
+
+/// Only a 2xx counts and redirects are not followed: a receiver answering
+/// 307 to another URL gets its delivery retried, and the other URL hears
+/// nothing.
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    use axum::http::StatusCode;
+    let dir = tempfile::tempdir().unwrap();
+    let dari = FakeDari::start().await;
+    let mut elsewhere = FakeReceiver::start().await;
+    let target = elsewhere.url.clone();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&hits);
+    let redirecting = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let (target, counted) = (target.clone(), std::sync::Arc::clone(&counted));
+            async move {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (StatusCode::TEMPORARY_REDIRECT, [("location", target)])
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, redirecting).await.unwrap() });
+    dari.script(JOB, vec![job("completed", 0)]);
+    let relay = Relay::start(&config_text(&dir.path().join("r.db"), &dari, &[("h", &url)], "")).await;
+    relay.store.add_watches(&[watch(JOB)]).unwrap();
+    // The schedule is 100, 200, 300 ms: four attempts, then failed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.store.delivery_counts().unwrap().get("failed").copied().unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the delivery never gave up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.stop().await;
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 4, "one request per attempt, none followed");
+    assert!(elsewhere.drain().is_empty(), "the redirect target heard nothing");
+    let failed = dari_relay::store::Store::open(&dir.path().join("r.db")).unwrap().list_deliveries(None, 10).unwrap();
+    assert_eq!(failed[0].last_error.as_deref(), Some("HTTP 307"));
+}

@@ -333,3 +333,58 @@ async fn rejected_key_is_logged_once_polled_slowly_and_never_leaked() {
     assert!(!log.contains(wrong_key) && !log.contains("sk-wrong"), "the key leaked into the log:\n{log}");
     assert_eq!(log.matches("rejected the org's API key").count(), 1, "{log}");
 }
+
+/// Polite upstream: never more than `max_in_flight` status requests at once,
+/// all orgs together.
+#[tokio::test]
+async fn never_more_than_max_in_flight_requests_at_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = FakeReceiver::start().await;
+    let (now, peak, served) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let state = (Arc::clone(&now), Arc::clone(&peak), Arc::clone(&served));
+    // A slow portal that counts the requests it is answering at once.
+    let portal = axum::Router::new().route(
+        "/task/{org}/{endpoint}/status",
+        axum::routing::get(move || {
+            let (now, peak, served) = state.clone();
+            async move {
+                let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(current, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                served.fetch_add(1, Ordering::SeqCst);
+                "{\"status\": \"running\"}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, portal).await.unwrap() });
+    let text = format!(
+        "database = \"{}\"\n[upstream]\nbase_url = \"{base}\"\npoll_interval = \"10ms\"\nmax_poll_interval = \"10ms\"\nmax_in_flight = 3\n\
+         [orgs.acme]\napi_key_env = \"DARI_API_KEY\"\n[orgs.beta]\napi_key_env = \"DARI_API_KEY\"\n\
+         [[webhooks]]\nname = \"h\"\nurl = \"{}\"\n",
+        dir.path().join("r.db").display(),
+        receiver.url
+    );
+    let relay = Relay::start(&text).await;
+    let watches: Vec<_> = (0..10)
+        .map(|i| {
+            watch_on(
+                if i % 2 == 0 { "acme/form" } else { "beta/form" },
+                &format!("{i:08x}-0000-4000-8000-000000000000"),
+            )
+        })
+        .collect();
+    relay.store.add_watches(&watches).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served.load(Ordering::SeqCst) < 30 {
+        assert!(Instant::now() < deadline, "polling stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.stop().await;
+    assert_eq!(peak.load(Ordering::SeqCst), 3, "at most max_in_flight at once, and the limit is used");
+}
