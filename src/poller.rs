@@ -627,7 +627,7 @@ impl PollTask {
             &notification::now_timestamp(),
         );
         let notification = NewNotification {
-            deliveries: self.deliveries_for(&n.kind, &portal_id, ctx.webhooks.as_deref(), &ctx.labels),
+            deliveries: deliveries_for(&self.config, &n.kind, &portal_id, ctx.webhooks.as_deref(), &ctx.labels),
             kind: n.kind,
             body: n.body,
         };
@@ -642,22 +642,6 @@ impl PollTask {
             }
             Err(e) => PollOutcome::StoreFailed(e),
         }
-    }
-
-    /// One new delivery per webhook that accepts a notification of `kind`.
-    fn deliveries_for(
-        &self,
-        kind: &str,
-        portal_id: &str,
-        named: Option<&[String]>,
-        labels: &serde_json::Map<String, serde_json::Value>,
-    ) -> Vec<NewDelivery> {
-        self.config
-            .webhooks
-            .iter()
-            .filter(|w| w.accepts(kind, portal_id, named, labels))
-            .map(|w| NewDelivery { webhook: w.name.clone(), msg_id: new_msg_id() })
-            .collect()
     }
 
     /// Loads the last-seen state, diffs, and commits the result atomically.
@@ -695,12 +679,7 @@ impl PollTask {
             let notifications: Vec<NewNotification> = notifications
                 .into_iter()
                 .map(|n| NewNotification {
-                    deliveries: config
-                        .webhooks
-                        .iter()
-                        .filter(|w| w.accepts(&n.kind, &portal_id, ctx.webhooks.as_deref(), &ctx.labels))
-                        .map(|w| NewDelivery { webhook: w.name.clone(), msg_id: new_msg_id() })
-                        .collect(),
+                    deliveries: deliveries_for(&config, &n.kind, &portal_id, ctx.webhooks.as_deref(), &ctx.labels),
                     kind: n.kind,
                     body: n.body,
                 })
@@ -740,6 +719,23 @@ impl PollTask {
             }
         }
     }
+}
+
+/// One new delivery per webhook that accepts a notification of `kind` for
+/// this watch: the one place notifications are matched to webhooks.
+fn deliveries_for(
+    config: &Config,
+    kind: &str,
+    portal_id: &str,
+    named: Option<&[String]>,
+    labels: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<NewDelivery> {
+    config
+        .webhooks
+        .iter()
+        .filter(|w| w.accepts(kind, portal_id, named, labels))
+        .map(|w| NewDelivery { webhook: w.name.clone(), msg_id: new_msg_id() })
+        .collect()
 }
 
 /// One token bucket per org with a `max_requests_per_second`.
