@@ -173,6 +173,11 @@ pub fn classify(
     now_ms: i64,
     unit: f64,
 ) -> AttemptOutcome {
+    // 410 Gone: the receiver is gone for good; pause the whole webhook
+    // rather than spend this delivery's retries.
+    if response.status == Some(410) {
+        return AttemptOutcome::Paused;
+    }
     if let Some(status) = response.status.filter(|_| response.is_success()) {
         return AttemptOutcome::Delivered { status };
     }
@@ -450,11 +455,7 @@ impl Attempt {
         let (response, outcome) = match crate::format::render(&self.webhook, &self.delivery.body) {
             Ok(body) => {
                 let response = send(&self.http, &self.webhook, &self.delivery.msg_id, body).await;
-                let outcome = if response.status == Some(410) {
-                    AttemptOutcome::Paused
-                } else {
-                    classify(&response, self.delivery.attempts, &self.schedule, now_ms(), fastrand::f64())
-                };
+                let outcome = classify(&response, self.delivery.attempts, &self.schedule, now_ms(), fastrand::f64());
                 (response, outcome)
             }
             Err(e) => {
@@ -538,5 +539,8 @@ mod tests {
             classify(&response(None, None), 2, &schedule, 0, 0.5),
             AttemptOutcome::GaveUp { error: "no answer".into() }
         );
+        // 410 pauses the webhook, whatever is left of the schedule.
+        assert_eq!(classify(&response(Some(410), None), 0, &schedule, 0, 0.5), AttemptOutcome::Paused);
+        assert_eq!(classify(&response(Some(410), None), 2, &schedule, 0, 0.5), AttemptOutcome::Paused);
     }
 }
