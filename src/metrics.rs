@@ -64,8 +64,9 @@ pub struct Snapshot {
 /// The relay's counters. One instance per running relay, shared by `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
-    /// Polls by (org, outcome).
-    polls: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Polls by org, then outcome: nested so that counting a poll looks the
+    /// org up by `&str` and allocates nothing once the org is known.
+    polls: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
     /// Notifications stored, by type.
     notifications: Mutex<BTreeMap<String, u64>>,
     /// Delivery attempts by (webhook, outcome).
@@ -106,7 +107,12 @@ fn get<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: &K) -> u64 {
 impl Metrics {
     /// Counts one poll of an org's watch with its outcome label.
     pub fn poll(&self, org: &str, outcome: &'static str) {
-        bump(&self.polls, (org.to_owned(), outcome));
+        let mut polls = self.polls.lock().unwrap_or_else(|e| e.into_inner());
+        let by_outcome = match polls.get_mut(org) {
+            Some(by_outcome) => by_outcome,
+            None => polls.entry(org.to_owned()).or_default(),
+        };
+        *by_outcome.entry(outcome).or_default() += 1;
     }
 
     /// Counts one stored notification.
@@ -142,7 +148,8 @@ impl Metrics {
 
     /// Polls of `org` with `outcome` so far.
     pub fn polls(&self, org: &str, outcome: &'static str) -> u64 {
-        get(&self.polls, &(org.to_owned(), outcome))
+        let polls = self.polls.lock().unwrap_or_else(|e| e.into_inner());
+        polls.get(org).and_then(|by_outcome| by_outcome.get(outcome)).copied().unwrap_or(0)
     }
 
     /// Delivery attempts to `webhook` with `outcome` so far.
@@ -202,8 +209,10 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP dari_relay_polls_total Status requests to Dari, by org and outcome.");
         let _ = writeln!(out, "# TYPE dari_relay_polls_total counter");
-        for ((org, outcome), n) in self.polls.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "dari_relay_polls_total{{org=\"{}\",outcome=\"{outcome}\"}} {n}", escape(org));
+        for (org, by_outcome) in self.polls.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for (outcome, n) in by_outcome {
+                let _ = writeln!(out, "dari_relay_polls_total{{org=\"{}\",outcome=\"{outcome}\"}} {n}", escape(org));
+            }
         }
         let _ = writeln!(out, "# HELP dari_relay_notifications_total Notifications stored, by type.");
         let _ = writeln!(out, "# TYPE dari_relay_notifications_total counter");

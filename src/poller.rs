@@ -472,12 +472,15 @@ impl Poller {
             return; // removed while in flight
         };
         watch.in_flight = false;
-        let org = watch.portal.org.clone();
-        self.metrics.poll(&org, outcome.label());
+        // Borrowed from the watch's shared portal: no copy of the org on
+        // this per-poll path; owned copies only where an org is remembered.
+        let portal = Arc::clone(&watch.portal);
+        let org = portal.org.as_str();
+        self.metrics.poll(org, outcome.label());
         if matches!(outcome, PollOutcome::Unchanged | PollOutcome::Changed { .. }) {
             watch.error_streak = 0;
             watch.not_found_since = None;
-            if self.rejected_orgs.remove(&org).is_some() {
+            if self.rejected_orgs.remove(org).is_some() {
                 info!(org_id = %org, "Dari accepts the org's API key again");
             }
         }
@@ -502,13 +505,13 @@ impl Poller {
                 return;
             }
             PollOutcome::NoCredentials => {
-                if self.unconfigured_orgs.insert(org.clone()) {
+                if self.unconfigured_orgs.insert(org.to_owned()) {
                     error!(org_id = %org, "the config has no [orgs.{org}] table: its watches wait at max_poll_interval");
                 }
                 up.max_poll_interval
             }
             PollOutcome::Failed(UpstreamError::Unauthorized(status)) => {
-                let since = *self.rejected_orgs.entry(org.clone()).or_insert_with(|| {
+                let since = *self.rejected_orgs.entry(org.to_owned()).or_insert_with(|| {
                     error!(org_id = %org, status, "Dari rejected the org's API key; its watches are polled at max_poll_interval until it is accepted");
                     now
                 });
@@ -537,7 +540,7 @@ impl Poller {
                 });
                 warn!(job_id = %job_id, org_id = %org, wait_ms = wait.as_millis() as u64, "rate limited (429): pausing every poll of the org");
                 let until = now + wait;
-                let paused = self.paused_orgs.entry(org).or_insert(until);
+                let paused = self.paused_orgs.entry(org.to_owned()).or_insert(until);
                 *paused = (*paused).max(until);
                 wait
             }
