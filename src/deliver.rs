@@ -371,8 +371,11 @@ impl Deliverer {
             self.paused_read_at = Some(Instant::now());
         }
         let mut next_due: Option<i64> = None;
-        let webhooks = self.config.webhooks.clone();
-        for webhook in webhooks.iter().filter(|w| !self.paused.contains(&w.name)) {
+        // The config as of this turn; iterating it through a cloned Arc costs
+        // nothing, where cloning the webhooks (templates, headers) would cost
+        // every wake-up.
+        let config = Arc::clone(&self.config);
+        for webhook in config.webhooks.iter().filter(|w| !self.paused.contains(&w.name)) {
             let busy = self.per_webhook.get(&webhook.name).copied().unwrap_or(0);
             if busy >= webhook.max_in_flight {
                 continue;
