@@ -36,34 +36,57 @@ pub fn delivery_retry_delay(
 ) -> Option<Duration> {
     let scheduled = *schedule.get(attempt.checked_sub(1)?)?;
     if let Some(wait) = retry_after {
-        // Honour the receiver, within reason: a day at most.
-        return Some(wait.min(Duration::from_secs(86_400)));
+        // Honour the receiver, within the documented bounds.
+        return Some(clamp_retry_after(wait));
     }
     Some(scheduled.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0)))
 }
 
-/// Parses a `Retry-After` value: delay-seconds or an HTTP date.
+/// The shortest wait a `Retry-After` (from Dari or from a receiver) is taken
+/// to ask for. `0`, a date in the past or a tiny fraction would otherwise
+/// turn "slow down" into a tight loop against a server that is struggling.
+pub const RETRY_AFTER_MIN: Duration = Duration::from_secs(1);
+
+/// The longest wait a `Retry-After` is honoured for. Anything longer (an
+/// absurd `9999999999`, a date next year) is read as this: the org or the
+/// webhook is asked again within the hour instead of being silenced until a
+/// restart, and no `Instant` arithmetic can overflow on it.
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(3600);
+
+/// Bounds a wait that came from outside to `[RETRY_AFTER_MIN, RETRY_AFTER_MAX]`.
+pub fn clamp_retry_after(wait: Duration) -> Duration {
+    wait.clamp(RETRY_AFTER_MIN, RETRY_AFTER_MAX)
+}
+
+/// Parses a `Retry-After` value, delay-seconds (whole or, as Discord sends,
+/// fractional) or an HTTP date, into a wait within
+/// `[RETRY_AFTER_MIN, RETRY_AFTER_MAX]`. `None` for anything else.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(clamp_retry_after(Duration::from_secs(secs.min(RETRY_AFTER_MAX.as_secs()))));
     }
     if let Ok(secs) = value.parse::<f64>() {
-        // Discord sends fractional seconds.
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+        return seconds_f64(secs);
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(clamp_retry_after(at.duration_since(now).unwrap_or(Duration::ZERO)))
+}
+
+/// A wait given as a float number of seconds, bounded; `None` when it is
+/// negative or not a number.
+fn seconds_f64(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && secs >= 0.0)
+        .then(|| clamp_retry_after(Duration::from_secs_f64(secs.min(RETRY_AFTER_MAX.as_secs_f64()))))
 }
 
 /// The wait a JSON answer states in its `retry_after` field, in seconds
 /// (fractions allowed), as Discord's 429 body does: `{"message": "You are
 /// being rate limited.", "retry_after": 0.52, "global": false}`. Used only
-/// when the answer has no usable `Retry-After` header.
+/// when the answer has no usable `Retry-After` header. Bounded like a header.
 pub fn retry_after_in_body(body: &str) -> Option<Duration> {
     let value: serde_json::Value = serde_json::from_str(body).ok()?;
-    let secs = value.get("retry_after")?.as_f64()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+    seconds_f64(value.get("retry_after")?.as_f64()?)
 }
 
 #[cfg(test)]
@@ -119,11 +142,33 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_is_bounded_both_ways() {
+        let now = SystemTime::UNIX_EPOCH + S(1_000_000_000);
+        let cases = [
+            ("0", RETRY_AFTER_MIN),
+            ("0.0001", RETRY_AFTER_MIN),
+            ("18446744073709551615", RETRY_AFTER_MAX),
+            ("9999999999", RETRY_AFTER_MAX),
+            ("1e300", RETRY_AFTER_MAX),
+            ("3601", RETRY_AFTER_MAX),
+            ("3600", RETRY_AFTER_MAX),
+            ("1", S(1)),
+        ];
+        for (value, want) in cases {
+            assert_eq!(parse_retry_after(value, now), Some(want), "{value}");
+        }
+        let past = httpdate::fmt_http_date(now - S(30));
+        assert_eq!(parse_retry_after(&past, now), Some(RETRY_AFTER_MIN));
+        let far = httpdate::fmt_http_date(now + S(400 * 86_400));
+        assert_eq!(parse_retry_after(&far, now), Some(RETRY_AFTER_MAX));
+    }
+
+    #[test]
     fn retry_after_in_a_json_body() {
         let cases = [
-            (r#"{"message": "You are being rate limited.", "retry_after": 0.52, "global": false}"#, Some(520)),
+            (r#"{"message": "You are being rate limited.", "retry_after": 0.52, "global": false}"#, Some(1000)),
             (r#"{"retry_after": 3}"#, Some(3000)),
-            (r#"{"retry_after": 1e9}"#, Some(86_400_000)),
+            (r#"{"retry_after": 1e9}"#, Some(3_600_000)),
             (r#"{"retry_after": -1}"#, None),
             (r#"{"retry_after": "soon"}"#, None),
             (r#"{"message": "no hint"}"#, None),
