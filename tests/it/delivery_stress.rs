@@ -2,15 +2,17 @@
 //! refuses is never a re-send, a webhook renamed away keeps its backlog, a
 //! receiver's rate limit never spends a delivery's retries.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
-use dari_relay::store::DeliveryState;
+use dari_relay::store::{DeliveryState, NewWatch, Store};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, watch_on};
+use crate::fakes::{API_KEY, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, watch_on};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 
@@ -66,6 +68,91 @@ async fn an_unrecorded_outcome_is_written_later_and_never_resent() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.stop().await;
     assert!(receiver.drain().is_empty(), "nothing sent after the record landed");
+}
+
+/// The binary, with the test secrets, logging to a file.
+fn spawn_daemon(config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dari-relay"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("DARI_API_KEY", API_KEY)
+        .env("HOOK_SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    assert!(Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap().success());
+}
+
+async fn wait_log(log: &Path, text: &str, times: usize) {
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read().matches(text).count() < times {
+        assert!(Instant::now() < deadline, "log never said {text:?} {times} times:\n{}", read());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Item B: a webhook renamed by a SIGHUP reload. The notifications of a
+/// watch added with `--webhook old` used to be stored with no delivery at
+/// all, and renaming the webhook back brought nothing back. Now they wait,
+/// pending, with a warning and a counter; when the name is configured
+/// again, its backlog is delivered in order with the stored webhook-ids.
+#[tokio::test]
+async fn a_webhook_renamed_away_and_back_keeps_and_delivers_its_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("r.db");
+    let dari = FakeDari::start().await;
+    let mut receiver = FakeReceiver::start().await;
+    dari.script(JOB, vec![job("running", 0)]);
+    let named = config_text(&db, &dari, &[("old", &receiver.url)], "");
+    let renamed = config_text(&db, &dari, &[("new", &receiver.url)], "");
+    let config = write_config(dir.path(), &named);
+    let store = Store::open(&db).unwrap();
+    store.add_watches(&[NewWatch { webhooks: Some(vec!["old".into()]), ..watch_on("acme/form", JOB) }]).unwrap();
+    let log = dir.path().join("relay.log");
+    let mut daemon = spawn_daemon(&config, &log);
+    assert_eq!(receiver.next().await.kind(), "job.running");
+
+    write_config(dir.path(), &renamed);
+    signal(&daemon, "HUP");
+    wait_log(&log, "deliverer uses the reloaded config", 1).await;
+    dari.script(JOB, vec![job("running", 1), job("completed", 1)]);
+    wait_for("the later notifications", || store.notifications_of(JOB).unwrap().len() == 3).await;
+    wait_log(&log, "names a webhook that is not in the config", 1).await;
+    let later = store.notifications_of(JOB).unwrap();
+    for n in &later[1..] {
+        assert_eq!(n.deliveries.len(), 1, "{} has a delivery for the missing webhook", n.kind);
+        assert_eq!((n.deliveries[0].webhook.as_str(), n.deliveries[0].state), ("old", DeliveryState::Pending));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(receiver.drain().is_empty(), "nothing is sent while the name is unknown");
+
+    write_config(dir.path(), &named);
+    signal(&daemon, "HUP");
+    wait_log(&log, "deliverer uses the reloaded config", 2).await;
+    let got = receiver.until_delivered("job.completed").await;
+    assert_eq!(got.iter().map(|r| r.kind()).collect::<Vec<_>>(), ["job.event", "job.completed"]);
+    let ids: Vec<String> = later[1..].iter().map(|n| n.deliveries[0].msg_id.clone()).collect();
+    assert_eq!(got.iter().map(|r| r.header("webhook-id")).collect::<Vec<_>>(), ids);
+    signal(&daemon, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("names a webhook that is not in the config").count(), 1, "warned once per name:\n{text}");
 }
 
 /// A receiver on 127.0.0.1:0 that gives these answers (status, Retry-After)
