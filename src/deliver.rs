@@ -1027,6 +1027,48 @@ mod tests {
         assert_eq!(store.list_deliveries(None, 10).unwrap()[0].state, "delivered");
     }
 
+    /// A rate-limit answer slows the whole webhook down: until its
+    /// Retry-After has passed, no delivery of that webhook starts, and the
+    /// step says when to look again.
+    #[tokio::test]
+    async fn a_rate_limit_holds_the_whole_webhook() {
+        let dir = tempfile::tempdir().unwrap();
+        let router = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(|| async { (axum::http::StatusCode::TOO_MANY_REQUESTS, [("retry-after", "3")]) }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        let (mut deliverer, store, _metrics) = deliverer_with_one_delivery(dir.path(), &url);
+        deliverer.deliver_due_once().await.unwrap();
+        let done = deliverer.tasks.join_next_with_id().await.unwrap();
+        deliverer.finish(done).await;
+        let delivery = &store.list_deliveries(None, 10).unwrap()[0];
+        assert_eq!((delivery.state, delivery.attempts), ("pending", 0), "deferred, not counted");
+        // Another job's delivery to the same webhook, due now, waits too.
+        use crate::store::{NewDelivery, NewNotification, NewWatch};
+        let other = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
+        let watch = NewWatch {
+            job_id: other.into(),
+            portal: "acme/form".parse().unwrap(),
+            webhooks: None,
+            labels: Default::default(),
+            from_now: false,
+        };
+        store.add_watches(&[watch]).unwrap();
+        let notification = NewNotification {
+            kind: "watch.failed".into(),
+            body: r#"{"type":"watch.failed"}"#.into(),
+            deliveries: vec![NewDelivery { webhook: "h".into(), msg_id: "msg_2".into() }],
+        };
+        store.fail_watch(other, "test", &notification).unwrap();
+        let next = deliverer.deliver_due_once().await.unwrap().expect("a time to look again");
+        assert!(deliverer.tasks.is_empty(), "nothing starts while the webhook is slowed");
+        let wait = next - now_ms();
+        assert!((2_000..=3_000).contains(&wait), "{wait} ms");
+    }
+
     /// A stored webhook-id that is not a valid header value (a corrupt row)
     /// is a failed attempt, not a panic.
     #[tokio::test]
