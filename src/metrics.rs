@@ -77,6 +77,12 @@ pub struct Metrics {
     poll_duration: Mutex<Histogram>,
     /// From detecting a transition to a receiver's 2xx, per webhook.
     delivery_latency: Mutex<BTreeMap<String, Histogram>>,
+    /// Faults of the delivery path that lose nothing but need an operator's
+    /// eye, by (webhook, fault): `panicked` (an attempt's task panicked),
+    /// `unrecorded` (an outcome the store refused, kept in memory),
+    /// `unknown_webhook` (a delivery stored for a webhook no longer in the
+    /// config).
+    delivery_faults: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl Default for Metrics {
@@ -88,6 +94,7 @@ impl Default for Metrics {
             watches_failed: Mutex::default(),
             poll_duration: Mutex::new(Histogram::new(&POLL_BUCKETS)),
             delivery_latency: Mutex::default(),
+            delivery_faults: Mutex::default(),
         }
     }
 }
@@ -155,6 +162,21 @@ impl Metrics {
     /// Delivery attempts to `webhook` with `outcome` so far.
     pub fn deliveries(&self, webhook: &str, outcome: &'static str) -> u64 {
         get(&self.deliveries, &(webhook.to_owned(), outcome))
+    }
+
+    /// Counts one fault of the delivery path (see `delivery_faults`) and
+    /// returns how many there were before, so a caller can warn only the
+    /// first time.
+    pub fn delivery_fault(&self, webhook: &str, fault: &'static str) -> u64 {
+        let mut map = self.delivery_faults.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry((webhook.to_owned(), fault)).or_default();
+        *n += 1;
+        *n - 1
+    }
+
+    /// Delivery faults of `webhook` of this kind so far.
+    pub fn delivery_faults(&self, webhook: &str, fault: &'static str) -> u64 {
+        get(&self.delivery_faults, &(webhook.to_owned(), fault))
     }
 
     /// Everything, in the Prometheus text exposition format, with the
@@ -232,6 +254,18 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE dari_relay_watches_failed_total counter");
         for (reason, n) in self.watches_failed.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "dari_relay_watches_failed_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dari_relay_delivery_faults_total Delivery faults (panicked, unrecorded, unknown_webhook), by webhook."
+        );
+        let _ = writeln!(out, "# TYPE dari_relay_delivery_faults_total counter");
+        for ((webhook, fault), n) in self.delivery_faults.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "dari_relay_delivery_faults_total{{webhook=\"{}\",fault=\"{fault}\"}} {n}",
+                escape(webhook)
+            );
         }
         out
     }

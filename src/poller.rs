@@ -630,7 +630,14 @@ impl PollTask {
             &notification::now_timestamp(),
         );
         let notification = NewNotification {
-            deliveries: deliveries_for(&self.config, &n.kind, &portal_id, ctx.webhooks.as_deref(), &ctx.labels),
+            deliveries: deliveries_for(
+                &self.config,
+                &self.metrics,
+                &n.kind,
+                &portal_id,
+                ctx.webhooks.as_deref(),
+                &ctx.labels,
+            ),
             kind: n.kind,
             body: n.body,
         };
@@ -656,6 +663,7 @@ impl PollTask {
             terminal: bool,
         }
         let (config, job_id, status) = (Arc::clone(&self.config), self.job_id.clone(), answer.status.clone());
+        let metrics = Arc::clone(&self.metrics);
         // Runs on the store's writer thread, between reading the last-seen
         // state and writing the new one (see Store::write_poll_with).
         let decide = move |ctx: DiffContext| {
@@ -682,7 +690,14 @@ impl PollTask {
             let notifications: Vec<NewNotification> = notifications
                 .into_iter()
                 .map(|n| NewNotification {
-                    deliveries: deliveries_for(&config, &n.kind, &portal_id, ctx.webhooks.as_deref(), &ctx.labels),
+                    deliveries: deliveries_for(
+                        &config,
+                        &metrics,
+                        &n.kind,
+                        &portal_id,
+                        ctx.webhooks.as_deref(),
+                        &ctx.labels,
+                    ),
                     kind: n.kind,
                     body: n.body,
                 })
@@ -726,19 +741,39 @@ impl PollTask {
 
 /// One new delivery per webhook that accepts a notification of `kind` for
 /// this watch: the one place notifications are matched to webhooks.
+///
+/// A watch that names a webhook the config no longer has (renamed or
+/// removed by a reload) still gets a delivery for that name, of every kind
+/// since its `types` filter is unknown: the row waits, pending, and the
+/// deliverer (which only looks at webhooks in the config) leaves it alone
+/// until a webhook of that name exists again, then delivers the backlog in
+/// order. Dropping it would lose notifications for good with no sign. Each
+/// such delivery is counted (`unknown_webhook`), and the first one per name
+/// is logged.
 fn deliveries_for(
     config: &Config,
+    metrics: &Metrics,
     kind: &str,
     portal_id: &str,
     named: Option<&[String]>,
     labels: &serde_json::Map<String, serde_json::Value>,
 ) -> Vec<NewDelivery> {
-    config
+    let mut deliveries: Vec<NewDelivery> = config
         .webhooks
         .iter()
         .filter(|w| w.accepts(kind, portal_id, named, labels))
         .map(|w| NewDelivery { webhook: w.name.clone(), msg_id: new_msg_id() })
-        .collect()
+        .collect();
+    for name in named.unwrap_or_default() {
+        if config.webhooks.iter().any(|w| &w.name == name) || deliveries.iter().any(|d| &d.webhook == name) {
+            continue;
+        }
+        if metrics.delivery_fault(name, "unknown_webhook") == 0 {
+            warn!(webhook = %name, "a watch names a webhook that is not in the config; its deliveries are kept pending until a webhook of that name is configured again");
+        }
+        deliveries.push(NewDelivery { webhook: name.clone(), msg_id: new_msg_id() });
+    }
+    deliveries
 }
 
 /// One token bucket per org with a `max_requests_per_second`.

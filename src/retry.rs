@@ -181,6 +181,11 @@ mod tests {
     }
 }
 
+/// The longest wait [`TokenBucket::take`] reports: a slower bucket is asked
+/// again after this long (and still says no until a token is due), so no
+/// caller ever adds an absurd wait to a clock.
+pub const BUCKET_WAIT_MAX: Duration = Duration::from_secs(86_400);
+
 /// A token bucket: `rate` tokens a second, holding at most `max(rate, 1)`,
 /// so a burst never exceeds one second's worth.
 #[derive(Debug, Clone)]
@@ -205,7 +210,11 @@ impl TokenBucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            // A tiny rate (1e-300 a second) would make this wait too long
+            // for a `Duration`, and `from_secs_f64` would panic; past
+            // BUCKET_WAIT_MAX the caller simply asks again then.
+            let wait = Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate).unwrap_or(BUCKET_WAIT_MAX);
+            Err(wait.min(BUCKET_WAIT_MAX))
         }
     }
 }
@@ -225,5 +234,13 @@ mod bucket_tests {
         let mut slow = TokenBucket::new(0.5, ms(0));
         assert!(slow.take(ms(0)).is_ok());
         assert_eq!(slow.take(ms(1000)), Err(ms(1000)));
+    }
+
+    #[test]
+    fn a_tiny_rate_waits_a_bounded_time_and_never_panics() {
+        let mut tiny = TokenBucket::new(1e-300, Duration::ZERO);
+        assert!(tiny.take(Duration::ZERO).is_ok());
+        assert_eq!(tiny.take(Duration::from_secs(1)), Err(BUCKET_WAIT_MAX));
+        assert_eq!(tiny.take(Duration::from_secs(200_000)), Err(BUCKET_WAIT_MAX), "still no token after the wait");
     }
 }

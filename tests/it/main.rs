@@ -6,6 +6,7 @@ mod admin;
 mod cli;
 mod crash;
 mod delivery;
+mod delivery_stress;
 mod diff_props;
 mod fakes;
 mod faults;
