@@ -142,3 +142,6 @@ pub const MAX_VALUE_LEN: usize = 4096;
 
 /// The largest body template, inline or in a file.
 pub const MAX_TEMPLATE_BYTES: usize = 1024 * 1024;
+
+/// The largest secret file (`*_file`) read.
+pub const MAX_SECRET_BYTES: usize = 64 * 1024;

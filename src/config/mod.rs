@@ -18,13 +18,13 @@ mod resolved;
 mod shown;
 #[cfg(test)]
 mod tests;
+mod webhook;
 
 use std::path::{Path, PathBuf};
 
 pub use raw::parse_duration;
-pub use resolved::{
-    Admin, Config, Delivery, ExtraHeader, Format, ListenAddr, LogFormat, Org, SecretSource, Upstream, Webhook,
-};
+pub use resolved::{Admin, Config, Delivery, ListenAddr, LogFormat, Org, SecretSource, Upstream};
+pub use webhook::{ExtraHeader, Format, Webhook};
 
 /// Where the config file is looked for when neither `--config` nor
 /// `$DARI_RELAY_CONFIG` names one.
@@ -106,7 +106,25 @@ impl Config {
                 ),
             });
         }
-        for name in watch.webhooks.iter().flatten() {
+        let names = watch.webhooks.as_deref().unwrap_or_default();
+        if names.len() > defaults::MAX_LIST_LEN {
+            let message = format!("at most {} webhooks per watch", defaults::MAX_LIST_LEN);
+            return Err(InvalidWatch { field: "webhooks", message });
+        }
+        if watch.labels.len() > defaults::MAX_LIST_LEN {
+            let message = format!("at most {} labels per watch", defaults::MAX_LIST_LEN);
+            return Err(InvalidWatch { field: "labels", message });
+        }
+        let (max_key, max_value) = (defaults::MAX_NAME_LEN, defaults::MAX_VALUE_LEN);
+        if let Some((key, _)) =
+            watch.labels.iter().find(|(k, v)| k.is_empty() || k.len() > max_key || v.len() > max_value)
+        {
+            let message = format!(
+                "label {key:?}: a label name must be 1 to {max_key} bytes and its value at most {max_value} bytes"
+            );
+            return Err(InvalidWatch { field: "labels", message });
+        }
+        for name in names {
             if self.webhook(name).is_none() {
                 let known: Vec<&str> = self.webhooks.iter().map(|w| w.name.as_str()).collect();
                 return Err(InvalidWatch {
@@ -125,5 +143,23 @@ impl Config {
     /// Whether `status` (normalised) ends polling.
     pub fn is_terminal(&self, status: &str) -> bool {
         self.upstream.terminal_statuses.iter().any(|s| s == status)
+    }
+}
+
+/// Splits a `Host` header or an origin's authority (`name`, `name:port`,
+/// `[::1]:9187`) into its host (brackets removed) and port; `None` when the
+/// port is not a number or an IPv6 address is not bracketed.
+pub fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return match after {
+            "" => Some((host, None)),
+            port => Some((host, Some(port.strip_prefix(':')?.parse().ok()?))),
+        };
+    }
+    match authority.rsplit_once(':') {
+        None => Some((authority, None)),
+        Some((host, _)) if host.contains(':') => None,
+        Some((host, port)) => Some((host, Some(port.parse().ok()?))),
     }
 }

@@ -35,6 +35,10 @@ pub(super) struct RawAdmin {
     pub(super) listen: Spanned<String>,
     pub(super) token_env: Option<Spanned<String>>,
     pub(super) token_file: Option<Spanned<String>>,
+    /// Host names (optionally `name:port`) the API answers to besides its
+    /// own address and localhost, for a reverse proxy or a DNS name.
+    #[serde(default)]
+    pub(super) allowed_hosts: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -45,7 +49,7 @@ pub(super) struct RawUpstream {
     pub(super) max_poll_interval: Option<Spanned<DurationValue>>,
     pub(super) request_timeout: Option<Spanned<DurationValue>>,
     pub(super) max_in_flight: Option<Spanned<i64>>,
-    pub(super) terminal_statuses: Option<Vec<String>>,
+    pub(super) terminal_statuses: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) max_response_bytes: Option<Spanned<i64>>,
     pub(super) not_found_grace: Option<Spanned<DurationValue>>,
     pub(super) auth_grace: Option<Spanned<DurationValue>>,
@@ -55,7 +59,7 @@ pub(super) struct RawUpstream {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDelivery {
-    pub(super) retry_schedule: Option<Vec<DurationValue>>,
+    pub(super) retry_schedule: Option<Spanned<Vec<Spanned<DurationValue>>>>,
     pub(super) request_timeout: Option<Spanned<DurationValue>>,
     pub(super) shutdown_timeout: Option<Spanned<DurationValue>>,
 }
@@ -106,7 +110,7 @@ pub(super) struct RawWebhook {
 }
 
 fn default_format() -> Format {
-    Format::Standard
+    super::defaults::WEBHOOK_FORMAT
 }
 
 /// A duration written as `"500ms"`, `"2s"`, `"5m"`; rejected with a clear

@@ -10,19 +10,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::Url;
-use reqwest::header::{HeaderName, HeaderValue};
 use secrecy::SecretString;
 use serde::Deserialize;
-use serde_json::{Map, Value};
 use toml::Spanned;
 
-use super::raw::{
-    DurationValue, RawAdmin, RawConfig, RawDelivery, RawUpstream, RawWebhook, parse_duration, parse_http_url,
-};
-use super::{ConfigError, RESERVED_HEADERS};
-use crate::format::{BodyTemplate, TemplateSource};
-use crate::glob::Glob;
-use crate::signature::SigningKey;
+use super::defaults::{self, CountBounds, DurationBounds, MAX_LIST_LEN, MAX_NAME_LEN};
+use super::raw::{DurationValue, RawAdmin, RawConfig, RawDelivery, RawUpstream};
+use super::{ConfigError, Webhook};
 
 /// The resolved configuration. Built by [`Config::load`] (or
 /// [`Config::from_toml`] in tests and the demo), then shared read-only.
@@ -67,11 +61,18 @@ pub struct Admin {
     pub token: Option<SecretString>,
     /// Where the token came from.
     pub token_source: Option<SecretSource>,
+    /// Extra names (lower-case, optionally `name:port`) that the API accepts
+    /// in `Host` and `Origin`, besides its own address and localhost.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl fmt::Debug for Admin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Admin").field("listen", &self.listen).field("token", &self.token_source).finish()
+        f.debug_struct("Admin")
+            .field("listen", &self.listen)
+            .field("token", &self.token_source)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .finish()
     }
 }
 
@@ -181,121 +182,6 @@ impl fmt::Display for SecretSource {
     }
 }
 
-/// Body format of a webhook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// The Standard Webhooks JSON body of INTERFACE.md.
-    Standard,
-    /// A Slack incoming-webhook message.
-    Slack,
-    /// A Discord webhook message.
-    Discord,
-}
-
-impl Format {
-    /// The name used in the config file.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Standard => "standard",
-            Format::Slack => "slack",
-            Format::Discord => "discord",
-        }
-    }
-}
-
-/// `[[webhooks]]`: one receiver.
-#[derive(Clone)]
-pub struct Webhook {
-    /// Unique name, used by `--webhook`, in the database and in logs.
-    pub name: String,
-    /// Where deliveries are POSTed. Chat URLs are secrets, so this is never
-    /// logged; `url_source` says whether it may be shown.
-    pub url: Url,
-    /// `None` when the URL is written in the config, else where it came from.
-    pub url_source: Option<SecretSource>,
-    /// Body format.
-    pub format: Format,
-    /// Standard Webhooks signing key, when the webhook has a secret.
-    pub secret: Option<SigningKey>,
-    /// Where the secret came from.
-    pub secret_source: Option<SecretSource>,
-    /// Notification types this webhook accepts; empty means all.
-    pub types: Vec<Glob>,
-    /// Portal ids this webhook follows when a watch names no webhooks; empty means all.
-    pub portals: Vec<Glob>,
-    /// Labels this webhook follows when a watch names no webhooks: the
-    /// watch's labels must hold every pair; empty means all.
-    pub labels: BTreeMap<String, String>,
-    /// Extra headers of every delivery, sorted by name.
-    pub headers: Vec<ExtraHeader>,
-    /// The webhook's own body template, compiled; it replaces the format's body.
-    pub template: Option<BodyTemplate>,
-    /// Attempts in flight to this webhook at once (different jobs in parallel).
-    pub max_in_flight: usize,
-    /// Attempts per second to this webhook; `None` for no limit.
-    pub max_per_second: Option<f64>,
-}
-
-impl fmt::Debug for Webhook {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Webhook")
-            .field("name", &self.name)
-            .field("format", &self.format)
-            .field("signed", &self.secret.is_some())
-            .field("headers", &self.headers)
-            .field("template", &self.template)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Webhook {
-    /// Whether a notification of `kind` for a watch on `portal_id` with
-    /// `labels` goes to this webhook. `named` is the watch's own webhook
-    /// list: when present, it replaces the `portals` and `labels` filters
-    /// (they choose watches), but the `types` filter still applies (it
-    /// chooses what the receiver wants to hear).
-    pub fn accepts(&self, kind: &str, portal_id: &str, named: Option<&[String]>, labels: &Map<String, Value>) -> bool {
-        let chosen = match named {
-            Some(names) => names.iter().any(|n| n == &self.name),
-            None => crate::glob::any_matches(&self.portals, portal_id) && self.follows_labels(labels),
-        };
-        chosen && crate::glob::any_matches(&self.types, kind)
-    }
-
-    /// Whether a watch's labels hold every `key = value` of this webhook's
-    /// `labels` filter.
-    pub fn follows_labels(&self, labels: &Map<String, Value>) -> bool {
-        self.labels.iter().all(|(k, v)| labels.get(k).and_then(Value::as_str) == Some(v.as_str()))
-    }
-
-    /// The `content-type` of this webhook's bodies.
-    pub fn content_type(&self) -> &str {
-        self.template.as_ref().map_or("application/json", |t| t.content_type.as_str())
-    }
-}
-
-/// One of a webhook's extra headers.
-#[derive(Clone)]
-pub struct ExtraHeader {
-    /// The header's name, lower-case.
-    pub name: HeaderName,
-    /// Its value; marked sensitive when it came from the environment.
-    pub value: HeaderValue,
-    /// `None` when the value is written in the config, else where it came
-    /// from (and then it is a secret, never printed).
-    pub source: Option<SecretSource>,
-}
-
-impl fmt::Debug for ExtraHeader {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            None => write!(f, "{}: {:?}", self.name, self.value),
-            Some(source) => write!(f, "{}: {source}", self.name),
-        }
-    }
-}
-
 /// Turns a [`RawConfig`] into a [`Config`], with the text at hand to turn
 /// byte spans into line numbers.
 pub(super) struct Resolver<'a> {
@@ -305,7 +191,7 @@ pub(super) struct Resolver<'a> {
 }
 
 impl Resolver<'_> {
-    fn error(&self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn error(&self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),
             line: span.map(|s| self.text[..s.start.min(self.text.len())].matches('\n').count() + 1),
@@ -320,7 +206,7 @@ impl Resolver<'_> {
                 return Err(self.error(Some(db.span()), "database", "must not be empty"));
             }
             Some(db) => PathBuf::from(db.into_inner()),
-            None => PathBuf::from("/var/lib/dari-relay/relay.db"),
+            None => PathBuf::from(defaults::DATABASE),
         };
         let upstream = self.upstream(raw.upstream)?;
         let delivery = self.delivery(raw.delivery)?;
@@ -328,11 +214,14 @@ impl Resolver<'_> {
         for (id, org) in raw.orgs {
             let span = org.span();
             let key = format!("orgs.{id}");
-            if !crate::upstream::is_valid_segment(&id) {
+            if orgs.len() == defaults::MAX_ORGS {
+                return Err(self.error(Some(span), &key, format!("at most {} [orgs.*] tables", defaults::MAX_ORGS)));
+            }
+            if !crate::upstream::is_valid_segment(&id) || id.len() > MAX_NAME_LEN {
                 return Err(self.error(
                     Some(span),
                     &key,
-                    "an org id must be non-empty, without '/', spaces or control characters",
+                    format!("an org id must be 1 to {MAX_NAME_LEN} bytes, without '/', spaces or control characters"),
                 ));
             }
             let org = org.into_inner();
@@ -355,6 +244,10 @@ impl Resolver<'_> {
         let mut names = HashSet::new();
         for (i, hook) in raw.webhooks.into_iter().enumerate() {
             let span = hook.span();
+            if i == defaults::MAX_WEBHOOKS {
+                let message = format!("at most {} [[webhooks]] tables", defaults::MAX_WEBHOOKS);
+                return Err(self.error(Some(span), &format!("webhooks[{i}]"), message));
+            }
             let hook = hook.into_inner();
             let webhook = self.webhook(i, span.clone(), hook)?;
             if !names.insert(webhook.name.clone()) {
@@ -366,7 +259,7 @@ impl Resolver<'_> {
             }
             webhooks.push(webhook);
         }
-        let retention = self.positive("retention", raw.retention, 7 * 24 * 3_600_000)?;
+        let retention = self.duration("retention", raw.retention, defaults::RETENTION)?;
         let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
         Ok(Config {
             path: self.path.to_owned(),
@@ -384,29 +277,44 @@ impl Resolver<'_> {
     fn upstream(&self, raw: RawUpstream) -> Result<Upstream, ConfigError> {
         let base_url = match raw.base_url {
             Some(url) => url.into_inner().0,
-            None => Url::parse("https://agent.usedari.com").expect("default URL parses"),
+            None => Url::parse(defaults::BASE_URL).expect("default URL parses"),
         };
-        let poll_interval = self.positive("upstream.poll_interval", raw.poll_interval, 2_000)?;
-        let max_poll_interval = self.positive("upstream.max_poll_interval", raw.max_poll_interval.clone(), 60_000)?;
+        let poll_interval =
+            self.duration("upstream.poll_interval", raw.poll_interval.clone(), defaults::POLL_INTERVAL)?;
+        let max_poll_interval =
+            self.duration("upstream.max_poll_interval", raw.max_poll_interval.clone(), defaults::MAX_POLL_INTERVAL)?;
         if max_poll_interval < poll_interval {
-            let span = raw.max_poll_interval.map(|s| s.span());
-            return Err(self.error(span, "upstream.max_poll_interval", "must be at least upstream.poll_interval"));
+            // Blame the key that was written: a poll_interval raised above
+            // the default ceiling ("5 mins") is poll_interval's fault, not
+            // that of a max_poll_interval the file never mentions.
+            return Err(match (raw.max_poll_interval, raw.poll_interval) {
+                (None, Some(p)) => self.error(
+                    Some(p.span()),
+                    "upstream.poll_interval",
+                    format!(
+                        "{} is longer than upstream.max_poll_interval ({}, its default); set max_poll_interval too",
+                        show(poll_interval),
+                        show(max_poll_interval)
+                    ),
+                ),
+                (m, _) => self.error(
+                    m.map(|m| m.span()),
+                    "upstream.max_poll_interval",
+                    format!(
+                        "{} must be at least upstream.poll_interval ({})",
+                        show(max_poll_interval),
+                        show(poll_interval)
+                    ),
+                ),
+            });
         }
-        let request_timeout = self.positive("upstream.request_timeout", raw.request_timeout, 15_000)?;
-        let max_in_flight = self.count("upstream.max_in_flight", raw.max_in_flight, 64)?;
-        let mut terminal_statuses: Vec<String> = raw
-            .terminal_statuses
-            .unwrap_or_else(|| ["completed", "failed", "stopped", "cancelled"].map(String::from).to_vec())
-            .iter()
-            .map(|s| crate::diff::normalize_status(s))
-            .collect();
-        // completed and failed end a job whatever the list says (INTERFACE.md).
-        for always in ["completed", "failed"] {
-            if !terminal_statuses.iter().any(|s| s == always) {
-                terminal_statuses.push(always.to_owned());
-            }
-        }
-        let max_response_bytes = self.count("upstream.max_response_bytes", raw.max_response_bytes, 10 * 1024 * 1024)?;
+        let request_timeout =
+            self.duration("upstream.request_timeout", raw.request_timeout, defaults::UPSTREAM_REQUEST_TIMEOUT)?;
+        let max_in_flight =
+            self.count("upstream.max_in_flight", raw.max_in_flight, defaults::UPSTREAM_MAX_IN_FLIGHT)?;
+        let terminal_statuses = self.terminal_statuses(raw.terminal_statuses)?;
+        let max_response_bytes =
+            self.count("upstream.max_response_bytes", raw.max_response_bytes, defaults::MAX_RESPONSE_BYTES)?;
         Ok(Upstream {
             base_url,
             poll_interval,
@@ -415,51 +323,104 @@ impl Resolver<'_> {
             max_in_flight,
             terminal_statuses,
             max_response_bytes,
-            not_found_grace: self.positive("upstream.not_found_grace", raw.not_found_grace, 10 * 60_000)?,
-            auth_grace: self.positive("upstream.auth_grace", raw.auth_grace, 3_600_000)?,
-            max_watch_age: self.positive("upstream.max_watch_age", raw.max_watch_age, 7 * 24 * 3_600_000)?,
+            not_found_grace: self.duration(
+                "upstream.not_found_grace",
+                raw.not_found_grace,
+                defaults::NOT_FOUND_GRACE,
+            )?,
+            auth_grace: self.duration("upstream.auth_grace", raw.auth_grace, defaults::AUTH_GRACE)?,
+            max_watch_age: self.duration("upstream.max_watch_age", raw.max_watch_age, defaults::MAX_WATCH_AGE)?,
         })
+    }
+
+    fn terminal_statuses(&self, raw: Option<Spanned<Vec<Spanned<String>>>>) -> Result<Vec<String>, ConfigError> {
+        const KEY: &str = "upstream.terminal_statuses";
+        let mut statuses = Vec::new();
+        match raw {
+            None => statuses.extend(defaults::TERMINAL_STATUSES.map(String::from)),
+            Some(list) if list.get_ref().len() > defaults::MAX_TERMINAL_STATUSES => {
+                let message = format!("at most {} statuses", defaults::MAX_TERMINAL_STATUSES);
+                return Err(self.error(Some(list.span()), KEY, message));
+            }
+            Some(list) => {
+                for status in list.into_inner() {
+                    let normal = crate::diff::normalize_status(status.get_ref());
+                    if status.get_ref().trim().is_empty() || normal.len() > MAX_NAME_LEN {
+                        let message = format!("a status must be 1 to {MAX_NAME_LEN} characters");
+                        return Err(self.error(Some(status.span()), KEY, message));
+                    }
+                    statuses.push(normal);
+                }
+            }
+        }
+        // completed and failed end a job whatever the list says (INTERFACE.md).
+        for always in ["completed", "failed"] {
+            if !statuses.iter().any(|s| s == always) {
+                statuses.push(always.to_owned());
+            }
+        }
+        Ok(statuses)
     }
 
     fn delivery(&self, raw: RawDelivery) -> Result<Delivery, ConfigError> {
+        const KEY: &str = "delivery.retry_schedule";
         let retry_schedule = match raw.retry_schedule {
-            Some(list) => list.into_iter().map(|d| d.0).collect(),
-            None => ["5s", "5m", "30m", "2h", "5h", "10h", "10h"]
-                .iter()
-                .map(|s| parse_duration(s).expect("default schedule parses"))
-                .collect(),
+            None => defaults::RETRY_SCHEDULE.to_vec(),
+            Some(list) if list.get_ref().len() > defaults::MAX_RETRIES => {
+                let message = format!("at most {} retries", defaults::MAX_RETRIES);
+                return Err(self.error(Some(list.span()), KEY, message));
+            }
+            Some(list) => list
+                .into_inner()
+                .into_iter()
+                .map(|wait| self.duration(KEY, Some(wait), defaults::RETRY_WAIT))
+                .collect::<Result<_, _>>()?,
         };
         Ok(Delivery {
             retry_schedule,
-            request_timeout: self.positive("delivery.request_timeout", raw.request_timeout, 15_000)?,
-            shutdown_timeout: match raw.shutdown_timeout {
-                Some(d) => d.into_inner().0,
-                None => Duration::from_secs(10),
-            },
+            request_timeout: self.duration(
+                "delivery.request_timeout",
+                raw.request_timeout,
+                defaults::DELIVERY_REQUEST_TIMEOUT,
+            )?,
+            shutdown_timeout: self.duration(
+                "delivery.shutdown_timeout",
+                raw.shutdown_timeout,
+                defaults::SHUTDOWN_TIMEOUT,
+            )?,
         })
     }
 
-    fn positive(
+    /// A duration within its bounds, or its default when absent.
+    pub(super) fn duration(
         &self,
         key: &str,
         value: Option<Spanned<DurationValue>>,
-        default_ms: u64,
+        bounds: DurationBounds,
     ) -> Result<Duration, ConfigError> {
-        match value {
-            None => Ok(Duration::from_millis(default_ms)),
-            Some(v) if v.get_ref().0.is_zero() => Err(self.error(Some(v.span()), key, "must be more than zero")),
-            Some(v) => Ok(v.into_inner().0),
+        let Some(value) = value else { return Ok(bounds.default) };
+        let d = value.get_ref().0;
+        if (bounds.min..=bounds.max).contains(&d) {
+            return Ok(d);
         }
+        let message =
+            format!("{} is out of bounds: it must be from {} to {}", show(d), show(bounds.min), show(bounds.max));
+        Err(self.error(Some(value.span()), key, message))
     }
 
-    fn count(&self, key: &str, value: Option<Spanned<i64>>, default: usize) -> Result<usize, ConfigError> {
-        match value {
-            None => Ok(default),
-            Some(v) => usize::try_from(*v.get_ref())
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| self.error(Some(v.span()), key, "must be a whole number of at least 1")),
-        }
+    /// A whole number within its bounds, or its default when absent.
+    pub(super) fn count(
+        &self,
+        key: &str,
+        value: Option<Spanned<i64>>,
+        bounds: CountBounds,
+    ) -> Result<usize, ConfigError> {
+        let Some(value) = value else { return Ok(bounds.default) };
+        usize::try_from(*value.get_ref()).ok().filter(|n| (bounds.min..=bounds.max).contains(n)).ok_or_else(|| {
+            let message =
+                format!("must be a whole number from {} to {}, not {}", bounds.min, bounds.max, value.get_ref());
+            self.error(Some(value.span()), key, message)
+        })
     }
 
     fn admin(&self, raw: Spanned<RawAdmin>) -> Result<Admin, ConfigError> {
@@ -488,21 +449,49 @@ impl Resolver<'_> {
                 format!("{listen} is reachable from other machines: set admin.token_env or admin.token_file"),
             ));
         }
-        Ok(Admin { listen, token: token.map(SecretString::from), token_source })
+        let mut allowed_hosts = Vec::new();
+        for (i, host) in raw.allowed_hosts.into_iter().enumerate() {
+            if i == MAX_LIST_LEN {
+                let message = format!("at most {MAX_LIST_LEN} names");
+                return Err(self.error(Some(host.span()), "admin.allowed_hosts", message));
+            }
+            let name = host.get_ref().trim().to_ascii_lowercase();
+            if !is_host_name(&name) {
+                return Err(self.error(
+                    Some(host.span()),
+                    "admin.allowed_hosts",
+                    format!(
+                        "{:?} is not a host name such as \"relay.internal\" or \"relay.internal:9187\"",
+                        host.get_ref()
+                    ),
+                ));
+            }
+            allowed_hosts.push(name);
+        }
+        Ok(Admin { listen, token: token.map(SecretString::from), token_source, allowed_hosts })
     }
 
-    fn rate(&self, key: &str, value: Option<Spanned<f64>>) -> Result<Option<f64>, ConfigError> {
+    /// A rate (per second) within [`MIN_RATE`](defaults::MIN_RATE) and
+    /// [`MAX_RATE`](defaults::MAX_RATE), or `None` when absent (no limit).
+    pub(super) fn rate(&self, key: &str, value: Option<Spanned<f64>>) -> Result<Option<f64>, ConfigError> {
         match value {
-            Some(rate) if !(rate.get_ref().is_finite() && *rate.get_ref() > 0.0) => {
-                Err(self.error(Some(rate.span()), key, "must be a number above 0"))
-            }
+            Some(rate) if !(defaults::MIN_RATE..=defaults::MAX_RATE).contains(rate.get_ref()) => Err(self.error(
+                Some(rate.span()),
+                key,
+                format!(
+                    "must be a number from {} to {}, not {}",
+                    defaults::MIN_RATE,
+                    defaults::MAX_RATE,
+                    rate.get_ref()
+                ),
+            )),
             rate => Ok(rate.map(Spanned::into_inner)),
         }
     }
 
     /// Loads a secret given either as `<name>_env` or `<name>_file` (not both).
     /// Returns `(None, None)` when neither is set.
-    fn secret(
+    pub(super) fn secret(
         &self,
         table: &str,
         table_span: Option<Range<usize>>,
@@ -527,7 +516,7 @@ impl Resolver<'_> {
             (None, Some(file)) => {
                 let key = format!("{table}.{}", file_key.0);
                 let path = PathBuf::from(file.get_ref().trim());
-                match std::fs::read_to_string(&path) {
+                match read_capped(&path, defaults::MAX_SECRET_BYTES) {
                     Ok(value) if !value.trim().is_empty() => {
                         Ok((Some(value.trim().to_owned()), Some(SecretSource::File(path))))
                     }
@@ -538,185 +527,45 @@ impl Resolver<'_> {
             (None, None) => Ok((None, None)),
         }
     }
+}
 
-    fn webhook(&self, index: usize, span: Range<usize>, raw: RawWebhook) -> Result<Webhook, ConfigError> {
-        let name_span = raw.name.span();
-        let name = raw.name.into_inner();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(self.error(
-                Some(name_span),
-                &format!("webhooks[{index}].name"),
-                format!("{name:?} is not a valid webhook name: use letters, digits, '-', '_' or '.'"),
-            ));
-        }
-        let key = format!("webhooks[{index}] ({name})");
-        let (url, url_source) = match (raw.url, raw.url_env) {
-            (Some(_), Some(_)) => {
-                return Err(self.error(Some(span), &key, "set either url or url_env, not both"));
-            }
-            (None, None) => return Err(self.error(Some(span), &key, "needs url or url_env")),
-            (Some(url), None) => (url.into_inner().0, None),
-            (None, Some(var_name)) => {
-                let var = var_name.get_ref().trim().to_owned();
-                let k = format!("{key}.url_env");
-                let value = (self.env)(&var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
-                    self.error(Some(var_name.span()), &k, format!("environment variable {var} is not set"))
-                })?;
-                // The value is a secret: the message names the variable only.
-                let url = parse_http_url(&value).map_err(|_| {
-                    self.error(Some(var_name.span()), &k, format!("environment variable {var} is not an http(s) URL"))
-                })?;
-                (url, Some(SecretSource::Env(var)))
-            }
-        };
-        let (secret, secret_source) =
-            self.secret(&key, Some(span.clone()), ("secret_env", raw.secret_env), ("secret_file", raw.secret_file))?;
-        let secret = match secret {
-            None => None,
-            Some(text) => Some(
-                SigningKey::parse(&text)
-                    .map_err(|e| self.error(Some(span.clone()), &format!("{key}.secret"), e.to_string()))?,
-            ),
-        };
-        let globs = |field: &str, list: Vec<Spanned<String>>| -> Result<Vec<Glob>, ConfigError> {
-            list.into_iter()
-                .map(|p| {
-                    Glob::new(p.get_ref()).ok_or_else(|| {
-                        self.error(Some(p.span()), &format!("{key}.{field}"), "a pattern must not be empty")
-                    })
-                })
-                .collect()
-        };
-        let max_in_flight = self.count(&format!("{key}.max_in_flight"), raw.max_in_flight, 4)?;
-        let max_per_second = self.rate(&format!("{key}.max_per_second"), raw.max_per_second)?;
-        let mut labels = BTreeMap::new();
-        for (label, value) in raw.labels {
-            if label.trim().is_empty() {
-                return Err(self.error(Some(value.span()), &format!("{key}.labels"), "a label name must not be empty"));
-            }
-            labels.insert(label, value.into_inner());
-        }
-        let headers = self.headers(&key, raw.headers, raw.headers_env)?;
-        let template = self.template(&key, span, raw.template, raw.body_template, raw.content_type)?;
-        Ok(Webhook {
-            max_in_flight,
-            max_per_second,
-            name,
-            url,
-            url_source,
-            format: raw.format,
-            secret,
-            secret_source,
-            types: globs("types", raw.types)?,
-            portals: globs("portals", raw.portals)?,
-            labels,
-            headers,
-            template,
-        })
+/// A duration as the file would write it, in the largest unit that divides
+/// it (`"3650d"`, `"90s"`, `"1500ms"`), so a bound reads as it is documented.
+pub(crate) fn show(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_owned();
     }
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        return humantime::format_duration(d).to_string();
+    }
+    let units = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1000, "s"), (1, "ms")];
+    let (size, unit) =
+        units.into_iter().find(|(size, _)| ms.is_multiple_of(*size)).expect("1 ms divides every whole ms");
+    format!("{}{unit}", ms / size)
+}
 
-    /// Resolves `headers` (values as written) and `headers_env` (values from
-    /// the environment, secrets) into one list sorted by name.
-    fn headers(
-        &self,
-        key: &str,
-        literal: BTreeMap<String, Spanned<String>>,
-        from_env: BTreeMap<String, Spanned<String>>,
-    ) -> Result<Vec<ExtraHeader>, ConfigError> {
-        let mut headers: BTreeMap<String, ExtraHeader> = BTreeMap::new();
-        let entries =
-            literal.into_iter().map(|(n, v)| (n, v, false)).chain(from_env.into_iter().map(|(n, v)| (n, v, true)));
-        for (raw_name, value, is_env) in entries {
-            let table = if is_env { "headers_env" } else { "headers" };
-            let k = format!("{key}.{table}.{raw_name}");
-            let span = Some(value.span());
-            let name = HeaderName::from_bytes(raw_name.trim().as_bytes())
-                .map_err(|_| self.error(span.clone(), &k, format!("{raw_name:?} is not a valid header name")))?;
-            if RESERVED_HEADERS.contains(&name.as_str()) {
-                return Err(self.error(
-                    span,
-                    &k,
-                    format!("{name} is set by the relay itself and cannot be overridden"),
-                ));
-            }
-            let header = if is_env {
-                let var = value.get_ref().trim().to_owned();
-                let text = (self.env)(&var)
-                    .filter(|v| !v.trim().is_empty())
-                    .ok_or_else(|| self.error(span.clone(), &k, format!("environment variable {var} is not set")))?;
-                // The value is a secret: the message names the variable only.
-                let mut value = HeaderValue::from_str(text.trim()).map_err(|_| {
-                    self.error(span.clone(), &k, format!("environment variable {var} is not a valid header value"))
-                })?;
-                value.set_sensitive(true);
-                ExtraHeader { name: name.clone(), value, source: Some(SecretSource::Env(var)) }
-            } else {
-                let value = HeaderValue::from_str(value.get_ref()).map_err(|_| {
-                    self.error(span.clone(), &k, "not a valid header value (control characters or non-ASCII)")
-                })?;
-                ExtraHeader { name: name.clone(), value, source: None }
-            };
-            if headers.insert(name.as_str().to_owned(), header).is_some() {
-                return Err(self.error(span, &k, format!("header {name} is set twice")));
-            }
-        }
-        Ok(headers.into_values().collect())
-    }
+/// Whether `text` is a host name or IP literal, optionally with `:port`, as a
+/// `Host` header carries it (`relay.internal`, `10.0.0.5:9187`, `[::1]:9187`).
+fn is_host_name(text: &str) -> bool {
+    let Some((host, _port)) = super::split_host_port(text) else { return false };
+    !host.is_empty()
+        && host.len() <= 253
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || host.split('.').all(|label| {
+                !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }))
+}
 
-    /// Reads and compiles the body template given as `template` (a file) or
-    /// `body_template` (inline), not both.
-    fn template(
-        &self,
-        key: &str,
-        table_span: Range<usize>,
-        file: Option<Spanned<String>>,
-        inline: Option<Spanned<String>>,
-        content_type: Option<Spanned<String>>,
-    ) -> Result<Option<BodyTemplate>, ConfigError> {
-        let (source, text, span, k) = match (file, inline) {
-            (Some(_), Some(_)) => {
-                return Err(self.error(Some(table_span), key, "set either template or body_template, not both"));
-            }
-            (None, None) => {
-                return match content_type {
-                    Some(ct) => Err(self.error(
-                        Some(ct.span()),
-                        &format!("{key}.content_type"),
-                        "only applies to a templated body: set template or body_template too",
-                    )),
-                    None => Ok(None),
-                };
-            }
-            (Some(file), None) => {
-                let k = format!("{key}.template");
-                let written = PathBuf::from(file.get_ref().trim());
-                // Relative to the config file, so a template can sit next to it.
-                let path = self.path.parent().unwrap_or(Path::new("")).join(&written);
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| self.error(Some(file.span()), &k, format!("cannot read {}: {e}", path.display())))?;
-                (TemplateSource::File(path), text, file.span(), k)
-            }
-            (None, Some(text)) => {
-                let k = format!("{key}.body_template");
-                (TemplateSource::Inline(text.get_ref().clone()), text.get_ref().clone(), text.span(), k)
-            }
-        };
-        if text.trim().is_empty() {
-            return Err(self.error(Some(span), &k, "the template is empty"));
-        }
-        if let Some(ct) = &content_type {
-            let essence = ct.get_ref().split(';').next().unwrap_or_default().trim();
-            let (kind, sub) = essence.split_once('/').unwrap_or_default();
-            if kind.is_empty() || sub.is_empty() || HeaderValue::from_str(ct.get_ref()).is_err() {
-                return Err(self.error(
-                    Some(ct.span()),
-                    &format!("{key}.content_type"),
-                    format!("{:?} is not a content type such as \"application/json\" or \"text/plain\"", ct.get_ref()),
-                ));
-            }
-        }
-        BodyTemplate::compile(source, text, content_type.as_ref().map(|c| c.get_ref().as_str()))
-            .map(Some)
-            .map_err(|e| self.error(Some(span), &k, format!("the template does not compile: {e}")))
+/// Reads a text file the config names (a secret, a template), refusing one
+/// longer than `max` bytes without reading it all: `api_key_file =
+/// "/dev/zero"` is an error, not an endless read.
+pub(super) fn read_capped(path: &Path, max: usize) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(max as u64 + 1).read_to_string(&mut text)?;
+    if text.len() > max {
+        return Err(std::io::Error::other(format!("it is longer than {max} bytes")));
     }
+    Ok(text)
 }

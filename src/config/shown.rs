@@ -47,6 +47,13 @@ impl Config {
             if let Some(source) = &admin.token_source {
                 let _ = writeln!(out, "token = {:?}", source.to_string());
             }
+            if !admin.allowed_hosts.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "allowed_hosts = {}",
+                    list(admin.allowed_hosts.iter().map(|h| format!("{h:?}")).collect())
+                );
+            }
         }
         for org in self.orgs.values() {
             let _ = writeln!(out, "\n[orgs.{:?}]", org.id);

@@ -4,6 +4,7 @@
 
 mod admin;
 mod cli;
+mod config_bounds;
 mod crash;
 mod delivery;
 mod diff_props;
