@@ -12,14 +12,21 @@
 //!
 //! Every request needs `Authorization: Bearer <token>` when a token is
 //! configured; config loading refuses a non-local listener without one.
-//! Bodies over [`MAX_BODY`] are refused with 413. The API never sends
-//! webhooks: it writes to the store, and the deliverer does the rest.
+//! Before that, [`refuse_browsers`] turns away what a web page in the
+//! operator's browser could send: a `Host` that is not the API's own (DNS
+//! rebinding), an `Origin` of another site or `Sec-Fetch-Site: cross-site`
+//! (403), and a body that is not JSON (415: the content types a page may
+//! POST without asking, such as `text/plain`). Bodies over [`MAX_BODY`] are
+//! refused with 413. The API never sends webhooks: it writes to the store,
+//! and the deliverer does the rest.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -31,7 +38,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{Config, ListenAddr};
+use crate::config::{Config, ListenAddr, split_host_port};
 use crate::health::Health;
 use crate::metrics::{Metrics, Snapshot};
 use crate::store::{DeliveryState, NewWatch, Store, StoreError, WatchQuery, WatchState, now_ms};
@@ -115,15 +122,21 @@ impl Listener {
 pub async fn serve(listener: Listener, mut state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
     info!(listen = %listener.describe(), "admin API listening");
     state.startup_token = listener.token;
-    let app = router(state);
+    let bound = match &listener.socket {
+        Socket::Tcp(l) => Some(l.local_addr()?),
+        Socket::Unix(_) => None,
+    };
+    let app = router(state, bound);
     match listener.socket {
         Socket::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
         Socket::Unix(l) => axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
     }
 }
 
-/// The routes, with auth and the body limit.
-pub fn router(state: AdminState) -> Router {
+/// The routes, with the browser checks, auth and the body limit. `bound` is
+/// the TCP address the listener is bound to (its port is what `Host` must
+/// name), `None` on a Unix socket.
+pub fn router(state: AdminState, bound: Option<SocketAddr>) -> Router {
     Router::new()
         .route("/v1/watches", post(create_watch).get(list_watches))
         .route("/v1/watches/{job_id}", get(get_watch).delete(delete_watch))
@@ -134,6 +147,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // Added last, so it runs first: a browser's request is refused
+        // before anything else looks at it.
+        .layer(middleware::from_fn_with_state((state.clone(), bound), refuse_browsers))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -203,6 +219,132 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
     }
 }
 
+/// Refuses what a web page in the operator's browser could make the browser
+/// send, token or not (a page cannot read the token, but without one the
+/// loopback address was all that stood between a page and a paid job):
+///
+/// - a `Host` (or HTTP/2 authority) other than the listener's own address,
+///   `localhost`, `127.0.0.1` or `[::1]` with the listener's port, or a name
+///   in `[admin] allowed_hosts`: 403. This defeats DNS rebinding, where a
+///   page's own name is pointed at 127.0.0.1 and the page then reads the
+///   API as same-origin. A Unix socket has no host to check (a browser
+///   cannot reach it), so only configured names count there for `Origin`.
+/// - an `Origin` that is not one of those hosts (including `null`), or
+///   `Sec-Fetch-Site` other than `same-origin` or `none`: 403.
+/// - a request with a body whose `content-type` is not JSON: 415. Browsers
+///   send `text/plain`, form and multipart bodies cross-site without a
+///   preflight; a JSON content type always needs one, which this API never
+///   answers.
+async fn refuse_browsers(
+    State((state, bound)): State<(AdminState, Option<SocketAddr>)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let config = Arc::clone(&state.config.borrow());
+    let names: &[String] = config.admin.as_ref().map_or(&[], |a| a.allowed_hosts.as_slice());
+    let headers = request.headers();
+    if let Some(bound) = bound {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| request.uri().authority().map(|a| a.to_string()));
+        let Some(host) = host else {
+            return ApiError::new(StatusCode::BAD_REQUEST, "a Host header is required").into_response();
+        };
+        if !host_allowed(&host, 80, Some(bound), names) {
+            warn!(host = %host, "admin API: refused a request for a foreign Host");
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("Host {host:?} is not this API's address; add it to [admin] allowed_hosts if it should be"),
+            )
+            .into_response();
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("null");
+        if !origin_allowed(origin, bound, names) {
+            warn!(origin = %origin, "admin API: refused a cross-origin request");
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("cross-origin requests are refused (Origin {origin:?})"),
+            )
+            .into_response();
+        }
+    }
+    if let Some(site) = headers.get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"same-origin" | b"none")
+    {
+        warn!(sec_fetch_site = ?site, "admin API: refused a cross-site request");
+        return ApiError::new(StatusCode::FORBIDDEN, "cross-site requests are refused").into_response();
+    }
+    if has_body(&request) && !is_json(headers.get(header::CONTENT_TYPE)) {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a request body must be sent as content-type: application/json",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether the authority `host` (`name[:port]`, `default_port` when it has
+/// none) is the listener's own address, localhost, or a configured name.
+/// A configured name without a port matches any port.
+fn host_allowed(host: &str, default_port: u16, bound: Option<SocketAddr>, names: &[String]) -> bool {
+    let Some((name, port)) = split_host_port(host) else { return false };
+    let name = name.to_ascii_lowercase();
+    let port = port.unwrap_or(default_port);
+    let configured = names.iter().any(|allowed| match split_host_port(allowed) {
+        Some((n, p)) => n == name && p.is_none_or(|p| p == port),
+        None => false,
+    });
+    let own = bound.is_some_and(|bound| {
+        let ip = name.parse::<IpAddr>().ok();
+        port == bound.port()
+            && (name == "localhost"
+                || ip.is_some_and(|ip| ip.is_loopback() || ip == bound.ip())
+                // Bound to every address: any IP literal is this machine's
+                // (a rebinding attack needs a name, never an IP literal).
+                || (bound.ip().is_unspecified() && ip.is_some()))
+    });
+    configured || own
+}
+
+/// Whether an `Origin` header names an allowed host (`null` never does).
+fn origin_allowed(origin: &str, bound: Option<SocketAddr>, names: &[String]) -> bool {
+    // The API itself speaks plain HTTP, so an https:// origin can only be a
+    // configured name (a TLS proxy in front of it).
+    let (authority, default_port, bound) = if let Some(rest) = origin.strip_prefix("http://") {
+        (rest, 80, bound)
+    } else if let Some(rest) = origin.strip_prefix("https://") {
+        (rest, 443, None)
+    } else {
+        return false;
+    };
+    !authority.contains('/') && host_allowed(authority, default_port, bound, names)
+}
+
+/// Whether a request carries a body: a non-zero `content-length`, a
+/// `transfer-encoding`, or (HTTP/2) a body stream that is not empty.
+fn has_body(request: &Request) -> bool {
+    use axum::body::HttpBody as _;
+    let headers = request.headers();
+    let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match length {
+        Some(n) => n > 0,
+        None => headers.contains_key(header::TRANSFER_ENCODING) || !request.body().is_end_stream(),
+    }
+}
+
+/// Whether a `content-type` is JSON: `application/json` or
+/// `application/<anything>+json`, parameters (`; charset=utf-8`) allowed.
+fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
+    let Some(value) = content_type.and_then(|v| v.to_str().ok()) else { return false };
+    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
 /// Compares without stopping at the first difference, so response timing
 /// says nothing about how much of a guessed token was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -260,6 +402,26 @@ fn parse_watch(config: &Config, body: &Value, portal: Option<PortalId>) -> Resul
     Ok(watch)
 }
 
+/// The query string, or a JSON 400 naming what is wrong with it (axum's own
+/// rejection is plain text).
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q).map_err(|e| ApiError::bad("query", format!("invalid query string: {}", e.body_text())))
+}
+
+/// The body, or a JSON error: 413 past [`MAX_BODY`], 400 if it cannot be read.
+fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    b.map_err(|e| ApiError { status: e.status(), message: e.body_text(), field: Some("body") })
+}
+
+/// A `limit` query parameter: 1 to [`MAX_PAGE`].
+fn parse_limit(value: &str) -> Result<usize, ApiError> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| ApiError::bad("limit", format!("limit is a number from 1 to {MAX_PAGE}")))
+}
+
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad("body", format!("the body is not JSON: {e}")))
 }
@@ -282,7 +444,11 @@ async fn add_watch(state: &AdminState, watch: NewWatch) -> Result<(StatusCode, V
     Ok((if added { StatusCode::CREATED } else { StatusCode::OK }, watch))
 }
 
-async fn create_watch(State(state): State<AdminState>, body: Bytes) -> Result<Response, ApiError> {
+async fn create_watch(
+    State(state): State<AdminState>,
+    given: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body(given)?;
     let config = Arc::clone(&state.config.borrow());
     let watch = parse_watch(&config, &parse_json(&body)?, None)?;
     let (status, watch) = add_watch(&state, watch).await?;
@@ -291,8 +457,9 @@ async fn create_watch(State(state): State<AdminState>, body: Bytes) -> Result<Re
 
 async fn list_watches(
     State(state): State<AdminState>,
-    Query(q): Query<BTreeMap<String, String>>,
+    q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> Result<Json, ApiError> {
+    let q = query(q)?;
     let mut query = WatchQuery::default();
     for (key, value) in &q {
         match key.as_str() {
@@ -302,17 +469,13 @@ async fn list_watches(
                         .ok_or_else(|| ApiError::bad("state", "state is one of active, finished, failed, removed"))?,
                 )
             }
-            "portal_id" => query.portal_id = Some(value.clone()),
-            "after" => query.after = Some(value.clone()),
-            "limit" => {
-                query.limit = Some(
-                    value
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_PAGE).contains(n))
-                        .ok_or_else(|| ApiError::bad("limit", format!("limit is a number from 1 to {MAX_PAGE}")))?,
-                )
+            "portal_id" => {
+                let portal: PortalId = value.parse().map_err(|e: String| ApiError::bad("portal_id", e))?;
+                query.portal_id = Some(portal.to_string());
             }
+            // The cursor is the job id of the last watch of the previous page.
+            "after" => query.after = Some(parse_job_id(value).map_err(|e| ApiError::bad("after", e))?),
+            "limit" => query.limit = Some(parse_limit(value)?),
             other => return Err(ApiError::bad("query", format!("unknown query parameter {other:?}"))),
         }
     }
@@ -366,8 +529,9 @@ async fn delete_watch(State(state): State<AdminState>, Path(job_id): Path<String
 
 async fn list_deliveries(
     State(state): State<AdminState>,
-    Query(q): Query<BTreeMap<String, String>>,
+    q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> Result<Json, ApiError> {
+    let q = query(q)?;
     let status = match q.get("status") {
         None => None,
         Some(s) => Some(
@@ -375,15 +539,17 @@ async fn list_deliveries(
                 .ok_or_else(|| ApiError::bad("status", "status is one of pending, delivered, failed"))?,
         ),
     };
-    if let Some(other) = q.keys().find(|k| k.as_str() != "status") {
+    let limit = q.get("limit").map(|l| parse_limit(l)).transpose()?.unwrap_or(MAX_PAGE);
+    if let Some(other) = q.keys().find(|k| !matches!(k.as_str(), "status" | "limit")) {
         return Err(ApiError::bad("query", format!("unknown query parameter {other:?}")));
     }
-    let rows = state.store.call(move |s| s.list_deliveries(status, MAX_PAGE)).await?;
+    let rows = state.store.call(move |s| s.list_deliveries(status, limit)).await?;
     Ok(Json(json!({"deliveries": rows})))
 }
 
 async fn retry_delivery(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json, ApiError> {
-    let id: i64 = id.parse().map_err(|_| ApiError::bad("id", "a delivery id is a number"))?;
+    let id: i64 =
+        id.parse().ok().filter(|&n| n > 0).ok_or_else(|| ApiError::bad("id", "a delivery id is a positive number"))?;
     let requeued = state.store.call(move |s| s.retry_failed(Some(id))).await?;
     if requeued == 0 {
         return Err(ApiError::new(StatusCode::CONFLICT, format!("delivery {id} does not exist or is not failed")));
@@ -397,9 +563,10 @@ async fn retry_delivery(State(state): State<AdminState>, Path(id): Path<String>)
 async fn start_job(
     State(state): State<AdminState>,
     Path((org, endpoint)): Path<(String, String)>,
-    Query(q): Query<Vec<(String, String)>>,
-    body: Bytes,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    given: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let (q, body) = (query(q)?, body(given)?);
     let config = Arc::clone(&state.config.borrow());
     let portal: PortalId = format!("{org}/{endpoint}").parse().map_err(|e: String| ApiError::bad("portal_id", e))?;
     let Some(org) = config.orgs.get(&portal.org) else {
@@ -478,6 +645,13 @@ async fn metrics(State(state): State<AdminState>) -> Result<Response, ApiError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_content_types() {
+        let ct = |v: &str| is_json(Some(&header::HeaderValue::from_str(v).unwrap()));
+        assert!(ct("application/json") && ct("Application/JSON; charset=utf-8") && ct("application/merge-patch+json"));
+        assert!(!ct("text/plain") && !ct("application/x-www-form-urlencoded") && !ct("text/json") && !is_json(None));
+    }
 
     #[test]
     fn token_comparison() {

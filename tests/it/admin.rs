@@ -76,10 +76,17 @@ async fn watches_and_deliveries_routes_work_end_to_end() {
             .await;
     assert_eq!(status, 400);
     assert!(answer["error"].as_str().unwrap().contains("unknown field \"x\""));
-    let not_json = reqwest::Client::new().post(format!("{api}/v1/watches")).body("{").send().await.unwrap();
+    let not_json = reqwest::Client::new()
+        .post(format!("{api}/v1/watches"))
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(not_json.status().as_u16(), 400);
     let huge = reqwest::Client::new()
         .post(format!("{api}/v1/watches"))
+        .header("content-type", "application/json")
         .body(vec![b' '; 1024 * 1024 + 10])
         .send()
         .await

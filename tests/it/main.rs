@@ -3,7 +3,9 @@
 //! receivers on 127.0.0.1:0, each test on its own temporary database.
 
 mod admin;
+mod admin_guard;
 mod cli;
+mod config_bounds;
 mod crash;
 mod delivery;
 mod delivery_stress;

@@ -1,0 +1,349 @@
+//! `[[webhooks]]`: the resolved [`Webhook`] (its filters, headers, template
+//! and limits) and how the resolver builds one from the raw table.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use reqwest::Url;
+use reqwest::header::{HeaderName, HeaderValue};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use toml::Spanned;
+
+use super::defaults::{self, MAX_LIST_LEN, MAX_NAME_LEN, MAX_TEMPLATE_BYTES, MAX_VALUE_LEN};
+use super::raw::{RawWebhook, parse_http_url};
+use super::resolved::Resolver;
+use super::{ConfigError, RESERVED_HEADERS, SecretSource};
+use crate::format::{BodyTemplate, TemplateSource};
+use crate::glob::Glob;
+use crate::signature::SigningKey;
+
+/// Body format of a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// The Standard Webhooks JSON body of INTERFACE.md.
+    Standard,
+    /// A Slack incoming-webhook message.
+    Slack,
+    /// A Discord webhook message.
+    Discord,
+}
+
+impl Format {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Standard => "standard",
+            Format::Slack => "slack",
+            Format::Discord => "discord",
+        }
+    }
+}
+
+/// `[[webhooks]]`: one receiver.
+#[derive(Clone)]
+pub struct Webhook {
+    /// Unique name, used by `--webhook`, in the database and in logs.
+    pub name: String,
+    /// Where deliveries are POSTed. Chat URLs are secrets, so this is never
+    /// logged; `url_source` says whether it may be shown.
+    pub url: Url,
+    /// `None` when the URL is written in the config, else where it came from.
+    pub url_source: Option<SecretSource>,
+    /// Body format.
+    pub format: Format,
+    /// Standard Webhooks signing key, when the webhook has a secret.
+    pub secret: Option<SigningKey>,
+    /// Where the secret came from.
+    pub secret_source: Option<SecretSource>,
+    /// Notification types this webhook accepts; empty means all.
+    pub types: Vec<Glob>,
+    /// Portal ids this webhook follows when a watch names no webhooks; empty means all.
+    pub portals: Vec<Glob>,
+    /// Labels this webhook follows when a watch names no webhooks: the
+    /// watch's labels must hold every pair; empty means all.
+    pub labels: BTreeMap<String, String>,
+    /// Extra headers of every delivery, sorted by name.
+    pub headers: Vec<ExtraHeader>,
+    /// The webhook's own body template, compiled; it replaces the format's body.
+    pub template: Option<BodyTemplate>,
+    /// Attempts in flight to this webhook at once (different jobs in parallel).
+    pub max_in_flight: usize,
+    /// Attempts per second to this webhook; `None` for no limit.
+    pub max_per_second: Option<f64>,
+}
+
+impl fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Webhook")
+            .field("name", &self.name)
+            .field("format", &self.format)
+            .field("signed", &self.secret.is_some())
+            .field("headers", &self.headers)
+            .field("template", &self.template)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Webhook {
+    /// Whether a notification of `kind` for a watch on `portal_id` with
+    /// `labels` goes to this webhook. `named` is the watch's own webhook
+    /// list: when present, it replaces the `portals` and `labels` filters
+    /// (they choose watches), but the `types` filter still applies (it
+    /// chooses what the receiver wants to hear).
+    pub fn accepts(&self, kind: &str, portal_id: &str, named: Option<&[String]>, labels: &Map<String, Value>) -> bool {
+        let chosen = match named {
+            Some(names) => names.iter().any(|n| n == &self.name),
+            None => crate::glob::any_matches(&self.portals, portal_id) && self.follows_labels(labels),
+        };
+        chosen && crate::glob::any_matches(&self.types, kind)
+    }
+
+    /// Whether a watch's labels hold every `key = value` of this webhook's
+    /// `labels` filter.
+    pub fn follows_labels(&self, labels: &Map<String, Value>) -> bool {
+        self.labels.iter().all(|(k, v)| labels.get(k).and_then(Value::as_str) == Some(v.as_str()))
+    }
+
+    /// The `content-type` of this webhook's bodies.
+    pub fn content_type(&self) -> &str {
+        self.template.as_ref().map_or("application/json", |t| t.content_type.as_str())
+    }
+}
+
+/// One of a webhook's extra headers.
+#[derive(Clone)]
+pub struct ExtraHeader {
+    /// The header's name, lower-case.
+    pub name: HeaderName,
+    /// Its value; marked sensitive when it came from the environment.
+    pub value: HeaderValue,
+    /// `None` when the value is written in the config, else where it came
+    /// from (and then it is a secret, never printed).
+    pub source: Option<SecretSource>,
+}
+
+impl fmt::Debug for ExtraHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            None => write!(f, "{}: {:?}", self.name, self.value),
+            Some(source) => write!(f, "{}: {source}", self.name),
+        }
+    }
+}
+
+impl Resolver<'_> {
+    pub(super) fn webhook(&self, index: usize, span: Range<usize>, raw: RawWebhook) -> Result<Webhook, ConfigError> {
+        let name_span = raw.name.span();
+        let name = raw.name.into_inner();
+        if name.is_empty()
+            || name.len() > MAX_NAME_LEN
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(self.error(
+                Some(name_span),
+                &format!("webhooks[{index}].name"),
+                format!("{name:?} is not a valid webhook name: 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        let key = format!("webhooks[{index}] ({name})");
+        let (url, url_source) = match (raw.url, raw.url_env) {
+            (Some(_), Some(_)) => {
+                return Err(self.error(Some(span), &key, "set either url or url_env, not both"));
+            }
+            (None, None) => return Err(self.error(Some(span), &key, "needs url or url_env")),
+            (Some(url), None) => (url.into_inner().0, None),
+            (None, Some(var_name)) => {
+                let var = var_name.get_ref().trim().to_owned();
+                let k = format!("{key}.url_env");
+                let value = (self.env)(&var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                    self.error(Some(var_name.span()), &k, format!("environment variable {var} is not set"))
+                })?;
+                // The value is a secret: the message names the variable only.
+                let url = parse_http_url(&value).map_err(|_| {
+                    self.error(Some(var_name.span()), &k, format!("environment variable {var} is not an http(s) URL"))
+                })?;
+                (url, Some(SecretSource::Env(var)))
+            }
+        };
+        let (secret, secret_source) =
+            self.secret(&key, Some(span.clone()), ("secret_env", raw.secret_env), ("secret_file", raw.secret_file))?;
+        let secret = match secret {
+            None => None,
+            Some(text) => Some(
+                SigningKey::parse(&text)
+                    .map_err(|e| self.error(Some(span.clone()), &format!("{key}.secret"), e.to_string()))?,
+            ),
+        };
+        let globs = |field: &str, list: Vec<Spanned<String>>| -> Result<Vec<Glob>, ConfigError> {
+            let k = format!("{key}.{field}");
+            if let Some(extra) = list.get(MAX_LIST_LEN) {
+                return Err(self.error(Some(extra.span()), &k, format!("at most {MAX_LIST_LEN} patterns")));
+            }
+            list.into_iter()
+                .map(|p| {
+                    if p.get_ref().len() > MAX_VALUE_LEN {
+                        let message = format!("a pattern must be at most {MAX_VALUE_LEN} bytes");
+                        return Err(self.error(Some(p.span()), &k, message));
+                    }
+                    Glob::new(p.get_ref()).ok_or_else(|| self.error(Some(p.span()), &k, "a pattern must not be empty"))
+                })
+                .collect()
+        };
+        let max_in_flight =
+            self.count(&format!("{key}.max_in_flight"), raw.max_in_flight, defaults::WEBHOOK_MAX_IN_FLIGHT)?;
+        let max_per_second = self.rate(&format!("{key}.max_per_second"), raw.max_per_second)?;
+        let mut labels = BTreeMap::new();
+        let label_count = raw.labels.len();
+        for (label, value) in raw.labels {
+            let k = format!("{key}.labels");
+            if label_count > MAX_LIST_LEN {
+                return Err(self.error(Some(value.span()), &k, format!("at most {MAX_LIST_LEN} labels")));
+            }
+            if label.trim().is_empty() || label.len() > MAX_NAME_LEN || value.get_ref().len() > MAX_VALUE_LEN {
+                let message = format!(
+                    "a label name must be 1 to {MAX_NAME_LEN} bytes and its value at most {MAX_VALUE_LEN} bytes"
+                );
+                return Err(self.error(Some(value.span()), &k, message));
+            }
+            labels.insert(label, value.into_inner());
+        }
+        let headers = self.headers(&key, raw.headers, raw.headers_env)?;
+        let template = self.template(&key, span, raw.template, raw.body_template, raw.content_type)?;
+        Ok(Webhook {
+            max_in_flight,
+            max_per_second,
+            name,
+            url,
+            url_source,
+            format: raw.format,
+            secret,
+            secret_source,
+            types: globs("types", raw.types)?,
+            portals: globs("portals", raw.portals)?,
+            labels,
+            headers,
+            template,
+        })
+    }
+
+    /// Resolves `headers` (values as written) and `headers_env` (values from
+    /// the environment, secrets) into one list sorted by name.
+    fn headers(
+        &self,
+        key: &str,
+        literal: BTreeMap<String, Spanned<String>>,
+        from_env: BTreeMap<String, Spanned<String>>,
+    ) -> Result<Vec<ExtraHeader>, ConfigError> {
+        let mut headers: BTreeMap<String, ExtraHeader> = BTreeMap::new();
+        if let Some(extra) = literal.values().chain(from_env.values()).nth(MAX_LIST_LEN) {
+            let message = format!("at most {MAX_LIST_LEN} headers in headers and headers_env together");
+            return Err(self.error(Some(extra.span()), key, message));
+        }
+        let entries =
+            literal.into_iter().map(|(n, v)| (n, v, false)).chain(from_env.into_iter().map(|(n, v)| (n, v, true)));
+        for (raw_name, value, is_env) in entries {
+            let table = if is_env { "headers_env" } else { "headers" };
+            let k = format!("{key}.{table}.{raw_name}");
+            let span = Some(value.span());
+            let name = HeaderName::from_bytes(raw_name.trim().as_bytes())
+                .map_err(|_| self.error(span.clone(), &k, format!("{raw_name:?} is not a valid header name")))?;
+            if RESERVED_HEADERS.contains(&name.as_str()) {
+                return Err(self.error(
+                    span,
+                    &k,
+                    format!("{name} is set by the relay itself and cannot be overridden"),
+                ));
+            }
+            let header = if is_env {
+                let var = value.get_ref().trim().to_owned();
+                let text = (self.env)(&var)
+                    .filter(|v| !v.trim().is_empty())
+                    .ok_or_else(|| self.error(span.clone(), &k, format!("environment variable {var} is not set")))?;
+                // The value is a secret: the message names the variable only.
+                let mut value = HeaderValue::from_str(text.trim()).map_err(|_| {
+                    self.error(span.clone(), &k, format!("environment variable {var} is not a valid header value"))
+                })?;
+                value.set_sensitive(true);
+                ExtraHeader { name: name.clone(), value, source: Some(SecretSource::Env(var)) }
+            } else {
+                if value.get_ref().len() > MAX_VALUE_LEN {
+                    let message = format!("a header value must be at most {MAX_VALUE_LEN} bytes");
+                    return Err(self.error(span, &k, message));
+                }
+                let value = HeaderValue::from_str(value.get_ref()).map_err(|_| {
+                    self.error(span.clone(), &k, "not a valid header value (control characters or non-ASCII)")
+                })?;
+                ExtraHeader { name: name.clone(), value, source: None }
+            };
+            if headers.insert(name.as_str().to_owned(), header).is_some() {
+                return Err(self.error(span, &k, format!("header {name} is set twice")));
+            }
+        }
+        Ok(headers.into_values().collect())
+    }
+
+    /// Reads and compiles the body template given as `template` (a file) or
+    /// `body_template` (inline), not both.
+    fn template(
+        &self,
+        key: &str,
+        table_span: Range<usize>,
+        file: Option<Spanned<String>>,
+        inline: Option<Spanned<String>>,
+        content_type: Option<Spanned<String>>,
+    ) -> Result<Option<BodyTemplate>, ConfigError> {
+        let (source, text, span, k) = match (file, inline) {
+            (Some(_), Some(_)) => {
+                return Err(self.error(Some(table_span), key, "set either template or body_template, not both"));
+            }
+            (None, None) => {
+                return match content_type {
+                    Some(ct) => Err(self.error(
+                        Some(ct.span()),
+                        &format!("{key}.content_type"),
+                        "only applies to a templated body: set template or body_template too",
+                    )),
+                    None => Ok(None),
+                };
+            }
+            (Some(file), None) => {
+                let k = format!("{key}.template");
+                let written = PathBuf::from(file.get_ref().trim());
+                // Relative to the config file, so a template can sit next to it.
+                let path = self.path.parent().unwrap_or(Path::new("")).join(&written);
+                let text = super::resolved::read_capped(&path, MAX_TEMPLATE_BYTES)
+                    .map_err(|e| self.error(Some(file.span()), &k, format!("cannot read {}: {e}", path.display())))?;
+                (TemplateSource::File(path), text, file.span(), k)
+            }
+            (None, Some(text)) => {
+                let k = format!("{key}.body_template");
+                (TemplateSource::Inline(text.get_ref().clone()), text.get_ref().clone(), text.span(), k)
+            }
+        };
+        if text.trim().is_empty() {
+            return Err(self.error(Some(span), &k, "the template is empty"));
+        }
+        if text.len() > MAX_TEMPLATE_BYTES {
+            let message = format!("the template is {} bytes; at most {MAX_TEMPLATE_BYTES} are accepted", text.len());
+            return Err(self.error(Some(span), &k, message));
+        }
+        if let Some(ct) = &content_type {
+            let essence = ct.get_ref().split(';').next().unwrap_or_default().trim();
+            let (kind, sub) = essence.split_once('/').unwrap_or_default();
+            if kind.is_empty() || sub.is_empty() || HeaderValue::from_str(ct.get_ref()).is_err() {
+                return Err(self.error(
+                    Some(ct.span()),
+                    &format!("{key}.content_type"),
+                    format!("{:?} is not a content type such as \"application/json\" or \"text/plain\"", ct.get_ref()),
+                ));
+            }
+        }
+        BodyTemplate::compile(source, text, content_type.as_ref().map(|c| c.get_ref().as_str()))
+            .map(Some)
+            .map_err(|e| self.error(Some(span), &k, format!("the template does not compile: {e}")))
+    }
+}
