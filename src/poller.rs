@@ -99,6 +99,9 @@ pub enum PollOutcome {
     /// The relay gave up on the watch; `watch.failed` is stored with this
     /// many deliveries.
     GaveUp { deliveries: usize },
+    /// The poll's task ended without an outcome (it panicked): nothing was
+    /// stored, and the watch is polled again after a backoff.
+    Panicked,
 }
 
 impl PollOutcome {
@@ -112,6 +115,7 @@ impl PollOutcome {
             PollOutcome::Failed(e) => e.label(),
             PollOutcome::StoreFailed(_) => "store_error",
             PollOutcome::GaveUp { .. } => "gave_up",
+            PollOutcome::Panicked => "panicked",
         }
     }
 }
@@ -171,6 +175,36 @@ struct Finished {
     /// Released when the result is handled, so `max_in_flight` also bounds
     /// finished-but-unprocessed polls. Giving up needs no request, so no permit.
     _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// How a poll task reports back: [`Report::send`] with its outcome, or, if
+/// the task unwinds before that, [`PollOutcome::Panicked`] from `drop`.
+/// Without it a panicking poll returned its permit but no result, and its
+/// watch stayed "in flight" and was never polled again, silently.
+struct Report {
+    /// `None` once sent.
+    job_id: Option<String>,
+    results: mpsc::UnboundedSender<Finished>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Report {
+    fn send(mut self, outcome: PollOutcome) {
+        self.deliver(outcome);
+    }
+
+    fn deliver(&mut self, outcome: PollOutcome) {
+        if let Some(job_id) = self.job_id.take() {
+            // The scheduler may be gone (shutdown): then nobody waits for it.
+            let _ = self.results.send(Finished { job_id, outcome, _permit: self.permit.take() });
+        }
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        self.deliver(PollOutcome::Panicked);
+    }
 }
 
 /// The scheduler. Created by `app`, consumed by [`Poller::run`].
@@ -529,18 +563,18 @@ impl Poller {
             client: self.client.clone(),
             metrics: Arc::clone(&self.metrics),
         };
-        let results = self.results_tx.clone();
+        let report = Report { job_id: Some(job_id), results: self.results_tx.clone(), permit };
         // Debug level: at tens of thousands of polls a second an info span per
         // poll is a measurable cost. Every line a poll logs at info or above
         // names its job_id itself.
-        let span = debug_span!("poll", job_id = %job_id, portal_id = %task.portal);
+        let span = debug_span!("poll", job_id = %task.job_id, portal_id = %task.portal);
         tokio::spawn(
             async move {
                 let outcome = match give_up {
                     None => task.poll().await,
                     Some(reason) => task.give_up(reason).await,
                 };
-                let _ = results.send(Finished { job_id, outcome, _permit: permit });
+                report.send(outcome);
             }
             .instrument(span),
         );
@@ -634,6 +668,12 @@ impl Poller {
                 watch.error_streak = watch.error_streak.saturating_add(1);
                 let wait = backoff(watch.error_streak);
                 warn!(job_id = %job_id, error = %e, kind = e.label(), streak = watch.error_streak, retry_in_ms = wait.as_millis() as u64, "poll failed");
+                wait
+            }
+            PollOutcome::Panicked => {
+                watch.error_streak = watch.error_streak.saturating_add(1);
+                let wait = backoff(watch.error_streak);
+                error!(job_id = %job_id, retry_in_ms = wait.as_millis() as u64, "the poll's task panicked; nothing was stored, polling again later");
                 wait
             }
             PollOutcome::StoreFailed(e) => {
@@ -894,6 +934,33 @@ mod tests {
 
     fn rate_limited(retry_after: Option<Duration>) -> PollOutcome {
         PollOutcome::Failed(UpstreamError::RateLimited { retry_after })
+    }
+
+    /// A poll task that unwinds still reports, as `Panicked`, with its
+    /// permit; the watch is then polled again after a backoff instead of
+    /// staying "in flight" forever.
+    #[tokio::test]
+    async fn a_panicking_poll_reports_and_its_watch_is_polled_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = poller(dir.path(), "max_in_flight = 1");
+        let now = Instant::now();
+        p.schedule_new(scheduled(A), now);
+        p.watches.get_mut(A).unwrap().in_flight = true;
+        let permit = Arc::clone(&p.permits).try_acquire_owned().unwrap();
+        let report = Report { job_id: Some(A.into()), results: p.results_tx.clone(), permit: Some(permit) };
+        let task = tokio::spawn(async move {
+            let _report = report;
+            panic!("a bug in a poll");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let finished = p.results_rx.try_recv().expect("the panicked task reported");
+        assert!(matches!(finished.outcome, PollOutcome::Panicked));
+        p.queue.clear();
+        p.handle(finished, now);
+        assert_eq!(p.permits.available_permits(), 1, "the permit came back");
+        assert!(!p.watches[A].in_flight);
+        let due = p.next_due().expect("rescheduled");
+        assert!(due > now && due <= now + Duration::from_secs(60));
     }
 
     #[tokio::test]
