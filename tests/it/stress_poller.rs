@@ -292,3 +292,35 @@ async fn a_finished_watch_added_again_finishes_without_a_false_failure() {
     assert_eq!(summary[0].state, "finished", "{:?}", summary[0]);
     assert!(later.is_empty(), "nothing announced again: {:?}", later.iter().map(|r| r.kind()).collect::<Vec<_>>());
 }
+
+/// Item C's sibling: a running job's watch removed and added again within
+/// one scan interval stays in the scheduler, and must take the row's fresh
+/// age. Before, it kept the old `created_at`, so `max_watch_age` gave up on
+/// it (a false `watch.failed`) counting from the first add.
+#[tokio::test]
+async fn a_watch_re_added_between_two_scans_takes_its_fresh_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let dari = FakeDari::start().await;
+    const JOB: &str = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
+    dari.script(JOB, vec![Reply::Json(json!({"status": "running", "events": []}))]);
+    let text = config_text(&dir.path().join("r.db"), &dari, &[], "")
+        .replace("[delivery]", "max_watch_age = \"1s\"\n[delivery]");
+    let relay = Relay::start(&text).await;
+    let start = Instant::now();
+    relay.store.add_watches(&[watch_on("acme/form", JOB)]).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(dari.polls(JOB) > 0);
+    // Both in one go: the next scan sees the watch active, as it was.
+    assert!(relay.store.remove_watch(JOB).unwrap());
+    assert_eq!(relay.store.add_watches(&[watch_on("acme/form", JOB)]).unwrap().added, 1);
+    tokio::time::sleep_until(start + Duration::from_millis(1400)).await;
+    let state = relay.store.list_watches(true).unwrap()[0].state;
+    assert_eq!(state, "active", "given up on by the age of its first add");
+    let deadline = start + Duration::from_secs(5);
+    while relay.store.list_watches(true).unwrap()[0].state == "active" {
+        assert!(Instant::now() < deadline, "the re-added watch never reached its own max_watch_age");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(start.elapsed() >= Duration::from_millis(1650), "gave up after {:?}", start.elapsed());
+    relay.stop().await;
+}
