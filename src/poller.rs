@@ -18,6 +18,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -42,6 +43,34 @@ use crate::upstream::{PortalId, StatusAnswer, UpstreamClient, UpstreamError};
 /// by the CLI. A quarter second keeps "polled within 1 second of `watch add`"
 /// with room to spare, for one indexed single-row read.
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The longest wait the scheduler ever sets. Intervals and grace periods
+/// come from the config, where a duration can be as long as `u64::MAX`
+/// seconds: bounded to a year, no interval growth (`x1.5`) can overflow a
+/// `Duration` and no deadline an `Instant`, and nobody waits for longer.
+pub const LONGEST_WAIT: Duration = Duration::from_secs(365 * 86_400);
+
+/// The shortest a watch held back (rate limit) is put off: a wait that
+/// rounds to nothing would put it back as due at the same `now`, and
+/// [`Poller::poll_due_once`] would pop it again without end.
+const SHORTEST_WAIT: Duration = Duration::from_millis(1);
+
+/// The slowest `max_requests_per_second` the token buckets take (one request
+/// every 11.6 days): a slower configured rate is read as this, because the
+/// wait for a token is `1 / rate` seconds and must fit in a `Duration`.
+const SLOWEST_RATE: f64 = 1e-6;
+
+/// `now + wait`, never overflowing: the wait is bounded by [`LONGEST_WAIT`],
+/// and if even that does not fit the clock (it cannot on any real system),
+/// the latest deadline that does is used. Every deadline of the scheduler
+/// goes through here.
+pub fn later(now: Instant, wait: Duration) -> Instant {
+    let wait = wait.min(LONGEST_WAIT);
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(Duration::from_secs(3600)))
+        .or_else(|| now.checked_add(Duration::from_secs(1)))
+        .unwrap_or(now)
+}
 
 /// What one poll of one watch came to.
 #[derive(Debug)]
@@ -70,6 +99,9 @@ pub enum PollOutcome {
     /// The relay gave up on the watch; `watch.failed` is stored with this
     /// many deliveries.
     GaveUp { deliveries: usize },
+    /// The poll's task ended without an outcome (it panicked): nothing was
+    /// stored, and the watch is polled again after a backoff.
+    Panicked,
 }
 
 impl PollOutcome {
@@ -83,6 +115,7 @@ impl PollOutcome {
             PollOutcome::Failed(e) => e.label(),
             PollOutcome::StoreFailed(_) => "store_error",
             PollOutcome::GaveUp { .. } => "gave_up",
+            PollOutcome::Panicked => "panicked",
         }
     }
 }
@@ -131,10 +164,8 @@ struct Scheduled {
 enum Wake {
     /// This many polls finished (they are in the batch buffer).
     Finished(usize),
-    /// The earliest poll is due.
-    Due,
-    /// Time to look for watches the CLI changed.
-    Scan,
+    /// The timer: a watch is due (and a permit free), or the scan is.
+    Timer,
 }
 
 /// Results sent back by poll tasks.
@@ -144,6 +175,36 @@ struct Finished {
     /// Released when the result is handled, so `max_in_flight` also bounds
     /// finished-but-unprocessed polls. Giving up needs no request, so no permit.
     _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// How a poll task reports back: [`Report::send`] with its outcome, or, if
+/// the task unwinds before that, [`PollOutcome::Panicked`] from `drop`.
+/// Without it a panicking poll returned its permit but no result, and its
+/// watch stayed "in flight" and was never polled again, silently.
+struct Report {
+    /// `None` once sent.
+    job_id: Option<String>,
+    results: mpsc::UnboundedSender<Finished>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Report {
+    fn send(mut self, outcome: PollOutcome) {
+        self.deliver(outcome);
+    }
+
+    fn deliver(&mut self, outcome: PollOutcome) {
+        if let Some(job_id) = self.job_id.take() {
+            // The scheduler may be gone (shutdown): then nobody waits for it.
+            let _ = self.results.send(Finished { job_id, outcome, _permit: self.permit.take() });
+        }
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        self.deliver(PollOutcome::Panicked);
+    }
 }
 
 /// The scheduler. Created by `app`, consumed by [`Poller::run`].
@@ -179,6 +240,9 @@ pub struct Poller {
     health: Arc<Health>,
     next_generation: u64,
     watch_rev: i64,
+    /// Turns of the loop in [`Poller::run`], for tests that check the loop
+    /// sleeps when it has nothing to do (see [`Poller::turn_counter`]).
+    turns: Arc<AtomicU64>,
     results_tx: mpsc::UnboundedSender<Finished>,
     results_rx: mpsc::UnboundedReceiver<Finished>,
 }
@@ -216,9 +280,17 @@ impl Poller {
             health,
             next_generation: 0,
             watch_rev: 0,
+            turns: Arc::new(AtomicU64::new(0)),
             results_tx,
             results_rx,
         })
+    }
+
+    /// A counter of the scheduler loop's turns, shared with the caller: a
+    /// loop that wakes only when something can make progress turns a few
+    /// times per poll and scan; one that spins turns millions of times.
+    pub fn turn_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.turns)
     }
 
     /// Takes a reloaded config: new orgs and keys, rate limits, intervals and
@@ -247,6 +319,15 @@ impl Poller {
             });
         }
         self.rate_limits = rate_limits(&config, self.epoch.elapsed());
+        if config.upstream.terminal_statuses != self.config.upstream.terminal_statuses {
+            // A job resting in a status that just became terminal answers
+            // the same bytes as before, which would be skipped as unchanged
+            // forever: forget the hashes, so each watch's next answer is
+            // parsed once and a terminal one ends the watch.
+            for watch in self.watches.values_mut() {
+                watch.body_hash = None;
+            }
+        }
         self.unconfigured_orgs.clear();
         if config.database != self.config.database {
             warn!("a new database path takes effect only after a restart");
@@ -257,31 +338,53 @@ impl Poller {
 
     /// Polls until `shutdown` is cancelled. Polls still out at that moment are
     /// dropped: nothing of theirs was stored, so the next start redoes them.
+    ///
+    /// Each turn handles what finished, scans for CLI changes (and beats the
+    /// heartbeat) once [`SCAN_INTERVAL`] has passed, starts what is due, and
+    /// then sleeps until the next thing that can make progress: a poll
+    /// finishing (which frees a permit), the earliest due watch if a permit
+    /// is free to poll it, or the next scan. A due watch that cannot start
+    /// (every permit busy) must not arm the timer: an overdue deadline fires
+    /// at once, every turn, and the loop spins on it while the biased select
+    /// never reaches anything after it (issue 10).
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         self.load().await?;
-        let mut scan = tokio::time::interval(SCAN_INTERVAL);
-        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One timer and one cancellation future for the loop's whole life:
         // at tens of thousands of polls a second, registering a fresh timer
         // per turn was the loop's largest cost.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
-        let idle = || Instant::now() + Duration::from_secs(3600);
-        let timer = tokio::time::sleep_until(idle());
+        let timer = tokio::time::sleep_until(later(Instant::now(), SCAN_INTERVAL));
         tokio::pin!(timer);
         let mut batch = Vec::with_capacity(256);
         // One clock reading per turn, taken when the loop wakes; it serves
         // the finished polls of this turn and the due check of the next.
         let mut now = Instant::now();
+        // The scan is a deadline checked every turn, not a branch of the
+        // select: a steady stream of finished polls (always ready, and
+        // first in the biased order) can then never starve the scan or
+        // the heartbeat that rides on it.
+        let mut next_scan = now;
         loop {
+            self.turns.fetch_add(1, Ordering::Relaxed);
             if self.config_rx.has_changed().unwrap_or(false) {
                 let config = Arc::clone(&self.config_rx.borrow_and_update());
                 self.apply_config(config);
             }
+            if now >= next_scan {
+                // The heartbeat rides on the scan (4 a second), not on every
+                // turn: a clock read per turn was a measurable cost.
+                self.health.poller_beat();
+                if let Err(e) = self.scan_changes().await {
+                    warn!(error = %e, "cannot read watch changes; will retry");
+                }
+                now = Instant::now();
+                next_scan = later(now, SCAN_INTERVAL);
+            }
             self.poll_due_once(now);
-            let next_due = self.next_due().unwrap_or_else(idle);
-            if timer.deadline() != next_due {
-                timer.as_mut().reset(next_due);
+            let wake_at = self.next_wake(next_scan);
+            if timer.deadline() != wake_at {
+                timer.as_mut().reset(wake_at);
             }
             let woke_by = tokio::select! {
                 // In this order, without tokio's per-turn shuffle: shutdown
@@ -290,38 +393,38 @@ impl Poller {
                 _ = &mut cancelled => return Ok(()),
                 // Every poll that finished meanwhile, handled in one turn.
                 n = self.results_rx.recv_many(&mut batch, 256) => Wake::Finished(n),
-                _ = &mut timer => Wake::Due,
-                _ = scan.tick() => Wake::Scan,
+                _ = &mut timer => Wake::Timer,
             };
             now = Instant::now();
-            match woke_by {
-                Wake::Finished(n) => {
-                    // One wake-up of the deliverer (on its own thread) for all
-                    // the deliveries this turn stored, not one per poll.
-                    let mut stored = 0;
-                    for finished in batch.drain(..n) {
-                        if let PollOutcome::Changed { deliveries, .. } | PollOutcome::GaveUp { deliveries } =
-                            finished.outcome
-                        {
-                            stored += deliveries;
-                        }
-                        self.handle(finished, now);
+            if let Wake::Finished(n) = woke_by {
+                // One wake-up of the deliverer (on its own thread) for all
+                // the deliveries this turn stored, not one per poll.
+                let mut stored = 0;
+                for finished in batch.drain(..n) {
+                    if let PollOutcome::Changed { deliveries, .. } | PollOutcome::GaveUp { deliveries } =
+                        finished.outcome
+                    {
+                        stored += deliveries;
                     }
-                    if stored > 0 {
-                        self.wake_delivery.notify_one();
-                    }
+                    self.handle(finished, now);
                 }
-                Wake::Due => {}
-                Wake::Scan => {
-                    // The heartbeat rides on this tick (4 a second), not on
-                    // every turn: a clock read per turn was a measurable cost,
-                    // and the tick only comes if the loop is turning.
-                    self.health.poller_beat();
-                    if let Err(e) = self.scan_changes().await {
-                        warn!(error = %e, "cannot read watch changes; will retry");
-                    }
+                if stored > 0 {
+                    self.wake_delivery.notify_one();
                 }
             }
+        }
+    }
+
+    /// When the loop should wake if no poll finishes first: the earliest due
+    /// watch while a permit is free to start it, else the next scan. With
+    /// every permit busy only a finishing poll (it returns its permit) or
+    /// the scan can let the loop do anything, so a watch already overdue
+    /// must not set the timer then; a reload that adds permits is applied
+    /// at the next scan's turn.
+    fn next_wake(&self, next_scan: Instant) -> Instant {
+        match self.next_due() {
+            Some(due) if self.permits.available_permits() > 0 => due.min(next_scan),
+            _ => next_scan,
         }
     }
 
@@ -355,7 +458,19 @@ impl Poller {
                     info!(job_id = %w.job_id, portal_id = %w.portal, "new watch");
                     self.schedule_new(w, now);
                 }
-                (WatchState::Active, true) => {}
+                (WatchState::Active, true) => {
+                    // Removed and added again between two scans: the row
+                    // has a fresh age and (see Store::add_watches) no
+                    // answer hash, and the schedule must follow it, or the
+                    // old age gives up on the watch too early and the old
+                    // hash keeps an ended job's answer looking unchanged.
+                    if let Some(watch) = self.watches.get_mut(&w.job_id)
+                        && watch.created_at != w.created_at
+                    {
+                        watch.created_at = w.created_at;
+                        watch.body_hash = w.body_hash;
+                    }
+                }
                 (_, true) => {
                     info!(job_id = %w.job_id, state = w.state.as_str(), "watch no longer active; polling stops");
                     self.watches.remove(&w.job_id);
@@ -401,14 +516,15 @@ impl Poller {
     /// loop in [`Poller::run`] is this step plus waiting.
     pub fn poll_due_once(&mut self, now: Instant) -> usize {
         let mut started = 0;
-        let wall_ms = self.epoch_wall_ms + now.saturating_duration_since(self.epoch).as_millis() as i64;
+        let since_epoch_ms = i64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(i64::MAX);
+        let wall_ms = self.epoch_wall_ms.saturating_add(since_epoch_ms);
         while self.next_due().is_some_and(|due| due <= now) && self.permits.available_permits() > 0 {
             let Reverse((_, generation, job_id)) = self.queue.pop().expect("peeked");
             // Skip stale entries: a removed watch, or one re-added since.
             let Some(watch) = self.watches.get(&job_id).filter(|w| w.generation == generation && !w.in_flight) else {
                 continue;
             };
-            let age = Duration::from_millis((wall_ms - watch.created_at).max(0) as u64);
+            let age = Duration::from_millis(wall_ms.saturating_sub(watch.created_at).max(0) as u64);
             if age > self.config.upstream.max_watch_age {
                 self.start(job_id, None, Some(GiveUp::TooOld));
                 started += 1;
@@ -424,7 +540,7 @@ impl Poller {
             }
             let since_epoch = now.saturating_duration_since(self.epoch);
             if let Some(Err(wait)) = self.rate_limits.get_mut(org).map(|bucket| bucket.take(since_epoch)) {
-                self.reschedule(job_id, now + wait);
+                self.reschedule(job_id, later(now, wait.max(SHORTEST_WAIT)));
                 continue;
             }
             let permit = Arc::clone(&self.permits).try_acquire_owned().expect("a permit is available");
@@ -447,18 +563,18 @@ impl Poller {
             client: self.client.clone(),
             metrics: Arc::clone(&self.metrics),
         };
-        let results = self.results_tx.clone();
+        let report = Report { job_id: Some(job_id), results: self.results_tx.clone(), permit };
         // Debug level: at tens of thousands of polls a second an info span per
         // poll is a measurable cost. Every line a poll logs at info or above
         // names its job_id itself.
-        let span = debug_span!("poll", job_id = %job_id, portal_id = %task.portal);
+        let span = debug_span!("poll", job_id = %task.job_id, portal_id = %task.portal);
         tokio::spawn(
             async move {
                 let outcome = match give_up {
                     None => task.poll().await,
                     Some(reason) => task.give_up(reason).await,
                 };
-                let _ = results.send(Finished { job_id, outcome, _permit: permit });
+                report.send(outcome);
             }
             .instrument(span),
         );
@@ -468,6 +584,10 @@ impl Poller {
     fn handle(&mut self, finished: Finished, now: Instant) {
         let Finished { job_id, outcome, .. } = finished;
         let up = &self.config.upstream;
+        // The config's intervals, bounded so that no growth or backoff
+        // arithmetic on them can overflow (see LONGEST_WAIT).
+        let (base, cap) = (up.poll_interval.min(LONGEST_WAIT), up.max_poll_interval.min(LONGEST_WAIT));
+        let backoff = |streak: u32| retry::error_backoff(streak, base, cap, fastrand::f64());
         let Some(watch) = self.watches.get_mut(&job_id) else {
             return; // removed while in flight
         };
@@ -486,8 +606,7 @@ impl Poller {
         }
         let delay = match outcome {
             PollOutcome::Unchanged => {
-                watch.interval =
-                    retry::next_poll_interval(watch.interval, false, up.poll_interval, up.max_poll_interval);
+                watch.interval = retry::next_poll_interval(watch.interval.min(cap), false, base, cap);
                 watch.interval
             }
             PollOutcome::Changed { terminal: true, notifications, .. } => {
@@ -497,7 +616,7 @@ impl Poller {
             }
             PollOutcome::Changed { body_hash, .. } => {
                 watch.body_hash = Some(body_hash);
-                watch.interval = up.poll_interval;
+                watch.interval = base;
                 watch.interval
             }
             PollOutcome::Gone | PollOutcome::GaveUp { .. } => {
@@ -508,58 +627,63 @@ impl Poller {
                 if self.unconfigured_orgs.insert(org.to_owned()) {
                     error!(org_id = %org, "the config has no [orgs.{org}] table: its watches wait at max_poll_interval");
                 }
-                up.max_poll_interval
+                cap
             }
             PollOutcome::Failed(UpstreamError::Unauthorized(status)) => {
                 let since = *self.rejected_orgs.entry(org.to_owned()).or_insert_with(|| {
                     error!(org_id = %org, status, "Dari rejected the org's API key; its watches are polled at max_poll_interval until it is accepted");
                     now
                 });
-                if now.duration_since(since) >= up.auth_grace {
+                if now.saturating_duration_since(since) >= up.auth_grace {
                     self.start(job_id, None, Some(GiveUp::KeyRejected));
                     return;
                 }
-                up.max_poll_interval
+                cap
             }
             PollOutcome::Failed(UpstreamError::NotFound) => {
                 let since = *watch.not_found_since.get_or_insert(now);
-                if now.duration_since(since) >= up.not_found_grace {
+                if now.saturating_duration_since(since) >= up.not_found_grace {
                     self.start(job_id, None, Some(GiveUp::NotFound));
                     return;
                 }
-                watch.error_streak += 1;
-                let wait =
-                    retry::error_backoff(watch.error_streak, up.poll_interval, up.max_poll_interval, fastrand::f64());
+                watch.error_streak = watch.error_streak.saturating_add(1);
+                let wait = backoff(watch.error_streak);
                 info!(job_id = %job_id, retry_in_ms = wait.as_millis() as u64, "job not found (yet)");
                 wait
             }
             PollOutcome::Failed(UpstreamError::RateLimited { retry_after }) => {
-                watch.error_streak += 1;
-                let wait = retry_after.unwrap_or_else(|| {
-                    retry::error_backoff(watch.error_streak, up.poll_interval, up.max_poll_interval, fastrand::f64())
-                });
+                watch.error_streak = watch.error_streak.saturating_add(1);
+                // Dari's Retry-After is already bounded by the parser; clamped
+                // again here because this is where it becomes a pause of a
+                // whole org: never zero (a tight loop against a struggling
+                // Dari), never past the hour (an org silenced until restart).
+                let wait = retry_after.map_or_else(|| backoff(watch.error_streak), retry::clamp_retry_after);
                 warn!(job_id = %job_id, org_id = %org, wait_ms = wait.as_millis() as u64, "rate limited (429): pausing every poll of the org");
-                let until = now + wait;
+                let until = later(now, wait);
                 let paused = self.paused_orgs.entry(org.to_owned()).or_insert(until);
                 *paused = (*paused).max(until);
                 wait
             }
             PollOutcome::Failed(e) => {
-                watch.error_streak += 1;
-                let wait =
-                    retry::error_backoff(watch.error_streak, up.poll_interval, up.max_poll_interval, fastrand::f64());
+                watch.error_streak = watch.error_streak.saturating_add(1);
+                let wait = backoff(watch.error_streak);
                 warn!(job_id = %job_id, error = %e, kind = e.label(), streak = watch.error_streak, retry_in_ms = wait.as_millis() as u64, "poll failed");
                 wait
             }
+            PollOutcome::Panicked => {
+                watch.error_streak = watch.error_streak.saturating_add(1);
+                let wait = backoff(watch.error_streak);
+                error!(job_id = %job_id, retry_in_ms = wait.as_millis() as u64, "the poll's task panicked; nothing was stored, polling again later");
+                wait
+            }
             PollOutcome::StoreFailed(e) => {
-                watch.error_streak += 1;
-                let wait =
-                    retry::error_backoff(watch.error_streak, up.poll_interval, up.max_poll_interval, fastrand::f64());
+                watch.error_streak = watch.error_streak.saturating_add(1);
+                let wait = backoff(watch.error_streak);
                 error!(job_id = %job_id, error = %e, "cannot store the poll's result; the change will be seen again");
                 wait
             }
         };
-        self.reschedule(job_id, now + delay);
+        self.reschedule(job_id, later(now, delay));
     }
 }
 
@@ -781,7 +905,7 @@ fn rate_limits(config: &Config, now: Duration) -> HashMap<String, TokenBucket> {
     config
         .orgs
         .values()
-        .filter_map(|o| Some((o.id.clone(), TokenBucket::new(o.max_requests_per_second?, now))))
+        .filter_map(|o| Some((o.id.clone(), TokenBucket::new(o.max_requests_per_second?.max(SLOWEST_RATE), now))))
         .collect()
 }
 
@@ -799,4 +923,164 @@ pub fn new_msg_id() -> String {
 fn body_hash(body: &[u8]) -> u64 {
     use std::hash::BuildHasher;
     foldhash::quality::FixedState::with_seed(0x6461_7269_2d72_656c).hash_one(body)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The scheduler's step and its bookkeeping, driven with scripted times
+    //! and outcomes (no request is ever answered: the tasks a step spawns
+    //! never get to run, because these tests do not yield).
+
+    use std::path::Path;
+    use std::time::SystemTime;
+
+    use super::*;
+
+    const A: &str = "00000000-0000-4000-8000-00000000000a";
+    const B: &str = "00000000-0000-4000-8000-00000000000b";
+
+    fn poller(dir: &Path, upstream: &str) -> Poller {
+        let text = format!(
+            "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n{upstream}\n\
+             [orgs.acme]\napi_key_env = \"KEY\"\n",
+            dir.join("r.db").display()
+        );
+        let env = |name: &str| (name == "KEY").then(|| "k".to_owned());
+        let config = Arc::new(Config::from_toml(&text, Path::new("t.toml"), &env).unwrap());
+        let store = Arc::new(Store::open(&config.database).unwrap());
+        let (_, config_rx) = watch::channel(config);
+        let health = Arc::new(Health::default());
+        Poller::new(config_rx, store, Arc::new(Metrics::default()), health, Arc::new(Notify::new())).unwrap()
+    }
+
+    fn scheduled(job_id: &str) -> ScheduledWatch {
+        ScheduledWatch {
+            job_id: job_id.into(),
+            portal: "acme/form".parse().unwrap(),
+            state: WatchState::Active,
+            body_hash: None,
+            created_at: now_ms(),
+        }
+    }
+
+    fn finished(job_id: &str, outcome: PollOutcome) -> Finished {
+        Finished { job_id: job_id.into(), outcome, _permit: None }
+    }
+
+    fn rate_limited(retry_after: Option<Duration>) -> PollOutcome {
+        PollOutcome::Failed(UpstreamError::RateLimited { retry_after })
+    }
+
+    /// A poll task that unwinds still reports, as `Panicked`, with its
+    /// permit; the watch is then polled again after a backoff instead of
+    /// staying "in flight" forever.
+    #[tokio::test]
+    async fn a_panicking_poll_reports_and_its_watch_is_polled_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = poller(dir.path(), "max_in_flight = 1");
+        let now = Instant::now();
+        p.schedule_new(scheduled(A), now);
+        p.watches.get_mut(A).unwrap().in_flight = true;
+        let permit = Arc::clone(&p.permits).try_acquire_owned().unwrap();
+        let report = Report { job_id: Some(A.into()), results: p.results_tx.clone(), permit: Some(permit) };
+        let task = tokio::spawn(async move {
+            let _report = report;
+            panic!("a bug in a poll");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let finished = p.results_rx.try_recv().expect("the panicked task reported");
+        assert!(matches!(finished.outcome, PollOutcome::Panicked));
+        p.queue.clear();
+        p.handle(finished, now);
+        assert_eq!(p.permits.available_permits(), 1, "the permit came back");
+        assert!(!p.watches[A].in_flight);
+        let due = p.next_due().expect("rescheduled");
+        assert!(due > now && due <= now + Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn later_saturates_instead_of_overflowing() {
+        let now = Instant::now();
+        assert_eq!(later(now, Duration::MAX), now + LONGEST_WAIT);
+        assert_eq!(later(now, Duration::from_secs(2)), now + Duration::from_secs(2));
+    }
+
+    /// Item B: Dari's `Retry-After: 18446744073709551615` (and any wait the
+    /// poller is handed, even `Duration::MAX` or zero) pauses the whole org
+    /// for a bounded time: every watch of it waits, and all are polled again
+    /// once the pause ends. Before, `now + wait` panicked on the huge value
+    /// and a zero wait paused nothing.
+    #[tokio::test]
+    async fn a_429_pauses_the_org_for_a_bounded_time_then_polling_resumes() {
+        let huge = retry::parse_retry_after("18446744073709551615", SystemTime::now());
+        for (retry_after, pause) in [
+            (huge, retry::RETRY_AFTER_MAX),
+            (Some(Duration::MAX), retry::RETRY_AFTER_MAX),
+            (Some(Duration::ZERO), retry::RETRY_AFTER_MIN),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut p = poller(dir.path(), "");
+            let now = Instant::now();
+            p.schedule_new(scheduled(A), now);
+            assert_eq!(p.poll_due_once(now), 1, "A's request goes out");
+            p.schedule_new(scheduled(B), now);
+            p.handle(finished(A, rate_limited(retry_after)), now);
+            assert_eq!(p.paused_orgs["acme"], now + pause, "{retry_after:?}");
+            assert_eq!(p.poll_due_once(now), 0, "B waits for the org's pause");
+            assert_eq!(p.next_due(), Some(now + pause));
+            assert_eq!(p.poll_due_once(now + pause - Duration::from_millis(1)), 0);
+            assert_eq!(p.poll_due_once(now + pause), 2, "both are polled when the pause ends");
+        }
+    }
+
+    /// Item B, the config side: durations in the config can be as long as
+    /// `u64::MAX` seconds. Quiet answers grow the interval by 1.5x and
+    /// errors back off; neither the growth nor any deadline may overflow
+    /// (before, `mul_f64` and `Instant + Duration` panicked).
+    #[tokio::test]
+    async fn intervals_near_duration_max_never_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = poller(
+            dir.path(),
+            "poll_interval = \"1s\"\nmax_poll_interval = \"500000000000y\"\n\
+             not_found_grace = \"500000000000y\"\nauth_grace = \"500000000000y\"",
+        );
+        let now = Instant::now();
+        p.schedule_new(scheduled(A), now);
+        assert_eq!(p.poll_due_once(now), 1);
+        let outcomes = [
+            || PollOutcome::Unchanged,
+            || PollOutcome::Failed(UpstreamError::Status(500)),
+            || PollOutcome::Failed(UpstreamError::NotFound),
+            || PollOutcome::Failed(UpstreamError::Unauthorized(401)),
+            || PollOutcome::NoCredentials,
+        ];
+        for outcome in outcomes {
+            for _ in 0..200 {
+                p.handle(finished(A, outcome()), now);
+                p.queue.clear();
+            }
+        }
+        p.handle(finished(A, PollOutcome::Unchanged), now);
+        assert_eq!(p.next_due(), Some(now + LONGEST_WAIT));
+    }
+
+    /// A watch held back by its org's token bucket is put off by at least
+    /// `SHORTEST_WAIT`, never to the same `now`, so one step always ends.
+    /// A third of a second after a 3-per-second bucket emptied, it holds
+    /// 0.999999999 tokens: the wait for the next one rounds to 0 ns, and
+    /// before the fix the step popped the watch again without end.
+    #[tokio::test]
+    async fn a_rate_limited_watch_is_put_off_not_popped_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = poller(dir.path(), "");
+        p.rate_limits.insert("acme".into(), TokenBucket::new(3.0, Duration::ZERO));
+        let bucket = p.rate_limits.get_mut("acme").unwrap();
+        while bucket.take(Duration::ZERO).is_ok() {}
+        let now = p.epoch + Duration::from_nanos(333_333_333);
+        assert_eq!(bucket.clone().take(now - p.epoch), Err(Duration::ZERO), "the sliver this test is about");
+        p.schedule_new(scheduled(A), now);
+        assert_eq!(p.poll_due_once(now), 0);
+        assert!(p.next_due().unwrap() >= now + SHORTEST_WAIT);
+    }
 }

@@ -558,7 +558,11 @@ impl Store {
     /// Adds watches in one transaction. A job already watched (active,
     /// finished or failed) is left unchanged; a removed one becomes active
     /// again with its last-seen state, so nothing is announced twice, but
-    /// with the new webhooks and labels and a fresh age.
+    /// with the new webhooks and labels and a fresh age. Its answer hash is
+    /// forgotten: if the job ended meanwhile (or before the removal), Dari
+    /// answers the same bytes as at the last poll, and a kept hash would
+    /// skip them as unchanged until `max_watch_age`; without it the first
+    /// poll parses the answer once and a terminal status ends the watch.
     pub fn add_watches(&self, watches: &[NewWatch]) -> Result<AddSummary, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -570,7 +574,7 @@ impl Store {
                 "INSERT INTO watches (job_id, org_id, endpoint_name, webhooks, labels, from_now, state, rev, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7, ?8, ?8)
                  ON CONFLICT (job_id) DO UPDATE SET state = 'active', state_reason = NULL, rev = ?7, updated_at = ?8,
-                     created_at = ?8, webhooks = excluded.webhooks, labels = excluded.labels
+                     created_at = ?8, webhooks = excluded.webhooks, labels = excluded.labels, body_hash = NULL
                  WHERE state = 'removed'",
             )?;
             for w in watches {

@@ -15,4 +15,5 @@ mod faults;
 mod formats;
 mod lifecycle;
 mod robustness;
+mod stress_poller;
 mod webhooks;
