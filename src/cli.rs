@@ -13,12 +13,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
-use clap::{Args, Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH, LogFormat};
 use crate::store::{DeliveryState, NewWatch, Store};
 use crate::upstream::PortalId;
+
+mod logging;
 
 /// Turns Dari job polling into push: every transition of a watched job,
 /// delivered to signed webhooks, Slack and Discord, in order.
@@ -28,27 +30,24 @@ pub struct Cli {
     /// Log format on stderr [default: for `run`, the config's log_format; else text].
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// The config file [default: $DARI_RELAY_CONFIG, else /etc/dari-relay/config.toml].
+    // Global, so it may come before or after the subcommand (`dari-relay -c
+    // FILE watch list` and `dari-relay watch list -c FILE`).
+    #[arg(short = 'c', long, global = true, value_name = "FILE", env = "DARI_RELAY_CONFIG", default_value = DEFAULT_CONFIG_PATH, hide_default_value = true, hide_env = true)]
+    pub config: PathBuf,
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// `--config`, shared by every command that reads the config.
-#[derive(Debug, Clone, Args)]
-pub struct ConfigArg {
-    /// The config file [default: $DARI_RELAY_CONFIG, else /etc/dari-relay/config.toml].
-    #[arg(long, value_name = "FILE", env = "DARI_RELAY_CONFIG", default_value = DEFAULT_CONFIG_PATH, hide_default_value = true, hide_env = true)]
-    pub config: PathBuf,
 }
 
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon; stops cleanly on SIGTERM or SIGINT.
-    Run(ConfigArg),
+    Run,
     /// Run the whole pipeline against a built-in simulated portal (no credentials, no network).
     Demo,
     /// Validate the config and print it resolved, secrets redacted.
-    CheckConfig(ConfigArg),
+    CheckConfig,
     /// Add, import, list or remove watched jobs.
     #[command(subcommand)]
     Watch(WatchCommand),
@@ -60,8 +59,6 @@ pub enum Command {
     Webhooks(WebhooksCommand),
     /// Start a Dari job and watch it, in one step.
     Start {
-        #[command(flatten)]
-        config: ConfigArg,
         /// The portal, as <org_id>/<endpoint_name>.
         #[arg(value_parser = parse_portal)]
         portal: PortalId,
@@ -77,8 +74,6 @@ pub enum Command {
     },
     /// Send a sample notification of each type a webhook accepts and show its answers.
     SendTest {
-        #[command(flatten)]
-        config: ConfigArg,
         /// The webhook's name.
         webhook: String,
         /// Send only a sample of this type (job.event, job.<status> or watch.failed), even one
@@ -86,6 +81,23 @@ pub enum Command {
         #[arg(long = "type", value_name = "TYPE", value_parser = parse_kind)]
         kind: Option<String>,
     },
+    /// Print a shell completion script (bash, zsh or fish) on standard output; the package installs them.
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        shell: CompletionShell,
+    },
+    /// Print the man page (roff) on standard output; the package installs it as dari-relay(1).
+    #[command(hide = true)]
+    Man,
+}
+
+/// The shells `completions` writes a script for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// `watch ...`
@@ -93,8 +105,6 @@ pub enum Command {
 pub enum WatchCommand {
     /// Watch a job. Writes to the database; a running daemon polls it within a second.
     Add {
-        #[command(flatten)]
-        config: ConfigArg,
         /// The portal, as <org_id>/<endpoint_name>.
         #[arg(value_parser = parse_portal)]
         portal: PortalId,
@@ -113,15 +123,11 @@ pub enum WatchCommand {
     },
     /// Add many watches from JSON lines, in one transaction.
     Import {
-        #[command(flatten)]
-        config: ConfigArg,
         /// A file of JSON lines, or - for standard input.
         file: PathBuf,
     },
     /// List watches.
     List {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Include finished, failed and removed watches.
         #[arg(long)]
         all: bool,
@@ -131,8 +137,6 @@ pub enum WatchCommand {
     },
     /// Stop watching a job (its pending deliveries are still sent).
     Rm {
-        #[command(flatten)]
-        config: ConfigArg,
         /// The job's UUID.
         #[arg(value_parser = parse_job_id)]
         job_id: String,
@@ -144,8 +148,6 @@ pub enum WatchCommand {
 pub enum DeliveriesCommand {
     /// List deliveries, newest first.
     List {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Only deliveries in this state.
         #[arg(long, value_parser = ["pending", "delivered", "failed"])]
         status: Option<String>,
@@ -156,8 +158,6 @@ pub enum DeliveriesCommand {
     /// Send failed deliveries again, same webhook-id, on a fresh schedule.
     #[command(group = clap::ArgGroup::new("which").required(true))]
     Retry {
-        #[command(flatten)]
-        config: ConfigArg,
         /// The delivery's id (see `deliveries list`).
         #[arg(group = "which")]
         delivery_id: Option<i64>,
@@ -172,16 +172,12 @@ pub enum DeliveriesCommand {
 pub enum WebhooksCommand {
     /// Each webhook's state (active or paused) and backlog.
     List {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Resume a webhook paused by a 410 Gone; its waiting deliveries go out in order.
     Resume {
-        #[command(flatten)]
-        config: ConfigArg,
         /// The webhook's name.
         webhook: String,
     },
@@ -251,16 +247,41 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Sets up logging on stderr: `format` (or text), filtered by `RUST_LOG`,
-/// else at `default_level`.
+/// Sets up logging (see [`logging::init`]): `format` (or text), filtered by
+/// `RUST_LOG`, else at `default_level`.
 pub fn init_logging(format: Option<LogFormat>, default_level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format.unwrap_or(LogFormat::Text) {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
-    };
+    logging::init(format, default_level);
+}
+
+/// An error and its causes, each said once. Errors here often show their
+/// source in their own message (`cannot read config file x: No such file or
+/// directory (os error 2)`) and also return it as `source()`; printing the
+/// chain as it is would repeat it.
+pub fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+/// Prints a command's failure on stderr as `error: ...`. Off a terminal it
+/// is one line (line breaks as `\n`), so the journal or a log collector
+/// keeps it as one entry; on the journal's stream it carries the `<3>`
+/// prefix that systemd reads as priority err.
+pub fn print_error(failure: &Failure) {
+    let env = logging::LogEnv::from_process();
+    let text = error_text(failure.error());
+    let line = if env.stderr_is_terminal { text } else { logging::one_line(&text) };
+    let prefix = if env.stderr_is_journal() { "<3>" } else { "" };
+    eprintln!("{prefix}error: {line}");
 }
 
 /// Runs a parsed command line.
@@ -268,26 +289,47 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
     // The daemon logs its work at info, once its config says in which format;
     // one-shot commands print their own output and only log problems.
     match &cli.command {
-        Command::Run(_) => {}
+        Command::Run => {}
         Command::Demo => init_logging(cli.log_format, "error"),
         _ => init_logging(cli.log_format, "warn"),
     }
+    let path = cli.config.as_path();
     match cli.command {
-        Command::Run(c) => run(&c.config, cli.log_format),
-        Command::Start { config, portal, body, webhooks, labels } => {
-            start(&config.config, portal, &body, webhooks, labels)
-        }
+        Command::Run => run(path, cli.log_format),
+        Command::Start { portal, body, webhooks, labels } => start(path, portal, &body, webhooks, labels),
         Command::Demo => block_on(crate::demo::run(std::io::stdout())).map_err(runtime),
-        Command::CheckConfig(c) => {
-            let config = load_config(&c.config)?;
+        Command::CheckConfig => {
+            let config = load_config(path)?;
             print!("{}", config.redacted_toml());
             Ok(())
         }
-        Command::Watch(w) => watch(w),
-        Command::Deliveries(d) => deliveries(d),
-        Command::Webhooks(w) => webhooks(w),
-        Command::SendTest { config, webhook, kind } => send_test(&config.config, &webhook, kind.as_deref()),
+        Command::Watch(w) => watch(path, w),
+        Command::Deliveries(d) => deliveries(path, d),
+        Command::Webhooks(w) => webhooks(path, w),
+        Command::SendTest { webhook, kind } => send_test(path, &webhook, kind.as_deref()),
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "dari-relay", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let mut out = std::io::stdout().lock();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out).and_then(|()| out.flush()) {
+                // `dari-relay man | head`: the reader has what it wanted.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(runtime(e)),
+                _ => Ok(()),
+            }
+        }
     }
+}
+
+/// `n` and the noun, singular for 1: "1 failed delivery", "2 failed deliveries".
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// Runs `f` on a single-threaded tokio runtime. The relay's async work is
@@ -306,14 +348,48 @@ pub fn load_config(path: &Path) -> Result<Config, Failure> {
 }
 
 fn open_store(config: &Config) -> Result<Store, Failure> {
-    Store::open(&config.database)
-        .with_context(|| format!("cannot open database {}", config.database.display()))
-        .map_err(runtime)
+    let opened =
+        Store::open(&config.database).with_context(|| format!("cannot open database {}", config.database.display()));
+    opened.map_err(|e| runtime(database_hint(e, &config.database)))
+}
+
+/// Adds what to do to an error opening the database, when the cause is a
+/// lack of permission: the example config's `/var/lib/dari-relay` belongs to
+/// the service user, and a first local run as oneself meets it there.
+fn database_hint(error: anyhow::Error, path: &Path) -> anyhow::Error {
+    if !permission_denied(&error, path) {
+        return error;
+    }
+    error.context(format!(
+        "no permission to create or open the database {}; for a local run, set database = \"./relay.db\" in the \
+         config; for the installed service, run the command as its user (sudo -u dari-relay dari-relay ...)",
+        path.display()
+    ))
+}
+
+/// Whether a failure to open the database at `path` comes from permissions:
+/// an OS error saying so, or SQLite unable to open a file this user may not
+/// write.
+fn permission_denied(error: &anyhow::Error, path: &Path) -> bool {
+    let denied = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
+    if error.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(denied)) {
+        return true;
+    }
+    let sqlite_cannot_open = error.chain().any(|c| {
+        c.downcast_ref::<rusqlite::Error>().and_then(rusqlite::Error::sqlite_error_code).is_some_and(|code| {
+            matches!(
+                code,
+                rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::PermissionDenied
+            )
+        })
+    });
+    sqlite_cannot_open && std::fs::OpenOptions::new().read(true).write(true).open(path).is_err_and(|e| denied(&e))
 }
 
 fn run(path: &Path, log_format: Option<LogFormat>) -> Result<(), Failure> {
     let config = Arc::new(load_config(path)?);
     init_logging(log_format.or(config.log_format), "info");
+    let database = config.database.clone();
     let path = path.to_owned();
     block_on(async move {
         let (config_tx, config_rx) = tokio::sync::watch::channel(config);
@@ -323,7 +399,7 @@ fn run(path: &Path, log_format: Option<LogFormat>) -> Result<(), Failure> {
             handle_signals(&path, &config_tx).await;
             signals.cancel();
         });
-        crate::app::run(config_rx, shutdown).await.map_err(runtime)
+        crate::app::run(config_rx, shutdown).await.map_err(|e| runtime(database_hint(e.into(), &database)))
     })
 }
 
@@ -354,11 +430,11 @@ async fn handle_signals(path: &Path, config: &tokio::sync::watch::Sender<Arc<Con
     tracing::info!("shutdown requested");
 }
 
-fn watch(command: WatchCommand) -> Result<(), Failure> {
+fn watch(path: &Path, command: WatchCommand) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     match command {
-        WatchCommand::Add { config, portal, job_id, webhooks, labels, from_now } => {
-            let config = load_config(&config.config)?;
+        WatchCommand::Add { portal, job_id, webhooks, labels, from_now } => {
+            let config = load_config(path)?;
             let watch = NewWatch {
                 job_id,
                 portal,
@@ -369,26 +445,41 @@ fn watch(command: WatchCommand) -> Result<(), Failure> {
             config.check_watch(&watch).map_err(usage)?;
             let store = open_store(&config)?;
             let summary = store.add_watches(std::slice::from_ref(&watch)).map_err(runtime)?;
-            let verb = if summary.added == 1 { "watching" } else { "already watching" };
-            let _ = writeln!(out, "{verb} job {} on {}", watch.job_id, watch.portal);
+            if summary.added == 1 {
+                let _ = writeln!(out, "watching job {} on {}", watch.job_id, watch.portal);
+                return Ok(());
+            }
+            // INTERFACE.md: adding a watched job changes nothing and exits 0.
+            // Options that would have changed it are named, not dropped silently.
+            let query = crate::store::WatchQuery { job_id: Some(watch.job_id.clone()), ..Default::default() };
+            let existing = store.query_watches(&query).map_err(runtime)?.into_iter().next();
+            let portal = existing.as_ref().map_or_else(|| watch.portal.to_string(), |w| w.portal_id.clone());
+            let _ = writeln!(out, "already watching job {} on {portal}", watch.job_id);
+            let ignored = existing.map(|w| ignored_options(&watch, &w)).unwrap_or_default();
+            if !ignored.is_empty() {
+                eprintln!(
+                    "note: the existing watch was kept unchanged; ignored {} (see `dari-relay watch list --json`)",
+                    ignored.join(", ")
+                );
+            }
             Ok(())
         }
-        WatchCommand::Import { config, file } => {
-            let config = load_config(&config.config)?;
+        WatchCommand::Import { file } => {
+            let config = load_config(path)?;
             let watches = read_import(&config, &file)?;
             let store = open_store(&config)?;
             let summary = store.add_watches(&watches).map_err(runtime)?;
             let _ = writeln!(
                 out,
-                "imported {} watches ({} new, {} already watched)",
-                watches.len(),
+                "imported {} ({} new, {} already watched)",
+                count(watches.len(), "watch", "watches"),
                 summary.added,
                 summary.existing
             );
             Ok(())
         }
-        WatchCommand::List { config, all, json } => {
-            let config = load_config(&config.config)?;
+        WatchCommand::List { all, json } => {
+            let config = load_config(path)?;
             let watches = open_store(&config)?.list_watches(all).map_err(runtime)?;
             if json {
                 let _ = writeln!(out, "{}", serde_json::to_string_pretty(&watches).expect("rows serialise"));
@@ -410,8 +501,8 @@ fn watch(command: WatchCommand) -> Result<(), Failure> {
             }
             Ok(())
         }
-        WatchCommand::Rm { config, job_id } => {
-            let config = load_config(&config.config)?;
+        WatchCommand::Rm { job_id } => {
+            let config = load_config(path)?;
             if open_store(&config)?.remove_watch(&job_id).map_err(runtime)? {
                 let _ = writeln!(out, "stopped watching job {job_id}");
                 Ok(())
@@ -420,6 +511,40 @@ fn watch(command: WatchCommand) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// The options of a `watch add` that differ from the watch already stored,
+/// as the user wrote them, with what the watch keeps.
+fn ignored_options(new: &NewWatch, existing: &crate::store::WatchSummary) -> Vec<String> {
+    let mut ignored = Vec::new();
+    if new.portal.to_string() != existing.portal_id {
+        ignored.push(format!("the portal {} (it stays on {})", new.portal, existing.portal_id));
+    }
+    let kept_labels: BTreeMap<&str, &str> =
+        existing.labels.iter().map(|(k, v)| (k.as_str(), v.as_str().unwrap_or_default())).collect();
+    for (k, v) in &new.labels {
+        match kept_labels.get(k.as_str()) {
+            Some(kept) if kept == v => {}
+            Some(kept) => ignored.push(format!("--label {k}={v} (it keeps {k}={kept})")),
+            None => ignored.push(format!("--label {k}={v}")),
+        }
+    }
+    if let Some(webhooks) = &new.webhooks {
+        let sorted = |w: &[String]| {
+            let mut w = w.to_vec();
+            w.sort();
+            w
+        };
+        if existing.webhooks.as_deref().map(sorted) != Some(sorted(webhooks)) {
+            let kept = existing.webhooks.as_ref().map_or("every matching webhook".to_owned(), |w| w.join(", "));
+            let given: Vec<String> = webhooks.iter().map(|w| format!("--webhook {w}")).collect();
+            ignored.push(format!("{} (it delivers to {kept})", given.join(" ")));
+        }
+    }
+    if new.from_now {
+        ignored.push("--from-now".to_owned());
+    }
+    ignored
 }
 
 /// One line of `watch import`.
@@ -467,11 +592,11 @@ fn read_import(config: &Config, file: &Path) -> Result<Vec<NewWatch>, Failure> {
     Ok(watches)
 }
 
-fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
+fn deliveries(path: &Path, command: DeliveriesCommand) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     match command {
-        DeliveriesCommand::List { config, status, json } => {
-            let config = load_config(&config.config)?;
+        DeliveriesCommand::List { status, json } => {
+            let config = load_config(path)?;
             let state = status.as_deref().and_then(DeliveryState::parse);
             let store = open_store(&config)?;
             let rows = store.list_deliveries(state, 1000).map_err(runtime)?;
@@ -520,7 +645,7 @@ fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
                         v["at"].as_str().unwrap_or(""),
                         a.duration_ms,
                         a.http_status.map_or("-".to_owned(), |s| s.to_string()),
-                        a.error.as_deref().unwrap_or(""),
+                        attempt_error(a),
                         a.response_excerpt
                             .as_deref()
                             .map(|e| format!("  answer: {}", crate::format::truncate(e, 120)))
@@ -530,15 +655,17 @@ fn deliveries(command: DeliveriesCommand) -> Result<(), Failure> {
             }
             Ok(())
         }
-        DeliveriesCommand::Retry { config, delivery_id, all_failed } => {
-            let config = load_config(&config.config)?;
+        DeliveriesCommand::Retry { delivery_id, all_failed } => {
+            let config = load_config(path)?;
             let store = open_store(&config)?;
             let id = if all_failed { None } else { delivery_id };
-            let count = store.retry_failed(id).map_err(runtime)?;
-            if count == 0 && id.is_some() {
+            let requeued = store.retry_failed(id).map_err(runtime)?;
+            if requeued == 0 && id.is_some() {
                 return Err(usage(anyhow!("delivery {} does not exist or is not failed", id.unwrap_or_default())));
             }
-            let _ = writeln!(out, "requeued {count} failed deliveries; a running daemon sends them within a second");
+            let them = if requeued == 1 { "it" } else { "them" };
+            let requeued = count(requeued, "failed delivery", "failed deliveries");
+            let _ = writeln!(out, "requeued {requeued}; a running daemon sends {them} within a second");
             Ok(())
         }
     }
@@ -605,11 +732,11 @@ struct WebhookRow {
     oldest_pending_age_seconds: Option<i64>,
 }
 
-fn webhooks(command: WebhooksCommand) -> Result<(), Failure> {
+fn webhooks(path: &Path, command: WebhooksCommand) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     match command {
-        WebhooksCommand::List { config, json } => {
-            let config = load_config(&config.config)?;
+        WebhooksCommand::List { json } => {
+            let config = load_config(path)?;
             let store = open_store(&config)?;
             let paused = store.paused_webhooks().map_err(runtime)?;
             let backlog = store.backlog().map_err(runtime)?;
@@ -657,8 +784,8 @@ fn webhooks(command: WebhooksCommand) -> Result<(), Failure> {
             }
             Ok(())
         }
-        WebhooksCommand::Resume { config, webhook } => {
-            let config = load_config(&config.config)?;
+        WebhooksCommand::Resume { webhook } => {
+            let config = load_config(path)?;
             if open_store(&config)?.resume_webhook(&webhook).map_err(runtime)? {
                 let _ = writeln!(out, "resumed webhook {webhook}; a running daemon sends its backlog within a second");
                 Ok(())
@@ -666,6 +793,16 @@ fn webhooks(command: WebhooksCommand) -> Result<(), Failure> {
                 Err(usage(anyhow!("webhook {webhook:?} is not paused (see `dari-relay webhooks list`)")))
             }
         }
+    }
+}
+
+/// What an attempt's error adds to its status: nothing when it only
+/// restates it (a 500 is stored as "HTTP 500").
+fn attempt_error(a: &crate::store::AttemptRecord) -> &str {
+    let error = a.error.as_deref().unwrap_or("");
+    match a.http_status {
+        Some(status) if error == format!("HTTP {status}") => "",
+        _ => error,
     }
 }
 

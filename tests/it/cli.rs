@@ -270,3 +270,320 @@ fn config_path_comes_from_the_environment_without_the_flag() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("# resolved from {}", config.display())));
 }
+
+/// Runs the binary with the test secrets and `args` exactly as given (no
+/// `--config` appended), so a test decides where the option goes.
+fn bare(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dari-relay"));
+    cmd.args(args)
+        .env("DARI_API_KEY", "sk-live-0123456789")
+        .env("HOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    cmd.env_remove("RUST_LOG").env_remove("DARI_RELAY_CONFIG").env_remove("JOURNAL_STREAM");
+    cmd
+}
+
+/// Issue 17 item 9: an OS error is said once, not once by the error that
+/// names the file and again as its source.
+#[test]
+fn an_os_error_is_printed_once() {
+    let env = Env::new();
+    let missing = env.dir.path().join("nope.toml");
+    let out = bare(&["check-config", "--config", missing.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr,
+        format!("error: cannot read config file {}: No such file or directory (os error 2)\n", missing.display())
+    );
+}
+
+/// `--config` is global and has `-c`: before or after the subcommand.
+#[test]
+fn config_option_is_global_with_a_short_form() {
+    let env = Env::new();
+    let config = env.config(GOOD);
+    let config = config.to_str().unwrap();
+    for args in [
+        &["-c", config, "check-config"][..],
+        &["check-config", "-c", config],
+        &["--config", config, "watch", "list"],
+        &["watch", "list", "-c", config, "--json"],
+        &["deliveries", "-c", config, "list"],
+    ] {
+        let out = bare(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// `watch add` of a job already watched changes nothing (exit 0), and says
+/// which options it ignored, with what the watch keeps.
+#[test]
+fn watch_add_of_a_watched_job_names_the_ignored_options() {
+    let env = Env::new();
+    let config = env.config(&format!("{GOOD}[[webhooks]]\nname = \"ops\"\nurl = \"http://127.0.0.1:9/ops\"\n"));
+    env.cmd(&config, &["watch", "add", "acme/form", JOB, "--label", "customer=acme"]).assert().success();
+    let again =
+        ["watch", "add", "acme/form", JOB, "--label", "customer=other", "--label", "tier=gold", "--webhook", "ops"];
+    env.cmd(&config, &again).assert().success().stdout(format!("already watching job {JOB} on acme/form\n")).stderr(
+        "note: the existing watch was kept unchanged; ignored --label customer=other (it keeps customer=acme), \
+             --label tier=gold, --webhook ops (it delivers to every matching webhook) (see `dari-relay watch list \
+             --json`)\n",
+    );
+    // The same options again: nothing was ignored, nothing to say.
+    env.cmd(&config, &["watch", "add", "acme/form", JOB, "--label", "customer=acme"]).assert().success().stderr("");
+    let out = env.cmd(&config, &["watch", "list", "--json"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["labels"], serde_json::json!({"customer": "acme"}));
+    assert_eq!(list[0]["webhooks"], serde_json::Value::Null);
+}
+
+/// `deliveries list` says a 500 once ("status 500", not "status 500  HTTP
+/// 500"), and `deliveries retry` of one delivery speaks in the singular.
+#[tokio::test]
+async fn delivery_messages_say_the_status_once_and_count_in_the_singular() {
+    use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, watch_on};
+    let dir = tempfile::tempdir().unwrap();
+    let dari = FakeDari::start().await;
+    let receiver = FakeReceiver::start().await;
+    dari.script(JOB, vec![Reply::Json(serde_json::json!({"status": "completed", "events": []}))]);
+    receiver.answer_with(&[500, 500]);
+    let text = config_text(&dir.path().join("r.db"), &dari, &[("h", &receiver.url)], "")
+        .replace("retry_schedule = [\"100ms\", \"200ms\", \"300ms\"]", "retry_schedule = [\"20ms\"]");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, &text).unwrap();
+    let relay = Relay::start(&text).await;
+    relay.store.add_watches(&[watch_on("acme/form", JOB)]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while relay.store.delivery_counts().unwrap().get("failed").copied().unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the delivery never failed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    relay.stop().await;
+
+    let config = config.to_str().unwrap();
+    let out = bare(&["deliveries", "list", "-c", config]).output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let attempts: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("attempt at")).collect();
+    assert_eq!(attempts.len(), 2, "{stdout}");
+    for line in attempts {
+        assert!(line.contains("status 500") && !line.contains("HTTP 500"), "{line}");
+    }
+    let id = relay_failed_id(&dir.path().join("r.db"));
+    bare(&["deliveries", "retry", &id, "-c", config])
+        .assert()
+        .success()
+        .stdout("requeued 1 failed delivery; a running daemon sends it within a second\n");
+    bare(&["deliveries", "retry", "--all-failed", "-c", config])
+        .assert()
+        .success()
+        .stdout("requeued 0 failed deliveries; a running daemon sends them within a second\n");
+}
+
+fn relay_failed_id(db: &Path) -> String {
+    let store = dari_relay::store::Store::open(db).unwrap();
+    store.list_deliveries(Some(dari_relay::store::DeliveryState::Failed), 10).unwrap()[0].id.to_string()
+}
+
+/// `watch import` of one line counts it in the singular.
+#[test]
+fn import_of_one_line_is_singular() {
+    let env = Env::new();
+    let config = env.config(GOOD);
+    env.cmd(&config, &["watch", "import", "-"])
+        .write_stdin(format!("{{\"portal_id\":\"acme/a\",\"job_id\":\"{JOB}\"}}\n"))
+        .assert()
+        .success()
+        .stdout("imported 1 watch (1 new, 0 already watched)\n");
+}
+
+/// A database folder this user may not create: the error names the path
+/// and says what to do. As root (who may create anything), the command runs
+/// as `nobody` through setpriv, so the test checks the same thing either way.
+#[test]
+fn permission_denied_on_the_database_names_the_path_and_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let locked = env.dir.path().join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let db = locked.join("state/relay.db");
+    let config = env.dir.path().join("c.toml");
+    std::fs::write(&config, format!("database = \"{}\"\n{GOOD}", db.display())).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let root = std::fs::metadata(&config).map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap();
+    let mut cmd = if root {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_dari-relay")]);
+        cmd
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_dari-relay"))
+    };
+    cmd.args(["watch", "list", "-c"]).arg(&config);
+    cmd.env("DARI_API_KEY", "sk-live-0123456789").env("HOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("no permission to create or open the database {}", db.display()))
+            && stderr.contains("set database = \"./relay.db\"")
+            && stderr.contains("sudo -u dari-relay")
+            && stderr.matches("Permission denied (os error 13)").count() == 1,
+        "{stderr}"
+    );
+}
+
+/// A config whose portal answers nothing (a closed port), polled fast: the
+/// daemon logs a failed poll for `JOB` every 100 ms.
+fn silent_portal_config(env: &Env) -> PathBuf {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = env.config(&format!(
+        "[upstream]\nbase_url = \"http://{closed}\"\npoll_interval = \"50ms\"\nmax_poll_interval = \"100ms\"\n{GOOD}"
+    ));
+    env.cmd(&config, &["watch", "add", "acme/form", JOB]).assert().success();
+    config
+}
+
+/// `dari-relay run -c config`, stderr to `stderr`, with `extra` environment.
+fn spawn_daemon(config: &Path, stderr: impl Into<std::process::Stdio>, extra: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dari-relay"));
+    cmd.args(["run", "-c"]).arg(config).stderr(stderr);
+    cmd.env("DARI_API_KEY", "sk-live-0123456789").env("HOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    cmd.env_remove("RUST_LOG").env_remove("JOURNAL_STREAM").env_remove("NO_COLOR");
+    cmd.envs(extra.iter().copied());
+    cmd.spawn().unwrap()
+}
+
+fn stop(mut child: std::process::Child) {
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// Reads lines until one contains `want`, returning all read; panics at EOF.
+fn lines_until(lines: &mut impl Iterator<Item = std::io::Result<String>>, want: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let line = lines.next().unwrap_or_else(|| panic!("no line with {want:?} in {seen:#?}")).unwrap();
+        let done = line.contains(want);
+        seen.push(line);
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// Issue 17 item 2: with stderr not a terminal, text logs carry no ANSI
+/// codes, and each event is one line, even a multi-line config error
+/// (a TOML syntax error with its excerpt, refused on SIGHUP).
+#[test]
+fn text_logs_off_a_terminal_have_no_colour_and_one_line_per_event() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    let config = silent_portal_config(&env);
+    let mut child = spawn_daemon(&config, std::process::Stdio::piped(), &[]);
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = lines_until(&mut lines, "poll failed");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}\n[delivery\n")).unwrap();
+    std::process::Command::new("kill").arg("-HUP").arg(child.id().to_string()).status().unwrap();
+    seen.extend(lines_until(&mut lines, "SIGHUP"));
+    stop(child);
+    for line in &seen {
+        assert!(!line.contains('\x1b'), "an ANSI escape: {line:?}");
+        // Every line is an event: it starts with its timestamp.
+        assert!(line.starts_with("20") && line.as_bytes().get(10) == Some(&b'T'), "not an event's start: {line:?}");
+    }
+    let reload = seen.last().unwrap();
+    assert!(reload.contains("TOML parse error") && reload.contains("\\n") && reload.contains("expected"), "{reload}");
+}
+
+/// The device and inode of a pipe's write end, as systemd writes them into
+/// `JOURNAL_STREAM` for the stream it gives a service.
+fn stream_id(writer: &std::io::PipeWriter) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::File::from(std::os::fd::OwnedFd::from(writer.try_clone().unwrap())).metadata().unwrap();
+    format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// Under systemd (`JOURNAL_STREAM` names stderr), text logs go to the
+/// journal's socket. tracing-journald's socket path is fixed
+/// (/run/systemd/journal/socket), so a test cannot stand in for journald:
+/// where the socket is missing (CI, containers) the daemon says so once
+/// and logs to stderr (still the journal's stream) as plain lines; where it exists, nothing goes to stderr.
+#[test]
+fn journal_stream_without_a_journal_falls_back_to_stderr() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    let config = silent_portal_config(&env);
+    let (reader, writer) = std::io::pipe().unwrap();
+    let id = stream_id(&writer);
+    let child = spawn_daemon(&config, writer, &[("JOURNAL_STREAM", &id)]);
+    let mut lines = BufReader::new(reader).lines();
+    if std::path::Path::new("/run/systemd/journal/socket").exists() {
+        stop(child);
+        let rest: Vec<String> = lines.map(Result::unwrap).collect();
+        assert!(rest.iter().all(|l| !l.contains("poll failed")), "logged to stderr, not the journal: {rest:#?}");
+        return;
+    }
+    let seen = lines_until(&mut lines, "poll failed");
+    stop(child);
+    assert!(
+        seen[0].contains("INFO") && seen[0].contains("the journal socket cannot be reached; logging to stderr"),
+        "{seen:#?}"
+    );
+    assert!(seen.iter().all(|l| !l.contains('\x1b')), "{seen:#?}");
+}
+
+/// A command's error on the journal's stream carries the `<3>` prefix
+/// (priority err) and is one line; on any other pipe, no prefix.
+#[test]
+fn errors_on_the_journal_stream_have_error_priority() {
+    use std::io::Read;
+    let env = Env::new();
+    let bad = env.dir.path().join("bad.toml");
+    std::fs::write(&bad, "x = [\n").unwrap();
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let id = stream_id(&writer);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dari-relay"));
+    cmd.args(["check-config", "-c"]).arg(&bad).env("JOURNAL_STREAM", &id).stderr(writer);
+    let status = cmd.status().unwrap();
+    drop(cmd);
+    assert_eq!(status.code(), Some(2));
+    let mut stderr = String::new();
+    reader.read_to_string(&mut stderr).unwrap();
+    assert!(stderr.starts_with("<3>error: invalid config file") && stderr.lines().count() == 1, "{stderr:?}");
+
+    let out = bare(&["check-config", "-c", bad.to_str().unwrap()]).env("JOURNAL_STREAM", &id).output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.starts_with("error: invalid config file") && stderr.lines().count() == 1, "{stderr:?}");
+}
+
+/// Completions and the man page come from the real clap definitions, and
+/// the commands that print them stay out of `--help`.
+#[test]
+fn completions_and_man_page_are_generated_from_the_cli() {
+    let run = |args: &[&str]| {
+        let out = bare(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(
+        bash.contains("_dari__relay()") && bash.contains("check-config") && bash.contains("--all-failed"),
+        "{bash}"
+    );
+    let zsh = run(&["completions", "zsh"]);
+    assert!(zsh.starts_with("#compdef dari-relay") && zsh.contains("send-test"), "{zsh}");
+    let fish = run(&["completions", "fish"]);
+    assert!(fish.contains("complete -c dari-relay") && fish.contains("from-now"), "{fish}");
+    let man = run(&["man"]);
+    assert!(
+        man.contains(".TH dari-relay 1") && man.contains("check\\-config") && man.contains("\\-\\-config"),
+        "{man}"
+    );
+    assert!(!man.contains("completions"), "hidden commands stay out of the man page");
+    let help = run(&["--help"]);
+    assert!(!help.contains("completions") && !help.contains("  man"), "{help}");
+    let out = bare(&["completions", "powershell"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
