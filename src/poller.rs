@@ -940,13 +940,21 @@ mod tests {
     const B: &str = "00000000-0000-4000-8000-00000000000b";
 
     fn poller(dir: &Path, upstream: &str) -> Poller {
+        poller_with(dir, upstream, |_| {})
+    }
+
+    /// A poller whose resolved config `adjust` may push past the config's
+    /// own bounds, to test the scheduler's arithmetic behind them.
+    fn poller_with(dir: &Path, upstream: &str, adjust: impl FnOnce(&mut Config)) -> Poller {
         let text = format!(
             "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n{upstream}\n\
              [orgs.acme]\napi_key_env = \"KEY\"\n",
             dir.join("r.db").display()
         );
         let env = |name: &str| (name == "KEY").then(|| "k".to_owned());
-        let config = Arc::new(Config::from_toml(&text, Path::new("t.toml"), &env).unwrap());
+        let mut config = Config::from_toml(&text, Path::new("t.toml"), &env).unwrap();
+        adjust(&mut config);
+        let config = Arc::new(config);
         let store = Arc::new(Store::open(&config.database).unwrap());
         let (_, config_rx) = watch::channel(config);
         let health = Arc::new(Health::default());
@@ -1040,11 +1048,14 @@ mod tests {
     #[tokio::test]
     async fn intervals_near_duration_max_never_overflow() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = poller(
-            dir.path(),
-            "poll_interval = \"1s\"\nmax_poll_interval = \"500000000000y\"\n\
-             not_found_grace = \"500000000000y\"\nauth_grace = \"500000000000y\"",
-        );
+        // The config refuses such values (its bounds); the scheduler must
+        // survive them anyway, as a second line of defence.
+        let mut p = poller_with(dir.path(), "poll_interval = \"1s\"", |c| {
+            let far = Duration::from_secs(500_000_000_000 * 365 * 86_400);
+            c.upstream.max_poll_interval = far;
+            c.upstream.not_found_grace = far;
+            c.upstream.auth_grace = far;
+        });
         let now = Instant::now();
         p.schedule_new(scheduled(A), now);
         assert_eq!(p.poll_due_once(now), 1);
