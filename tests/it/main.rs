@@ -12,4 +12,5 @@ mod faults;
 mod formats;
 mod lifecycle;
 mod robustness;
+mod stress;
 mod webhooks;
