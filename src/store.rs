@@ -574,6 +574,9 @@ impl Drop for WriterAlive {
     }
 }
 
+/// Ids read by one statement of [`Store::outbound_many`] at most.
+const OUTBOUND_CHUNK: usize = 500;
+
 /// Rows one pruning transaction handles at most: each batch holds the
 /// write lock for milliseconds, so polls and attempts get in between.
 const PRUNE_BATCH: usize = 1000;
@@ -741,7 +744,7 @@ impl Store {
                AND (?4 IS NULL OR rowid > (SELECT rowid FROM watches WHERE job_id = ?4))
              ORDER BY rowid LIMIT ?5",
         )?;
-        let limit = query.limit.map_or(-1, |l| l as i64);
+        let limit = query.limit.map_or(-1, sql_limit);
         let bind = params![query.state.map(WatchState::as_str), query.portal_id, query.job_id, query.after, limit];
         let rows = stmt.query_map(bind, |r| {
             Ok((
@@ -1012,7 +1015,7 @@ impl Store {
                  WHERE e.job_id = d.job_id AND e.webhook = d.webhook AND e.state = 'pending' AND e.id < d.id)
              ORDER BY d.next_attempt_at, d.id LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![webhook, limit as i64], |r| {
+        let rows = stmt.query_map(params![webhook, sql_limit(limit)], |r| {
             Ok(PendingHead { id: r.get(0)?, job_id: r.get(1)?, webhook: r.get(2)?, next_attempt_at: r.get(3)? })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1020,6 +1023,16 @@ impl Store {
 
     /// Deliveries with their notifications, for sending, in id order.
     pub fn outbound_many(&self, ids: &[i64]) -> Result<Vec<OutboundDelivery>, StoreError> {
+        // In chunks: one statement with more bound ids than SQLite allows
+        // (32,766) would fail every time it was tried.
+        if ids.len() > OUTBOUND_CHUNK {
+            let mut out = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(OUTBOUND_CHUNK) {
+                out.extend(self.outbound_many(chunk)?);
+            }
+            out.sort_by_key(|d| d.id);
+            return Ok(out);
+        }
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -1052,12 +1065,16 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<DeliverySummary>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        // With a state, `d.state = ?1` alone, so the (state, id) index
+        // serves it: `?1 IS NULL OR ...` made SQLite walk every delivery
+        // ever kept to find the few failed ones.
+        let filter = if state.is_some() { "d.state = ?1" } else { "?1 IS NULL" };
+        let mut stmt = conn.prepare_cached(&format!(
             "SELECT d.id, d.msg_id, d.job_id, d.webhook, n.type, d.state, d.attempts, d.next_attempt_at, d.created_at, d.last_error
              FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-             WHERE ?1 IS NULL OR d.state = ?1 ORDER BY d.id DESC LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![state.map(DeliveryState::as_str), limit as i64], |r| {
+             WHERE {filter} ORDER BY d.id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![state.map(DeliveryState::as_str), sql_limit(limit)], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
@@ -1716,6 +1733,12 @@ fn insert_notifications(
     Ok(count)
 }
 
+/// A row limit for SQL. `usize as i64` turned a huge limit into -1, which
+/// SQLite reads as "no limit": every row into memory.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
 /// The columns [`read_body`] reads, in order, from `notifications n LEFT
 /// JOIN answers a`.
 const BODY_COLUMNS: &str = "n.body, n.event, a.before, a.after";
@@ -1739,4 +1762,134 @@ fn parse_webhooks(text: Option<&str>) -> Result<Option<Vec<String>>, StoreError>
 
 fn parse_labels(text: &str) -> Result<Map<String, Value>, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        (dir, store)
+    }
+
+    /// How SQLite runs `sql`: one line per step of its plan.
+    fn plan(store: &Store, sql: &str) -> String {
+        let conn = store.conn();
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let n = stmt.parameter_count();
+        let params: Vec<rusqlite::types::Value> = (0..n).map(|_| rusqlite::types::Value::Integer(1)).collect();
+        let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| r.get::<_, String>(3)).unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("\n")
+    }
+
+    /// The lookups that run per pruned row or per listed notification go
+    /// through an index: none of them scans the deliveries (which grow with
+    /// history). Before the third migration, each looked at every delivery.
+    #[test]
+    fn history_lookups_use_indexes() {
+        let (_dir, store) = store();
+        for sql in [
+            "SELECT 1 FROM deliveries WHERE notification_id = ?1",
+            "SELECT id FROM deliveries WHERE state = 'delivered' AND finished_at < ?1 ORDER BY finished_at LIMIT ?2",
+            "SELECT id, created_at, answer_id FROM notifications
+             WHERE created_at < ?1 AND (created_at, id) > (?2, ?3) ORDER BY created_at, id LIMIT ?4",
+            "SELECT 1 FROM notifications WHERE answer_id = ?1",
+            "SELECT n.id, d.id FROM notifications n LEFT JOIN deliveries d ON d.notification_id = n.id
+             WHERE n.job_id = ?1 ORDER BY n.id, d.id",
+            "SELECT d.id FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE d.state = ?1 ORDER BY d.id DESC LIMIT ?2",
+        ] {
+            let plan = plan(&store, sql);
+            assert!(!plan.contains("SCAN d") && !plan.contains("SCAN notifications"), "{sql}\n{plan}");
+        }
+    }
+
+    #[test]
+    fn huge_limits_stay_limits() {
+        assert_eq!(sql_limit(usize::MAX), i64::MAX);
+        assert_eq!(sql_limit(10), 10);
+    }
+
+    fn add(store: &Store, job_id: &str) {
+        let watch = NewWatch {
+            job_id: job_id.into(),
+            portal: "acme/portal".parse().unwrap(),
+            webhooks: None,
+            labels: BTreeMap::new(),
+            from_now: false,
+        };
+        store.add_watches(&[watch]).unwrap();
+    }
+
+    /// A write that panics fails alone: the writer thread lives on and the
+    /// next write is stored. Before, the panic ended the thread and every
+    /// later write failed with "the writer thread has stopped".
+    #[tokio::test]
+    async fn a_panicking_write_leaves_the_writer_alive() {
+        let (_dir, store) = store();
+        add(&store, "j");
+        let panicked = store.write_poll_with("j".into(), |_| -> Option<(PollCommit, ())> { panic!("boom") }).await;
+        assert!(matches!(panicked, Err(StoreError::Task(ref m)) if m.contains("boom")), "{panicked:?}");
+        let commit = PollCommit {
+            job_id: "j".into(),
+            seen: SeenState { status: Some("running".into()), event_fingerprints: vec![] },
+            body_hash: 1,
+            end: None,
+            notifications: vec![],
+        };
+        let stored = store.write_poll_with("j".into(), move |_| Some((commit, ()))).await.unwrap();
+        assert_eq!(stored.map(|s| s.0), Some(CommitOutcome::Stored { deliveries: 0 }));
+        assert!(store.problems_at(Instant::now(), Duration::from_secs(15)).is_empty());
+    }
+
+    /// Writes that all fail for longer than the limit are a problem (seen
+    /// on the monotonic clock, scripted here); one success clears it; a
+    /// stopped writer thread is a problem at once.
+    #[tokio::test]
+    async fn failing_writes_and_a_dead_writer_are_problems() {
+        let (_dir, store) = store();
+        add(&store, "j");
+        store.set_read_only(true).unwrap();
+        let commit = PollCommit {
+            job_id: "j".into(),
+            seen: SeenState { status: Some("running".into()), event_fingerprints: vec![] },
+            body_hash: 1,
+            end: None,
+            notifications: vec![],
+        };
+        let again = commit.clone();
+        assert!(store.write_poll_with("j".into(), move |_| Some((commit, ()))).await.is_err());
+        let limit = Duration::from_secs(15);
+        let now = Instant::now();
+        assert!(store.problems_at(now, limit).is_empty(), "not yet: one failure is not a run");
+        let later = store.problems_at(now + Duration::from_secs(16), limit);
+        assert!(later.iter().any(|p| p.contains("every database write failed")), "{later:?}");
+        assert_eq!(store.writable(Duration::from_secs(5)).map_err(|e| e.contains("readonly")), Err(true));
+        store.set_read_only(false).unwrap();
+        store.write_poll_with("j".into(), move |_| Some((again, ()))).await.unwrap();
+        assert!(store.problems_at(now + Duration::from_secs(16), limit).is_empty());
+        assert_eq!(store.writable(Duration::from_secs(5)), Ok(()));
+
+        store.stop_writer_for_test().unwrap();
+        assert_eq!(store.problems_at(Instant::now(), limit), ["the database writer thread has stopped"]);
+    }
+
+    /// A lock held by another connection does not make the probe wait (nor
+    /// count as "not writable"), and a fresh commit answers without a check.
+    #[test]
+    fn the_readiness_check_does_not_queue_on_the_lock() {
+        let (dir, store) = store();
+        let other = Connection::open(dir.path().join("s.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let started = Instant::now();
+        assert_eq!(store.writable(Duration::from_secs(5)), Ok(()));
+        assert!(started.elapsed() < Duration::from_secs(1), "waited {:?}", started.elapsed());
+        // Cached: the second probe does not even try.
+        let started = Instant::now();
+        assert_eq!(store.writable(Duration::from_secs(5)), Ok(()));
+        assert!(started.elapsed() < Duration::from_millis(50));
+        other.execute_batch("COMMIT").unwrap();
+    }
 }
