@@ -44,6 +44,9 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::store::{DeliveryState, NewWatch, Store, StoreError, WatchQuery, WatchState, now_ms};
 use crate::upstream::{PortalId, UpstreamClient, parse_job_id};
 
+/// How long `/readyz` trusts its last look at whether the database takes writes.
+const WRITABLE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Page size of `GET /v1/watches` unless `limit` says otherwise, and its maximum.
@@ -616,9 +619,14 @@ async fn start_job(
     Ok((StatusCode::CREATED, Json(json!({"job_id": job_id, "dari": answer, "watch": watch}))).into_response())
 }
 
+/// Ready when the loops make progress, the store works (see
+/// `health::problems`) and the database takes writes. The write check costs
+/// nothing while the writer commits; otherwise one real check is made at
+/// most every [`WRITABLE_CHECK_EVERY`]: probes never queue on the write lock.
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let mut reasons = state.health.stale(now_ms());
-    if let Err(e) = state.store.call(|s| s.check_writable()).await {
+    let mut reasons = crate::health::problems(&state.health, &state.store, std::time::Instant::now());
+    let writable = state.store.call(|s| Ok(s.writable(WRITABLE_CHECK_EVERY))).await;
+    if let Err(e) = writable.map_err(|e| e.to_string()).and_then(|r| r) {
         reasons.push(format!("the database is not writable: {e}"));
     }
     if reasons.is_empty() {

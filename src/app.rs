@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::deliver::Deliverer;
-use crate::health::Health;
+use crate::health::{self, Health};
 use crate::metrics::Metrics;
 use crate::poller::Poller;
 use crate::store::{PruneSummary, Store, StoreError, now_ms};
@@ -113,8 +113,8 @@ pub async fn serve(
     let (token, pruning) = (shutdown.clone(), Arc::clone(&store));
     let reloads = config.clone();
     tasks.spawn(async move { ("pruner", prune_loop(reloads, pruning, token).await.map_err(|e| e.to_string())) });
-    let (token, watched) = (shutdown.clone(), Arc::clone(&health));
-    tasks.spawn(async move { ("watchdog", watchdog_loop(watched, token).await) });
+    let (token, watched, watched_store) = (shutdown.clone(), Arc::clone(&health), Arc::clone(&store));
+    tasks.spawn(async move { ("watchdog", watchdog_loop(watched, watched_store, token).await) });
     if let Some(listener) = admin {
         let state = AdminState { config, store: Arc::clone(&store), metrics, health, startup_token: None };
         let token = shutdown.clone();
@@ -154,10 +154,11 @@ pub async fn serve(
 }
 
 /// Pings the systemd watchdog at half its interval, but only while every
-/// loop makes progress: a wedged relay stops pinging and systemd restarts
-/// it. Without `WATCHDOG_USEC` (not under systemd, or no `WatchdogSec=`)
-/// it just waits for shutdown.
-async fn watchdog_loop(health: Arc<Health>, shutdown: CancellationToken) -> Result<(), String> {
+/// loop makes progress and the store works (its writer thread alive, its
+/// calls not all failing; see [`health::problems`]): a wedged relay stops
+/// pinging and systemd restarts it. Without `WATCHDOG_USEC` (not under
+/// systemd, or no `WatchdogSec=`) it just waits for shutdown.
+async fn watchdog_loop(health: Arc<Health>, store: Arc<Store>, shutdown: CancellationToken) -> Result<(), String> {
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         shutdown.cancelled().await;
@@ -169,11 +170,11 @@ async fn watchdog_loop(health: Arc<Health>, shutdown: CancellationToken) -> Resu
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let stale = health.stale(now_ms());
-        if stale.is_empty() {
+        let problems = health::problems(&health, &store, std::time::Instant::now());
+        if problems.is_empty() {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         } else {
-            warn!(?stale, "not pinging the systemd watchdog");
+            warn!(?problems, "not pinging the systemd watchdog");
         }
     }
 }

@@ -856,7 +856,7 @@ fn send_test(path: &Path, name: &str, kind: Option<&str>) -> Result<(), Failure>
     block_on(async {
         for kind in &kinds {
             let notification = sample(kind, &labels, &timestamp);
-            let body = match crate::format::render(&webhook, &notification.body) {
+            let body = match crate::format::render(&webhook, &notification.body.compose()) {
                 Ok(body) => body,
                 Err(e) => {
                     let _ = writeln!(out, "{kind}: {e}");

@@ -8,6 +8,8 @@
 //! [`sample`] builds realistic bodies of every type for `send-test` and the
 //! format tests, through the same [`build`].
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value, json};
 
 use crate::diff::{Transition, normalize_status};
@@ -35,8 +37,89 @@ const PASSTHROUGH_DEFAULTS: [&str; 12] = [
 pub struct Notification {
     /// `job.event`, `job.<status>` or `watch.failed`.
     pub kind: String,
-    /// The standard JSON body.
-    pub body: String,
+    /// The standard JSON body, in parts.
+    pub body: Body,
+}
+
+/// A standard body as it is built and stored. Every notification of one
+/// answer carries that answer's whole `data` (a 200 KB `final_result` in
+/// each of 50 `job.event`s), so the part they share is held once, behind an
+/// `Arc`, and stored once; [`Body::compose`] gives the exact bytes sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// A body with nothing shared (`watch.failed`, and samples).
+    Whole(String),
+    /// One notification of an answer: its own head and `event` member
+    /// around the answer's shared members.
+    Parts {
+        /// `{"type":...,"timestamp":...,"data":{`.
+        head: String,
+        /// The answer's members of `data`, shared by its notifications.
+        shared: Arc<SharedAnswer>,
+        /// The `"event":...` member, when the body has one.
+        event: Option<String>,
+    },
+}
+
+/// The members of an answer's `data` that all its notifications share:
+/// every key but `event`, split around where `event` sorts (`data` is a
+/// sorted map, so its position is fixed). Each half is a comma-separated
+/// list of `"key":value` members without braces, possibly empty.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SharedAnswer {
+    /// The members whose keys sort before `event`.
+    pub before: String,
+    /// The members whose keys sort after `event`.
+    pub after: String,
+}
+
+impl Body {
+    /// The standard body, byte for byte as INTERFACE.md gives it.
+    pub fn compose(&self) -> String {
+        match self {
+            Body::Whole(body) => body.clone(),
+            Body::Parts { head, shared, event } => compose(head, &shared.before, event.as_deref(), &shared.after),
+        }
+    }
+}
+
+/// Joins a body's stored parts into the standard body: the same bytes that
+/// serialising the whole envelope gives (tested below).
+pub fn compose(head: &str, before: &str, event: Option<&str>, after: &str) -> String {
+    let mut out = String::with_capacity(head.len() + before.len() + after.len() + event.map_or(0, str::len) + 4);
+    out.push_str(head);
+    let mut first = true;
+    for part in [Some(before), event, Some(after)].into_iter().flatten().filter(|p| !p.is_empty()) {
+        if !first {
+            out.push(',');
+        }
+        out.push_str(part);
+        first = false;
+    }
+    out.push_str("}}");
+    out
+}
+
+/// `"key":value` members of `entries`, comma-separated, as serde_json
+/// writes them inside an object.
+fn members<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>) -> String {
+    let mut out = String::new();
+    for (key, value) in entries {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(key).expect("a string serialises"));
+        out.push(':');
+        out.push_str(&serde_json::to_string(value).expect("a JSON value serialises"));
+    }
+    out
+}
+
+/// The head of a standard body: everything before `data`'s members.
+fn head(kind: &str, timestamp: &str) -> String {
+    let kind = serde_json::to_string(kind).expect("a string serialises");
+    let timestamp = serde_json::to_string(timestamp).expect("a string serialises");
+    format!("{{\"type\":{kind},\"timestamp\":{timestamp},\"data\":{{")
 }
 
 /// What a notification says about its watch.
@@ -78,14 +161,20 @@ pub fn build(
     // `job.waiting_for_input` is about, and a status body carries no events.
     // A field of that name sent by Dari itself still passes through as sent.
     data.entry("latest_question").or_insert_with(|| latest_question(&answer.events));
-    // One map for every notification of this answer: a `job.event` borrows
-    // it with its `event` set, a status change with Dari's own `event` field
-    // (if it sent one) put back. No clone of the answer per notification.
-    let dari_event = data.get("event").cloned();
+    // Everything but `event` is the same in every notification of this
+    // answer: serialised once and shared. A status change carries Dari's own
+    // `event` field, if it sent one; a `job.event` its event instead.
+    let dari_event = data.remove("event");
+    let shared = Arc::new(SharedAnswer {
+        before: members(data.iter().filter(|(k, _)| k.as_str() < "event")),
+        after: members(data.iter().filter(|(k, _)| k.as_str() > "event")),
+    });
+    let member =
+        |value: &Value| format!("\"event\":{}", serde_json::to_string(value).expect("a JSON value serialises"));
     transitions
         .iter()
         .map(|transition| {
-            let kind = match transition {
+            let (kind, event) = match transition {
                 Transition::Event { index } => {
                     let event = match answer.events.get(*index) {
                         Some(Value::Object(fields)) => {
@@ -95,18 +184,12 @@ pub fn build(
                         }
                         other => json!({"index": index, "value": other}),
                     };
-                    data.insert("event".into(), event);
-                    "job.event".to_owned()
+                    ("job.event".to_owned(), Some(member(&event)))
                 }
-                Transition::Status { status, .. } => {
-                    match &dari_event {
-                        Some(value) => data.insert("event".into(), value.clone()),
-                        None => data.remove("event"),
-                    };
-                    status_kind(status)
-                }
+                Transition::Status { status, .. } => (status_kind(status), dari_event.as_ref().map(member)),
             };
-            Notification { body: envelope(&kind, timestamp, &data), kind }
+            let body = Body::Parts { head: head(&kind, timestamp), shared: Arc::clone(&shared), event };
+            Notification { body, kind }
         })
         .collect()
 }
@@ -134,7 +217,7 @@ pub fn watch_failed(watch: WatchContext<'_>, reason: &str, last_status: Option<&
     });
     let kind = "watch.failed".to_owned();
     let Value::Object(data) = data else { unreachable!("json! of an object is an object") };
-    Notification { body: envelope(&kind, timestamp, &data), kind }
+    Notification { body: Body::Whole(envelope(&kind, timestamp, &data)), kind }
 }
 
 fn envelope(kind: &str, timestamp: &str, data: &Map<String, Value>) -> String {
@@ -256,7 +339,7 @@ mod tests {
         let n = build(&transitions, &answer, Some("running"), watch, "2026-11-30T10:30:15.123Z");
         assert_eq!(n[0].kind, "job.event");
         assert_eq!(n[1].kind, "job.completed");
-        let body: Value = serde_json::from_str(&n[1].body).unwrap();
+        let body: Value = serde_json::from_str(&n[1].body.compose()).unwrap();
         assert_eq!(body["type"], "job.completed");
         assert_eq!(body["timestamp"], "2026-11-30T10:30:15.123Z");
         let data = &body["data"];
@@ -267,7 +350,7 @@ mod tests {
         assert_eq!(data["log_url"], Value::Null);
         assert_eq!(data["labels"]["customer"], "acme");
         assert!(data.get("event").is_none() && data.get("events").is_none());
-        let event: Value = serde_json::from_str(&n[0].body).unwrap();
+        let event: Value = serde_json::from_str(&n[0].body.compose()).unwrap();
         assert_eq!(event["data"]["event"]["index"], 0);
         assert_eq!(event["data"]["event"]["message"], "done");
     }
@@ -288,20 +371,81 @@ mod tests {
         let watch = WatchContext { job_id: "j", portal_id: "o/e", labels: &labels };
         let transitions = [Transition::Status { previous: None, status: "waiting_for_input".into() }];
         let n = build(&transitions, &answer, None, watch, "t");
-        let body: Value = serde_json::from_str(&n[0].body).unwrap();
+        let body: Value = serde_json::from_str(&n[0].body.compose()).unwrap();
         assert_eq!(body["data"]["latest_question"]["message"], "Basic or Pro?");
         assert_eq!(body["data"]["latest_question"]["index"], 2);
         let none = StatusAnswer { events: vec![], ..answer };
-        let body: Value = serde_json::from_str(&build(&transitions, &none, None, watch, "t")[0].body).unwrap();
+        let body: Value =
+            serde_json::from_str(&build(&transitions, &none, None, watch, "t")[0].body.compose()).unwrap();
         assert_eq!(body["data"]["latest_question"], Value::Null);
 
         for kind in SAMPLE_KINDS.iter().copied().chain(["job.archived"]) {
             let n = sample(kind, &labels, "2026-11-30T10:30:15.123Z");
             assert_eq!(n.kind, kind);
-            let body: Value = serde_json::from_str(&n.body).unwrap();
+            let body: Value = serde_json::from_str(&n.body.compose()).unwrap();
             assert_eq!(body["data"]["job_id"], SAMPLE_JOB_ID, "{kind}");
         }
-        let waiting: Value = serde_json::from_str(&sample("job.waiting_for_input", &labels, "t").body).unwrap();
+        let waiting: Value =
+            serde_json::from_str(&sample("job.waiting_for_input", &labels, "t").body.compose()).unwrap();
         assert_eq!(waiting["data"]["latest_question"]["data"]["question_id"], "q_1");
+    }
+
+    /// The bodies composed from shared parts are byte for byte the bodies
+    /// of the old composition (the whole envelope serialised per
+    /// notification), whatever keys Dari sends, `event` included.
+    #[test]
+    fn composed_bodies_are_the_serialised_envelope() {
+        let events: Vec<Value> = (0..5)
+            .map(|i| json!({"event_type": "step", "message": format!("s\"{i}\u{e9}"), "data": {"i": i}}))
+            .chain([json!("not an object"), json!(null)])
+            .collect();
+        let big = "x".repeat(10_000);
+        for fields in [
+            json!({"final_result": {"text": big}, "total_cost_usd": 0.5, "aaa": 1, "zzz": [1, 2]}),
+            json!({"event": {"from": "dari"}, "evenT": 1, "event_": 2, "eventa": 3, "eve": 4}),
+            json!({}),
+        ] {
+            let answer = StatusAnswer {
+                status: "Completed".into(),
+                events: events.clone(),
+                fields: serde_json::from_value(fields).unwrap(),
+            };
+            let labels: Map<String, Value> = serde_json::from_value(json!({"team": "a\nb"})).unwrap();
+            let watch = WatchContext { job_id: "j", portal_id: "o/e", labels: &labels };
+            let mut transitions: Vec<Transition> = (0..events.len()).map(|index| Transition::Event { index }).collect();
+            transitions.push(Transition::Status { previous: Some("running".into()), status: "Completed".into() });
+            let built = build(&transitions, &answer, Some("running"), watch, "2026-11-30T10:30:15.123Z");
+            for (n, transition) in built.iter().zip(&transitions) {
+                // The old composition: the whole `data` map per notification.
+                let mut data = answer.fields.clone();
+                for key in PASSTHROUGH_DEFAULTS {
+                    data.entry(key).or_insert(Value::Null);
+                }
+                data.insert("status".into(), Value::String(answer.status.clone()));
+                data.insert("job_id".into(), "j".into());
+                data.insert("portal_id".into(), "o/e".into());
+                data.insert("previous_status".into(), "running".into());
+                data.insert("labels".into(), Value::Object(labels.clone()));
+                data.entry("latest_question").or_insert_with(|| latest_question(&answer.events));
+                if let Transition::Event { index } = transition {
+                    let event = match &answer.events[*index] {
+                        Value::Object(fields) => {
+                            let mut event = fields.clone();
+                            event.insert("index".into(), (*index).into());
+                            Value::Object(event)
+                        }
+                        other => json!({"index": index, "value": other}),
+                    };
+                    data.insert("event".into(), event);
+                }
+                assert_eq!(n.body.compose(), envelope(&n.kind, "2026-11-30T10:30:15.123Z", &data));
+            }
+            // One shared part for the whole answer, not one per notification.
+            let Body::Parts { shared, .. } = &built[0].body else { panic!("a poll's body is in parts") };
+            for n in &built {
+                let Body::Parts { shared: other, .. } = &n.body else { panic!("a poll's body is in parts") };
+                assert!(Arc::ptr_eq(shared, other));
+            }
+        }
     }
 }

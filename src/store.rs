@@ -25,15 +25,16 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 use serde_json::{Map, Value};
 
 use crate::diff::SeenState;
+use crate::notification::{self, Body};
 use crate::upstream::PortalId;
 
 /// Versioned schema migrations, applied in order on open. Append only: a
@@ -115,6 +116,31 @@ CREATE TABLE webhook_pauses (
 -- webhook's backlog never hides another's.
 CREATE INDEX deliveries_pending_by_webhook ON deliveries (webhook, next_attempt_at) WHERE state = 'pending';
 CREATE INDEX deliveries_finished ON deliveries (finished_at) WHERE state = 'delivered';
+"#,
+    r#"
+-- Pruning and `notifications_of` look deliveries up by notification: without
+-- this index each lookup scanned every delivery, so pruning grew with history.
+CREATE INDEX deliveries_notification ON deliveries (notification_id);
+-- Pruning walks old notifications in (created_at, id) order, in batches.
+CREATE INDEX notifications_created ON notifications (created_at, id);
+-- The part of a poll's answer that all its notifications share (everything
+-- in `data` but `event`), stored once per poll instead of once per
+-- notification: a first poll with 50 events no longer stores the answer 50
+-- times. `before` and `after` are the JSON members sorting before and after
+-- `event`, without braces.
+CREATE TABLE answers (
+    id     INTEGER PRIMARY KEY,
+    before TEXT NOT NULL,
+    after  TEXT NOT NULL
+) STRICT;
+-- With an answer, `body` is the notification's own head (type, timestamp,
+-- the opening of `data`) and `event` its `"event":...` member, if any; the
+-- standard body is composed from the parts when it is read for sending.
+-- Without (every row stored before this migration, and `watch.failed`),
+-- `body` is the whole standard body, as before.
+ALTER TABLE notifications ADD COLUMN answer_id INTEGER REFERENCES answers (id);
+ALTER TABLE notifications ADD COLUMN event TEXT;
+CREATE INDEX notifications_answer ON notifications (answer_id) WHERE answer_id IS NOT NULL;
 "#,
 ];
 
@@ -271,8 +297,9 @@ pub struct WatchSummary {
 pub struct NewNotification {
     /// The notification type.
     pub kind: String,
-    /// The standard body.
-    pub body: String,
+    /// The standard body, in the parts it is stored in: a poll's
+    /// notifications share their answer's part, stored once.
+    pub body: Body,
     /// One delivery per matching webhook.
     pub deliveries: Vec<NewDelivery>,
 }
@@ -479,7 +506,83 @@ pub struct Store {
     writer: Mutex<Option<std::sync::mpsc::Sender<WriteOp>>>,
     /// Write transactions committed through this handle, for the benchmark.
     commits: Arc<AtomicU64>,
+    /// How the writer thread and the store calls are faring, for `/readyz`
+    /// and the watchdog; shared with the writer thread.
+    vitals: Arc<Vitals>,
 }
+
+/// What the store knows of its own health (see [`Store::problems_at`]).
+/// Times are on the monotonic clock, as milliseconds since `origin` plus
+/// one, so that 0 means "never" and a wall-clock jump changes nothing.
+#[derive(Debug)]
+struct Vitals {
+    origin: Instant,
+    /// The writer thread was started, and has not ended since. A drop guard
+    /// in the thread clears it, so a panic is seen too.
+    writer_started: AtomicBool,
+    writer_alive: AtomicBool,
+    /// The writer is waiting for the write lock: the pruner lets it in
+    /// before its next batch.
+    writer_waiting: AtomicBool,
+    /// The writer's last successful write.
+    last_write: AtomicU64,
+    /// Since when every write has failed (0: the last one succeeded).
+    writes_failing_since: AtomicU64,
+    /// Since when every [`Store::call`] has failed (0: the last one succeeded).
+    calls_failing_since: AtomicU64,
+    /// The last write check made for `/readyz`: when, and what it found.
+    checked: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl Vitals {
+    fn new() -> Vitals {
+        Vitals {
+            origin: Instant::now(),
+            writer_started: AtomicBool::new(false),
+            writer_alive: AtomicBool::new(false),
+            writer_waiting: AtomicBool::new(false),
+            last_write: AtomicU64::new(0),
+            writes_failing_since: AtomicU64::new(0),
+            calls_failing_since: AtomicU64::new(0),
+            checked: Mutex::new(None),
+        }
+    }
+
+    fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_millis() as u64 + 1
+    }
+
+    /// Records the outcome of one write or call on `failing_since`.
+    fn record(&self, failing_since: &AtomicU64, ok: bool) {
+        let now = self.stamp(Instant::now());
+        if ok {
+            failing_since.store(0, Ordering::Relaxed);
+        } else {
+            // Only the first failure of a run sets the start.
+            let _ = failing_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Marks the writer thread dead when it ends, however it ends.
+struct WriterAlive(Arc<Vitals>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.writer_alive.store(false, Ordering::Relaxed);
+        self.0.writer_waiting.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Ids read by one statement of [`Store::outbound_many`] at most.
+const OUTBOUND_CHUNK: usize = 500;
+
+/// Rows one pruning transaction handles at most: each batch holds the
+/// write lock for milliseconds, so polls and attempts get in between.
+const PRUNE_BATCH: usize = 1000;
+/// How long the pruner waits at most, between batches, for a writer that
+/// waits for the lock to get it.
+const PRUNE_YIELD: Duration = Duration::from_millis(250);
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -487,10 +590,13 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How long a connection waits for another one's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A connection with the relay's settings.
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: a commit is on disk before anyone is told it happened, so a
     // delivery never goes out for a notification that power loss could undo
@@ -529,6 +635,7 @@ impl Store {
             path: path.to_owned(),
             writer: Mutex::new(None),
             commits: Arc::new(AtomicU64::new(0)),
+            vitals: Arc::new(Vitals::new()),
         })
     }
 
@@ -544,7 +651,12 @@ impl Store {
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     {
         let store = Arc::clone(self);
-        tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| StoreError::Task(e.to_string()))?
+        let result =
+            tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| StoreError::Task(e.to_string()))?;
+        // A loop whose every store call fails makes no progress, even though
+        // it keeps turning (and beating): readiness and the watchdog see it.
+        self.vitals.record(&self.vitals.calls_failing_since, result.is_ok());
+        result
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -636,7 +748,7 @@ impl Store {
                AND (?4 IS NULL OR rowid > (SELECT rowid FROM watches WHERE job_id = ?4))
              ORDER BY rowid LIMIT ?5",
         )?;
-        let limit = query.limit.map_or(-1, |l| l as i64);
+        let limit = query.limit.map_or(-1, sql_limit);
         let bind = params![query.state.map(WatchState::as_str), query.portal_id, query.job_id, query.after, limit];
         let rows = stmt.query_map(bind, |r| {
             Ok((
@@ -678,11 +790,77 @@ impl Store {
     }
 
     /// Fails unless the database accepts a write (tried, then rolled back).
+    /// It takes the write lock: [`Store::writable`] is the probe's version.
     pub fn check_writable(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute("UPDATE meta SET value = value WHERE key = 'watch_rev'", [])?;
-        tx.rollback()?;
+        try_write(&mut self.conn())
+    }
+
+    /// Whether the database accepts writes, for `/readyz`, without taking
+    /// the write lock on every probe: a write by the writer within `max_age`
+    /// (with none failing since) answers it; otherwise one real check
+    /// ([`Store::check_writable`], waiting at most a moment for the lock) is
+    /// made and its answer reused for `max_age`. A lock held by another
+    /// connection means someone is writing to the file, not that it refuses
+    /// writes: that counts as writable.
+    pub fn writable(&self, max_age: Duration) -> Result<(), String> {
+        let now = Instant::now();
+        let v = &self.vitals;
+        let last = v.last_write.load(Ordering::Relaxed);
+        let fresh = (max_age.as_millis() as u64).max(1);
+        if last != 0 && v.stamp(now).saturating_sub(last) < fresh && v.writes_failing_since.load(Ordering::Relaxed) == 0
+        {
+            return Ok(());
+        }
+        let mut checked = v.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, result)) = checked.as_ref().filter(|(at, _)| now.saturating_duration_since(*at) < max_age) {
+            return result.clone();
+        }
+        let result = {
+            let mut conn = self.conn();
+            let _ = conn.busy_timeout(Duration::from_millis(200));
+            let result = match try_write(&mut conn) {
+                Err(StoreError::Sqlite(e)) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => Ok(()),
+                other => other.map_err(|e| e.to_string()),
+            };
+            let _ = conn.busy_timeout(BUSY_TIMEOUT);
+            result
+        };
+        *checked = Some((now, result.clone()));
+        result
+    }
+
+    /// What is wrong with the store as the loops use it, at `now`: the
+    /// writer thread has stopped, or every write or every store call has
+    /// failed for longer than `max_age`. Empty when all is well. Monotonic:
+    /// a wall-clock jump cannot change the answer.
+    pub fn problems_at(&self, now: Instant, max_age: Duration) -> Vec<String> {
+        let v = &self.vitals;
+        let mut out = Vec::new();
+        if v.writer_started.load(Ordering::Relaxed) && !v.writer_alive.load(Ordering::Relaxed) {
+            out.push("the database writer thread has stopped".to_owned());
+        }
+        let now = v.stamp(now);
+        for (since, what) in [(&v.writes_failing_since, "write"), (&v.calls_failing_since, "call")] {
+            let since = since.load(Ordering::Relaxed);
+            if since != 0 && now.saturating_sub(since) > max_age.as_millis() as u64 {
+                out.push(format!("every database {what} failed for the last {}s", (now - since) / 1000));
+            }
+        }
+        out
+    }
+
+    /// Stops the writer thread, as a crash of it would. For tests of
+    /// readiness and the watchdog.
+    #[doc(hidden)]
+    pub fn stop_writer_for_test(&self) -> Result<(), StoreError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.writer()?.send(WriteOp::Stop(reply)).map_err(|_| writer_gone())?;
+        answer.recv().map_err(|_| writer_gone())?;
+        // The thread ends right after answering; wait until it has.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.vitals.writer_alive.load(Ordering::Relaxed) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Ok(())
     }
 
@@ -789,9 +967,15 @@ impl Store {
         let conn = open_connection(&self.path)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let commits = Arc::clone(&self.commits);
+        let vitals = Arc::clone(&self.vitals);
+        vitals.writer_alive.store(true, Ordering::Relaxed);
+        vitals.writer_started.store(true, Ordering::Relaxed);
         std::thread::Builder::new()
             .name("dari-relay-writer".into())
-            .spawn(move || writer_loop(conn, rx, &commits))
+            .spawn(move || {
+                let alive = WriterAlive(vitals);
+                writer_loop(conn, rx, &commits, &alive.0);
+            })
             .map_err(|e| StoreError::Write(format!("cannot start the writer thread: {e}")))?;
         *slot = Some(tx.clone());
         Ok(tx)
@@ -806,7 +990,7 @@ impl Store {
         notification: &NewNotification,
     ) -> Result<CommitOutcome, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
         let updated = tx.execute(
             "UPDATE watches SET state = 'failed', state_reason = ?2, updated_at = ?3 WHERE job_id = ?1 AND state = 'active'",
@@ -835,7 +1019,7 @@ impl Store {
                  WHERE e.job_id = d.job_id AND e.webhook = d.webhook AND e.state = 'pending' AND e.id < d.id)
              ORDER BY d.next_attempt_at, d.id LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![webhook, limit as i64], |r| {
+        let rows = stmt.query_map(params![webhook, sql_limit(limit)], |r| {
             Ok(PendingHead { id: r.get(0)?, job_id: r.get(1)?, webhook: r.get(2)?, next_attempt_at: r.get(3)? })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -843,14 +1027,25 @@ impl Store {
 
     /// Deliveries with their notifications, for sending, in id order.
     pub fn outbound_many(&self, ids: &[i64]) -> Result<Vec<OutboundDelivery>, StoreError> {
+        // In chunks: one statement with more bound ids than SQLite allows
+        // (32,766) would fail every time it was tried.
+        if ids.len() > OUTBOUND_CHUNK {
+            let mut out = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(OUTBOUND_CHUNK) {
+                out.extend(self.outbound_many(chunk)?);
+            }
+            out.sort_by_key(|d| d.id);
+            return Ok(out);
+        }
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let conn = self.conn();
         let marks = vec!["?"; ids.len()].join(",");
         let mut stmt = conn.prepare(&format!(
-            "SELECT d.id, d.msg_id, d.webhook, d.job_id, n.type, n.body, d.attempts, n.created_at
-             FROM deliveries d JOIN notifications n ON n.id = d.notification_id WHERE d.id IN ({marks}) ORDER BY d.id"
+            "SELECT d.id, d.msg_id, d.webhook, d.job_id, n.type, {BODY_COLUMNS}, d.attempts, n.created_at
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id LEFT JOIN answers a ON a.id = n.answer_id
+             WHERE d.id IN ({marks}) ORDER BY d.id"
         ))?;
         let rows = stmt.query_map(rusqlite::params_from_iter(ids), |r| {
             Ok(OutboundDelivery {
@@ -859,9 +1054,9 @@ impl Store {
                 webhook: r.get(2)?,
                 job_id: r.get(3)?,
                 kind: r.get(4)?,
-                body: r.get(5)?,
-                attempts: r.get(6)?,
-                detected_at: r.get(7)?,
+                body: read_body(r, 5)?,
+                attempts: r.get(9)?,
+                detected_at: r.get(10)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -874,12 +1069,16 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<DeliverySummary>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        // With a state, `d.state = ?1` alone, so the (state, id) index
+        // serves it: `?1 IS NULL OR ...` made SQLite walk every delivery
+        // ever kept to find the few failed ones.
+        let filter = if state.is_some() { "d.state = ?1" } else { "?1 IS NULL" };
+        let mut stmt = conn.prepare_cached(&format!(
             "SELECT d.id, d.msg_id, d.job_id, d.webhook, n.type, d.state, d.attempts, d.next_attempt_at, d.created_at, d.last_error
              FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-             WHERE ?1 IS NULL OR d.state = ?1 ORDER BY d.id DESC LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![state.map(DeliveryState::as_str), limit as i64], |r| {
+             WHERE {filter} ORDER BY d.id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![state.map(DeliveryState::as_str), sql_limit(limit)], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
@@ -985,20 +1184,20 @@ impl Store {
     pub fn notifications_of(&self, job_id: &str) -> Result<Vec<StoredNotification>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT n.id, n.type, n.body, n.created_at, d.webhook, d.msg_id, d.state, d.attempts
-             FROM notifications n LEFT JOIN deliveries d ON d.notification_id = n.id
-             WHERE n.job_id = ?1 ORDER BY n.id, d.id",
+            &format!("SELECT n.id, n.type, {BODY_COLUMNS}, n.created_at, d.webhook, d.msg_id, d.state, d.attempts
+             FROM notifications n LEFT JOIN deliveries d ON d.notification_id = n.id LEFT JOIN answers a ON a.id = n.answer_id
+             WHERE n.job_id = ?1 ORDER BY n.id, d.id"),
         )?;
         let rows = stmt.query_map([job_id], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, Option<u32>>(7)?,
+                read_body(r, 2)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<String>>(7)?,
+                r.get::<_, Option<String>>(8)?,
+                r.get::<_, Option<String>>(9)?,
+                r.get::<_, Option<u32>>(10)?,
             ))
         })?;
         let mut out: Vec<StoredNotification> = Vec::new();
@@ -1019,32 +1218,176 @@ impl Store {
 
     /// Deletes what is past `retention`: delivered deliveries finished before
     /// `cutoff_ms` with their attempts, notifications left with no
-    /// deliveries, and watches that ended (finished, failed, removed) before
-    /// it together with their notifications. Pending and failed deliveries
-    /// are never pruned: they are work not yet done.
+    /// deliveries (and answers left with no notifications), and watches that
+    /// ended (finished, failed, removed) before it together with their
+    /// notifications. Pending and failed deliveries are never pruned: they
+    /// are work not yet done, and so are their notifications and watches.
+    ///
+    /// It runs on its own connection, in transactions of at most
+    /// [`PRUNE_BATCH`] rows, each found through an index, and between
+    /// batches it lets the writer finish what it has in hand: a week of
+    /// history is pruned without stopping polls or attempts for more than a
+    /// batch, and without holding the lock the reads share.
     pub fn prune(&self, cutoff_ms: i64) -> Result<PruneSummary, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let attempts = tx.execute(
-            "DELETE FROM attempts WHERE delivery_id IN
-                 (SELECT id FROM deliveries WHERE state = 'delivered' AND finished_at < ?1)",
-            [cutoff_ms],
-        )?;
-        let deliveries =
-            tx.execute("DELETE FROM deliveries WHERE state = 'delivered' AND finished_at < ?1", [cutoff_ms])?;
-        let notifications = tx.execute(
-            "DELETE FROM notifications WHERE created_at < ?1
-                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)",
-            [cutoff_ms],
-        )?;
-        let watches = tx.execute(
-            "DELETE FROM watches WHERE state != 'active' AND updated_at < ?1
-                 AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.job_id = watches.job_id)",
-            [cutoff_ms],
-        )?;
+        let mut conn = open_connection(&self.path)?;
+        let mut summary = PruneSummary::default();
+        let batch = PRUNE_BATCH as i64;
+        loop {
+            let done = self.prune_batch(&mut conn, |tx| {
+                let ids: Vec<i64> = tx
+                    .prepare_cached(
+                        "SELECT id FROM deliveries WHERE state = 'delivered' AND finished_at < ?1
+                         ORDER BY finished_at LIMIT ?2",
+                    )?
+                    .query_map(params![cutoff_ms, batch], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                // The batch's ids as one JSON array: two statements per batch.
+                let list = serde_json::to_string(&ids).expect("ids serialise");
+                summary.attempts += tx
+                    .prepare_cached("DELETE FROM attempts WHERE delivery_id IN (SELECT value FROM json_each(?1))")?
+                    .execute([&list])?;
+                summary.deliveries += tx
+                    .prepare_cached("DELETE FROM deliveries WHERE id IN (SELECT value FROM json_each(?1))")?
+                    .execute([&list])?;
+                Ok(ids.len() < PRUNE_BATCH)
+            })?;
+            if done {
+                break;
+            }
+        }
+        // Old notifications in (created_at, id) order from a cursor: each is
+        // looked at once, and those kept (work not done) are passed over.
+        let mut cursor = (i64::MIN, i64::MIN);
+        loop {
+            let done = self.prune_batch(&mut conn, |tx| {
+                let rows: Vec<(i64, i64, Option<i64>)> = tx
+                    .prepare_cached(
+                        "SELECT id, created_at, answer_id FROM notifications
+                         WHERE created_at < ?1 AND (created_at, id) > (?2, ?3) ORDER BY created_at, id LIMIT ?4",
+                    )?
+                    .query_map(params![cutoff_ms, cursor.0, cursor.1, batch], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                if let Some((id, created_at, _)) = rows.last() {
+                    cursor = (*created_at, *id);
+                }
+                let list = serde_json::to_string(&rows.iter().map(|r| r.0).collect::<Vec<_>>()).expect("ids serialise");
+                let mut answers: Vec<Option<i64>> = tx
+                    .prepare_cached(
+                        "DELETE FROM notifications WHERE id IN (SELECT value FROM json_each(?1))
+                             AND NOT EXISTS (SELECT 1 FROM deliveries WHERE notification_id = notifications.id)
+                         RETURNING answer_id",
+                    )?
+                    .query_map([&list], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                summary.notifications += answers.len();
+                answers.sort_unstable();
+                answers.dedup();
+                let answers = answers.into_iter().flatten();
+                let mut answer = tx.prepare_cached(
+                    "DELETE FROM answers WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM notifications WHERE answer_id = ?1)",
+                )?;
+                for id in answers {
+                    answer.execute([id])?;
+                }
+                Ok(rows.len() < PRUNE_BATCH)
+            })?;
+            if done {
+                break;
+            }
+        }
+        let mut cursor = 0_i64;
+        loop {
+            let done = self.prune_batch(&mut conn, |tx| {
+                let rows: Vec<(i64, String)> = tx
+                    .prepare_cached(
+                        "SELECT rowid, job_id FROM watches WHERE rowid > ?2 AND state != 'active' AND updated_at < ?1
+                         ORDER BY rowid LIMIT ?3",
+                    )?
+                    .query_map(params![cutoff_ms, cursor, batch], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                let mut watch = tx.prepare_cached(
+                    "DELETE FROM watches WHERE rowid = ?1 AND NOT EXISTS (SELECT 1 FROM notifications WHERE job_id = ?2)",
+                )?;
+                for (rowid, job_id) in &rows {
+                    cursor = *rowid;
+                    summary.watches += watch.execute(params![rowid, job_id])?;
+                }
+                Ok(rows.len() < PRUNE_BATCH)
+            })?;
+            if done {
+                break;
+            }
+        }
+        Ok(summary)
+    }
+
+    /// One pruning transaction: first lets in the writer if it waits for the
+    /// lock (for at most [`PRUNE_YIELD`]), then runs `f` under an immediate
+    /// write lock and commits. Without the wait the pruner, releasing and
+    /// retaking the lock at once, would keep it from a writer that sleeps
+    /// between its tries (SQLite's busy handler) until pruning ends.
+    fn prune_batch<T>(
+        &self,
+        conn: &mut Connection,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let deadline = Instant::now() + PRUNE_YIELD;
+        while self.vitals.writer_waiting.load(Ordering::Relaxed) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let value = f(&tx)?;
         tx.commit()?;
         self.commits.fetch_add(1, Ordering::Relaxed);
-        Ok(PruneSummary { attempts, deliveries, notifications, watches })
+        Ok(value)
+    }
+
+    /// Fills the database with `notifications` delivered notifications
+    /// (finished at `at_ms`) of a finished watch `job_id`, each with one
+    /// delivery per webhook in `webhooks` and, `with_attempts`, one attempt
+    /// per delivery, in one transaction. For tests of pruning at scale.
+    #[doc(hidden)]
+    pub fn seed_history_for_test(
+        &self,
+        job_id: &str,
+        notifications: usize,
+        webhooks: &[&str],
+        at_ms: i64,
+        with_attempts: bool,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO watches (job_id, org_id, endpoint_name, labels, from_now, state, rev, created_at, updated_at)
+             VALUES (?1, 'seed', 'seed', '{}', 0, 'finished', 0, ?2, ?2) ON CONFLICT DO NOTHING",
+            params![job_id, at_ms],
+        )?;
+        // Set-based, so that the test's time goes to pruning, not seeding.
+        let first: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM notifications", [], |r| r.get(0))?;
+        tx.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?3)
+             INSERT INTO notifications (job_id, type, body, created_at) SELECT ?1, 'job.event', '{}', ?2 FROM n",
+            params![job_id, at_ms, notifications as i64],
+        )?;
+        let webhooks = serde_json::to_string(webhooks).expect("names serialise");
+        tx.execute(
+            "INSERT INTO deliveries (notification_id, job_id, webhook, msg_id, state, attempts, next_attempt_at,
+                 created_at, finished_at)
+             SELECT n.id, n.job_id, w.value, 'msg_seed_' || n.id || '_' || w.value, 'delivered', 1, ?2, ?2, ?2
+             FROM notifications n, json_each(?3) w WHERE n.id >= ?1 ORDER BY n.id, w.key",
+            params![first, at_ms, webhooks],
+        )?;
+        if with_attempts {
+            tx.execute(
+                "INSERT INTO attempts (delivery_id, attempted_at, duration_ms, http_status)
+                 SELECT d.id, ?2, 1, 200 FROM deliveries d WHERE d.notification_id >= ?1",
+                params![first, at_ms],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Makes this connection refuse (`true`) or accept writes, as a full or
@@ -1052,9 +1395,25 @@ impl Store {
     #[doc(hidden)]
     pub fn set_read_only(&self, read_only: bool) -> Result<(), StoreError> {
         self.conn().pragma_update(None, "query_only", read_only)?;
+        // What `writable` remembers is about the disk before the change.
+        self.vitals.last_write.store(0, Ordering::Relaxed);
+        *self.vitals.checked.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let (reply, answer) = std::sync::mpsc::channel();
         self.writer()?.send(WriteOp::ReadOnly(read_only, reply)).map_err(|_| writer_gone())?;
         answer.recv().map_err(|_| writer_gone())?
+    }
+
+    /// Bytes the database holds (pages in use, the WAL included), for the
+    /// storage tests.
+    pub fn stored_bytes(&self) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let pages: i64 = conn.query_row(
+            "SELECT page_count - freelist_count FROM pragma_page_count, pragma_freelist_count",
+            [],
+            |r| r.get(0),
+        )?;
+        let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok((pages * size) as u64)
     }
 
     /// Counts of deliveries per state, for the demo and the tests.
@@ -1101,6 +1460,14 @@ impl Store {
         let mut stmt = conn.prepare_cached("SELECT MIN(attempted_at) FROM attempts WHERE delivery_id = ?1")?;
         Ok(stmt.query_row([id], |r| r.get(0))?)
     }
+}
+
+/// Takes the write lock and writes, then rolls back.
+fn try_write(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute("UPDATE meta SET value = value WHERE key = 'watch_rev'", [])?;
+    tx.rollback()?;
+    Ok(())
 }
 
 /// A watch's [`DiffContext`], on any connection.
@@ -1206,6 +1573,8 @@ enum WriteOp {
     Attempt(i64, AttemptRecord, DeliveryUpdate, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
     /// Test hook: answered at once on a std channel, so a caller may block on it.
     ReadOnly(bool, std::sync::mpsc::Sender<Result<(), StoreError>>),
+    /// Test hook: the writer thread ends, as if it had crashed.
+    Stop(std::sync::mpsc::Sender<()>),
 }
 
 /// Most writes folded into one transaction.
@@ -1216,7 +1585,7 @@ const MAX_BATCH: usize = 512;
 /// them in one transaction and only then answers each. While it waits for
 /// the disk, the next batch queues up: group commit, one fsync for many
 /// polls. It ends when the store is dropped.
-fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, commits: &AtomicU64) {
+fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, commits: &AtomicU64, vitals: &Vitals) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -1225,11 +1594,31 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<WriteOp>, com
                 Err(_) => break,
             }
         }
-        write_batch(&mut conn, batch, commits);
+        // Test hooks are answered outside any transaction.
+        let mut stop = None;
+        batch.retain_mut(|op| match op {
+            WriteOp::ReadOnly(on, reply) => {
+                let _ = reply.send(conn.pragma_update(None, "query_only", *on).map_err(StoreError::from));
+                false
+            }
+            WriteOp::Stop(reply) => {
+                stop = Some(reply.clone());
+                false
+            }
+            _ => true,
+        });
+        if let Some(stop) = stop {
+            // Everything else in hand is answered "writer gone" by the drop.
+            let _ = stop.send(());
+            return;
+        }
+        if !batch.is_empty() {
+            write_batch(&mut conn, batch, commits, vitals);
+        }
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &AtomicU64) {
+fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &AtomicU64, vitals: &Vitals) {
     /// A result waiting for the commit, with its reply channel.
     enum Done {
         Unit(Result<(), StoreError>, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
@@ -1239,32 +1628,41 @@ fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &AtomicU64) 
         ),
     }
     let now = now_ms();
-    let mut tx = match conn.transaction() {
+    // IMMEDIATE: the write lock is taken at BEGIN, where the busy timeout
+    // applies. A deferred transaction reads first and then asks to write,
+    // and that upgrade fails at once (SQLITE_BUSY, no waiting) whenever
+    // another connection, the CLI or the pruner, holds the lock.
+    vitals.writer_waiting.store(true, Ordering::Relaxed);
+    let began = conn.transaction_with_behavior(TransactionBehavior::Immediate);
+    vitals.writer_waiting.store(false, Ordering::Relaxed);
+    let mut tx = match began {
         Ok(tx) => tx,
         Err(e) => {
+            vitals.record(&vitals.writes_failing_since, false);
             let e = e.to_string();
             for op in batch {
                 match op {
                     WriteOp::Attempt(.., reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
                     WriteOp::Job(_, reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
-                    WriteOp::ReadOnly(_, reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
+                    WriteOp::ReadOnly(..) | WriteOp::Stop(_) => {}
                 }
             }
             return;
         }
     };
     let mut done = Vec::with_capacity(batch.len());
+    let mut any_ok = false;
     for op in batch {
         match op {
-            WriteOp::ReadOnly(on, reply) => {
-                let _ = reply.send(tx.pragma_update(None, "query_only", on).map_err(StoreError::from));
-            }
+            WriteOp::ReadOnly(..) | WriteOp::Stop(_) => {}
             WriteOp::Attempt(id, attempt, update, reply) => {
                 let result = in_savepoint(&mut tx, |c| apply_attempt(c, id, &attempt, update, now));
+                any_ok |= result.is_ok();
                 done.push(Done::Unit(result, reply));
             }
             WriteOp::Job(job, reply) => {
                 let result = in_savepoint(&mut tx, |c| job(c, now));
+                any_ok |= result.is_ok();
                 done.push(Done::Job(result, reply));
             }
         }
@@ -1273,6 +1671,11 @@ fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &AtomicU64) 
     if committed.is_ok() {
         commits.fetch_add(1, Ordering::Relaxed);
     }
+    let ok = committed.is_ok() && any_ok;
+    if ok {
+        vitals.last_write.store(vitals.stamp(Instant::now()), Ordering::Relaxed);
+    }
+    vitals.record(&vitals.writes_failing_since, ok);
     // Nobody hears "stored" before the commit is on disk.
     for d in done {
         match d {
@@ -1298,7 +1701,11 @@ fn in_savepoint<T>(
         Ok(())
     };
     run("SAVEPOINT write_op")?;
-    match f(tx) {
+    // A panic in one write (a poll's `decide` runs here) fails that write
+    // only: without this it ended the writer thread, and every write after it.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tx)))
+        .unwrap_or_else(|panic| Err(StoreError::Task(format!("a write panicked: {}", panic_message(&panic)))));
+    match result {
         Ok(value) => {
             run("RELEASE write_op")?;
             Ok(value)
@@ -1310,6 +1717,10 @@ fn in_savepoint<T>(
             Err(e)
         }
     }
+}
+
+fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
+    panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("?")
 }
 
 fn writer_gone() -> StoreError {
@@ -1327,15 +1738,34 @@ fn insert_notifications(
     now: i64,
 ) -> Result<usize, StoreError> {
     let mut notification = tx.prepare_cached(
-        "INSERT INTO notifications (job_id, type, body, created_at) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+        "INSERT INTO notifications (job_id, type, body, answer_id, event, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         RETURNING id",
     )?;
+    let mut answer = tx.prepare_cached("INSERT INTO answers (before, after) VALUES (?1, ?2) RETURNING id")?;
     let mut delivery = tx.prepare_cached(
         "INSERT INTO deliveries (notification_id, job_id, webhook, msg_id, state, next_attempt_at, created_at)
          VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5)",
     )?;
     let mut count = 0;
+    // The answer part last stored, by identity: a poll's notifications all
+    // share one `Arc`, so it is written once.
+    let mut stored: Option<(*const notification::SharedAnswer, i64)> = None;
     for n in notifications {
-        let id: i64 = notification.query_row(params![job_id, n.kind, n.body, now], |r| r.get(0))?;
+        let (body, answer_id, event) = match &n.body {
+            Body::Whole(body) => (body.as_str(), None, None),
+            Body::Parts { head, shared, event } => {
+                let answer_id = match stored {
+                    Some((ptr, id)) if std::ptr::eq(ptr, Arc::as_ptr(shared)) => id,
+                    _ => {
+                        let id: i64 = answer.query_row(params![shared.before, shared.after], |r| r.get(0))?;
+                        stored = Some((Arc::as_ptr(shared), id));
+                        id
+                    }
+                };
+                (head.as_str(), Some(answer_id), event.as_deref())
+            }
+        };
+        let id: i64 = notification.query_row(params![job_id, n.kind, body, answer_id, event, now], |r| r.get(0))?;
         for d in &n.deliveries {
             delivery.execute(params![id, job_id, d.webhook, d.msg_id, now])?;
             count += 1;
@@ -1344,10 +1774,163 @@ fn insert_notifications(
     Ok(count)
 }
 
+/// A row limit for SQL. `usize as i64` turned a huge limit into -1, which
+/// SQLite reads as "no limit": every row into memory.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// The columns [`read_body`] reads, in order, from `notifications n LEFT
+/// JOIN answers a`.
+const BODY_COLUMNS: &str = "n.body, n.event, a.before, a.after";
+
+/// The standard body of a notification row: the stored body itself, or
+/// (when the row shares its answer) composed from its parts. The same
+/// parts always compose to the same bytes, so retries and replays send
+/// exactly what the first attempt sent.
+fn read_body(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<String> {
+    let body: String = r.get(first)?;
+    let event: Option<String> = r.get(first + 1)?;
+    match (r.get::<_, Option<String>>(first + 2)?, r.get::<_, Option<String>>(first + 3)?) {
+        (Some(before), Some(after)) => Ok(notification::compose(&body, &before, event.as_deref(), &after)),
+        _ => Ok(body),
+    }
+}
+
 fn parse_webhooks(text: Option<&str>) -> Result<Option<Vec<String>>, StoreError> {
     text.map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("webhook list: {e}")))).transpose()
 }
 
 fn parse_labels(text: &str) -> Result<Map<String, Value>, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        (dir, store)
+    }
+
+    /// How SQLite runs `sql`: one line per step of its plan.
+    fn plan(store: &Store, sql: &str) -> String {
+        let conn = store.conn();
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let n = stmt.parameter_count();
+        let params: Vec<rusqlite::types::Value> = (0..n).map(|_| rusqlite::types::Value::Integer(1)).collect();
+        let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| r.get::<_, String>(3)).unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("\n")
+    }
+
+    /// The lookups that run per pruned row or per listed notification go
+    /// through an index: none of them scans the deliveries (which grow with
+    /// history). Before the third migration, each looked at every delivery.
+    #[test]
+    fn history_lookups_use_indexes() {
+        let (_dir, store) = store();
+        for sql in [
+            "SELECT 1 FROM deliveries WHERE notification_id = ?1",
+            "SELECT id FROM deliveries WHERE state = 'delivered' AND finished_at < ?1 ORDER BY finished_at LIMIT ?2",
+            "SELECT id, created_at, answer_id FROM notifications
+             WHERE created_at < ?1 AND (created_at, id) > (?2, ?3) ORDER BY created_at, id LIMIT ?4",
+            "SELECT 1 FROM notifications WHERE answer_id = ?1",
+            "SELECT n.id, d.id FROM notifications n LEFT JOIN deliveries d ON d.notification_id = n.id
+             WHERE n.job_id = ?1 ORDER BY n.id, d.id",
+            "SELECT d.id FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE d.state = ?1 ORDER BY d.id DESC LIMIT ?2",
+        ] {
+            let plan = plan(&store, sql);
+            assert!(!plan.contains("SCAN d") && !plan.contains("SCAN notifications"), "{sql}\n{plan}");
+        }
+    }
+
+    #[test]
+    fn huge_limits_stay_limits() {
+        assert_eq!(sql_limit(usize::MAX), i64::MAX);
+        assert_eq!(sql_limit(10), 10);
+    }
+
+    fn add(store: &Store, job_id: &str) {
+        let watch = NewWatch {
+            job_id: job_id.into(),
+            portal: "acme/portal".parse().unwrap(),
+            webhooks: None,
+            labels: BTreeMap::new(),
+            from_now: false,
+        };
+        store.add_watches(&[watch]).unwrap();
+    }
+
+    /// A write that panics fails alone: the writer thread lives on and the
+    /// next write is stored. Before, the panic ended the thread and every
+    /// later write failed with "the writer thread has stopped".
+    #[tokio::test]
+    async fn a_panicking_write_leaves_the_writer_alive() {
+        let (_dir, store) = store();
+        add(&store, "j");
+        let panicked = store.write_poll_with("j".into(), |_| -> Option<(PollCommit, ())> { panic!("boom") }).await;
+        assert!(matches!(panicked, Err(StoreError::Task(ref m)) if m.contains("boom")), "{panicked:?}");
+        let commit = PollCommit {
+            job_id: "j".into(),
+            seen: SeenState { status: Some("running".into()), event_fingerprints: vec![] },
+            body_hash: 1,
+            end: None,
+            notifications: vec![],
+        };
+        let stored = store.write_poll_with("j".into(), move |_| Some((commit, ()))).await.unwrap();
+        assert_eq!(stored.map(|s| s.0), Some(CommitOutcome::Stored { deliveries: 0 }));
+        assert!(store.problems_at(Instant::now(), Duration::from_secs(15)).is_empty());
+    }
+
+    /// Writes that all fail for longer than the limit are a problem (seen
+    /// on the monotonic clock, scripted here); one success clears it; a
+    /// stopped writer thread is a problem at once.
+    #[tokio::test]
+    async fn failing_writes_and_a_dead_writer_are_problems() {
+        let (_dir, store) = store();
+        add(&store, "j");
+        store.set_read_only(true).unwrap();
+        let commit = PollCommit {
+            job_id: "j".into(),
+            seen: SeenState { status: Some("running".into()), event_fingerprints: vec![] },
+            body_hash: 1,
+            end: None,
+            notifications: vec![],
+        };
+        let again = commit.clone();
+        assert!(store.write_poll_with("j".into(), move |_| Some((commit, ()))).await.is_err());
+        let limit = Duration::from_secs(15);
+        let now = Instant::now();
+        assert!(store.problems_at(now, limit).is_empty(), "not yet: one failure is not a run");
+        let later = store.problems_at(now + Duration::from_secs(16), limit);
+        assert!(later.iter().any(|p| p.contains("every database write failed")), "{later:?}");
+        assert_eq!(store.writable(Duration::from_secs(5)).map_err(|e| e.contains("readonly")), Err(true));
+        store.set_read_only(false).unwrap();
+        store.write_poll_with("j".into(), move |_| Some((again, ()))).await.unwrap();
+        assert!(store.problems_at(now + Duration::from_secs(16), limit).is_empty());
+        assert_eq!(store.writable(Duration::from_secs(5)), Ok(()));
+
+        store.stop_writer_for_test().unwrap();
+        assert_eq!(store.problems_at(Instant::now(), limit), ["the database writer thread has stopped"]);
+    }
+
+    /// A lock held by another connection does not make the probe wait (nor
+    /// count as "not writable"), and a fresh commit answers without a check.
+    #[test]
+    fn the_readiness_check_does_not_queue_on_the_lock() {
+        let (dir, store) = store();
+        let other = Connection::open(dir.path().join("s.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let started = Instant::now();
+        assert_eq!(store.writable(Duration::from_secs(5)), Ok(()));
+        assert!(started.elapsed() < Duration::from_secs(1), "waited {:?}", started.elapsed());
+        // Cached: the second probe does not even try.
+        let started = Instant::now();
+        assert_eq!(store.writable(Duration::from_secs(5)), Ok(()));
+        assert!(started.elapsed() < Duration::from_millis(50));
+        other.execute_batch("COMMIT").unwrap();
+    }
 }

@@ -28,7 +28,7 @@ fn bodies() -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = SAMPLE_KINDS
         .iter()
         .chain(&["job.archived"])
-        .map(|kind| (kind.to_string(), notification::sample(kind, &labels, TIMESTAMP).body))
+        .map(|kind| (kind.to_string(), notification::sample(kind, &labels, TIMESTAMP).body.compose()))
         .collect();
 
     let watch = WatchContext {
@@ -49,10 +49,10 @@ fn bodies() -> Vec<(String, String)> {
         .unwrap(),
     };
     let n = notification::build(&[Transition::Event { index: 1 }], &question, Some("running"), watch, TIMESTAMP);
-    out.push(("job.event.question".into(), n[0].body.clone()));
+    out.push(("job.event.question".into(), n[0].body.compose()));
 
     let mut completed: Value =
-        serde_json::from_str(&notification::sample("job.completed", &labels, TIMESTAMP).body).unwrap();
+        serde_json::from_str(&notification::sample("job.completed", &labels, TIMESTAMP).body.compose()).unwrap();
     let rows: Vec<Value> = (0..150)
         .map(|i| json!({"id": i, "name": format!("Customer {i:03}"), "email": format!("customer{i:03}@example.com"), "status": "submitted"}))
         .collect();
@@ -68,7 +68,8 @@ fn bodies() -> Vec<(String, String)> {
     assert!(completed["data"]["final_result"].to_string().len() >= 20_000);
     out.push(("job.completed.20kb_result".into(), completed.to_string()));
 
-    let mut failed: Value = serde_json::from_str(&notification::sample("job.failed", &labels, TIMESTAMP).body).unwrap();
+    let mut failed: Value =
+        serde_json::from_str(&notification::sample("job.failed", &labels, TIMESTAMP).body.compose()).unwrap();
     let trace: String =
         (0..).map(|i| format!("  at step {i}: <button id=\"submit\"> not found & retried\n")).take(100).collect();
     failed["data"]["error"] =

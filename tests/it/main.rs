@@ -15,5 +15,6 @@ mod faults;
 mod formats;
 mod lifecycle;
 mod robustness;
+mod stress;
 mod stress_poller;
 mod webhooks;
