@@ -840,6 +840,7 @@ impl Attempt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::notification::Body;
 
     fn response(status: Option<u16>, retry_after: Option<u64>) -> Response {
         Response { status, retry_after: retry_after.map(Duration::from_secs), excerpt: None, error: None }
@@ -962,7 +963,7 @@ mod tests {
         store.add_watches(&[watch]).unwrap();
         let notification = NewNotification {
             kind: "watch.failed".into(),
-            body: r#"{"type":"watch.failed"}"#.into(),
+            body: Body::Whole(r#"{"type":"watch.failed"}"#.into()),
             deliveries: vec![NewDelivery { webhook: "h".into(), msg_id: "msg_1".into() }],
         };
         store.fail_watch(job, "test", &notification).unwrap();
@@ -1059,7 +1060,7 @@ mod tests {
         store.add_watches(&[watch]).unwrap();
         let notification = NewNotification {
             kind: "watch.failed".into(),
-            body: r#"{"type":"watch.failed"}"#.into(),
+            body: Body::Whole(r#"{"type":"watch.failed"}"#.into()),
             deliveries: vec![NewDelivery { webhook: "h".into(), msg_id: "msg_2".into() }],
         };
         store.fail_watch(other, "test", &notification).unwrap();

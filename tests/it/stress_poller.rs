@@ -16,7 +16,7 @@ use dari_relay::config::Config;
 use dari_relay::health::{Health, STALE_AFTER};
 use dari_relay::metrics::Metrics;
 use dari_relay::poller::Poller;
-use dari_relay::store::{Store, now_ms};
+use dari_relay::store::Store;
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -83,7 +83,7 @@ impl Scheduler {
     /// asked about a moment `STALE_AFTER - age` from now. (No deliverer runs
     /// here, so its heartbeat is stale and not looked at.)
     fn beat_within(&self, age: Duration) -> bool {
-        let stale = self.health.stale(now_ms() + (STALE_AFTER - age).as_millis() as i64);
+        let stale = self.health.stale_at(std::time::Instant::now() + (STALE_AFTER - age));
         !stale.iter().any(|loop_| loop_.contains("poller"))
     }
 
