@@ -59,10 +59,10 @@ pub const LOG_FORMAT: &str = "text";
 pub const BASE_URL: &str = "https://agent.usedari.com";
 
 /// `[upstream] poll_interval`.
-pub const POLL_INTERVAL: DurationBounds = DurationBounds { default: secs(2), min: ms(10), max: secs(HOUR) };
+pub const POLL_INTERVAL: DurationBounds = DurationBounds { default: secs(2), min: ms(1), max: secs(HOUR) };
 
 /// `[upstream] max_poll_interval`.
-pub const MAX_POLL_INTERVAL: DurationBounds = DurationBounds { default: secs(60), min: ms(10), max: secs(DAY) };
+pub const MAX_POLL_INTERVAL: DurationBounds = DurationBounds { default: secs(60), min: ms(1), max: secs(DAY) };
 
 /// `[upstream] request_timeout`.
 pub const UPSTREAM_REQUEST_TIMEOUT: DurationBounds =

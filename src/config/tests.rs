@@ -167,8 +167,8 @@ fn values_out_of_bounds_are_refused_naming_key_and_line() {
         ),
         ("retention = \"0s\"", "relay.toml:1: retention: 0s is out of bounds"),
         (
-            "[upstream]\npoll_interval = \"1ms\"",
-            "relay.toml:2: upstream.poll_interval: 1ms is out of bounds: it must be from 10ms to 1h",
+            "[upstream]\npoll_interval = \"0s\"",
+            "relay.toml:2: upstream.poll_interval: 0s is out of bounds: it must be from 1ms to 1h",
         ),
         (
             "[upstream]\npoll_interval = \"2h\"\nmax_poll_interval = \"3h\"",
@@ -176,7 +176,7 @@ fn values_out_of_bounds_are_refused_naming_key_and_line() {
         ),
         (
             "[upstream]\nmax_poll_interval = \"400d\"",
-            "relay.toml:2: upstream.max_poll_interval: 400d is out of bounds: it must be from 10ms to 1d",
+            "relay.toml:2: upstream.max_poll_interval: 400d is out of bounds: it must be from 1ms to 1d",
         ),
         ("[upstream]\nrequest_timeout = \"1h\"", "relay.toml:2: upstream.request_timeout: 1h is out of bounds"),
         (
@@ -280,7 +280,7 @@ fn values_out_of_bounds_are_refused_naming_key_and_line() {
 #[test]
 fn the_bounds_themselves_are_accepted() {
     let c = load(
-        "retention = \"3650d\"\n[upstream]\npoll_interval = \"10ms\"\nmax_poll_interval = \"1d\"\nmax_in_flight = 10000\n\
+        "retention = \"3650d\"\n[upstream]\npoll_interval = \"1ms\"\nmax_poll_interval = \"1d\"\nmax_in_flight = 10000\n\
          max_response_bytes = 268435456\nmax_watch_age = \"3650d\"\n[delivery]\nretry_schedule = [\"10ms\", \"7d\"]\n\
          shutdown_timeout = \"0s\"\n[orgs.a]\napi_key_env = \"KEY\"\nmax_requests_per_second = 0.001\n",
     )
