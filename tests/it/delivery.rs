@@ -176,7 +176,7 @@ async fn a_hung_receiver_delays_nobody_else() {
 }
 
 /// The binary, with the test secrets, logging to a file.
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
+pub(crate) fn spawn_daemon(config: &Path, log: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_dari-relay"))
         .args(["run", "--config"])
         .arg(config)
@@ -189,7 +189,7 @@ fn spawn_daemon(config: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
-fn signal(child: &Child, sig: &str) {
+pub(crate) fn signal(child: &Child, sig: &str) {
     assert!(Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap().success());
 }
 

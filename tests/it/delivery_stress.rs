@@ -2,8 +2,8 @@
 //! refuses is never a re-send, a webhook renamed away keeps its backlog, a
 //! receiver's rate limit never spends a delivery's retries.
 
+use crate::delivery::{signal, spawn_daemon};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use dari_relay::store::{DeliveryState, NewWatch, Store};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::fakes::{API_KEY, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, watch_on};
+use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, watch_on};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 
@@ -68,24 +68,6 @@ async fn an_unrecorded_outcome_is_written_later_and_never_resent() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.stop().await;
     assert!(receiver.drain().is_empty(), "nothing sent after the record landed");
-}
-
-/// The binary, with the test secrets, logging to a file.
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_dari-relay"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("DARI_API_KEY", API_KEY)
-        .env("HOOK_SECRET", SECRET)
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn signal(child: &Child, sig: &str) {
-    assert!(Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap().success());
 }
 
 async fn wait_log(log: &Path, text: &str, times: usize) {
