@@ -29,7 +29,8 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::routing::{get, post};
 use dari_relay::config::Config;
 use dari_relay::metrics::Metrics;
-use dari_relay::store::{NewWatch, Store};
+use dari_relay::store::Store;
+use dari_relay::vocab::NewWatch;
 use tokio_util::sync::CancellationToken;
 
 // ----- the fakes (child process) ------------------------------------------

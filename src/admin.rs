@@ -41,8 +41,9 @@ use tracing::{info, warn};
 use crate::config::{Config, ListenAddr, split_host_port};
 use crate::health::Health;
 use crate::metrics::{Metrics, Snapshot};
-use crate::store::{DeliveryState, NewWatch, Store, StoreError, WatchQuery, WatchState, now_ms};
-use crate::upstream::{PortalId, UpstreamClient, parse_job_id};
+use crate::store::{Store, StoreError, WatchQuery};
+use crate::upstream::UpstreamClient;
+use crate::vocab::{DeliveryState, NewWatch, PortalId, WatchState, now_ms, parse_job_id};
 
 /// How long `/readyz` trusts its last look at whether the database takes writes.
 const WRITABLE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);

@@ -22,7 +22,8 @@ use crate::deliver::Deliverer;
 use crate::health::{self, Health};
 use crate::metrics::Metrics;
 use crate::poller::Poller;
-use crate::store::{PruneSummary, Store, StoreError, now_ms};
+use crate::store::{PruneSummary, Store, StoreError};
+use crate::vocab::now_ms;
 
 /// Why the relay stopped other than by request.
 #[derive(Debug, thiserror::Error)]

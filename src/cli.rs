@@ -17,8 +17,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH, LogFormat};
-use crate::store::{DeliveryState, NewWatch, Store};
-use crate::upstream::PortalId;
+use crate::store::Store;
+use crate::vocab::{DeliveryState, NewWatch, PortalId};
 
 mod logging;
 
@@ -217,9 +217,9 @@ fn runtime(e: impl Into<anyhow::Error>) -> Failure {
     Failure::Runtime(e.into())
 }
 
-/// Parses a job id (a UUID); see [`crate::upstream::parse_job_id`].
+/// Parses a job id (a UUID); see [`crate::vocab::parse_job_id`].
 pub fn parse_job_id(s: &str) -> Result<String, String> {
-    crate::upstream::parse_job_id(s)
+    crate::vocab::parse_job_id(s)
 }
 
 fn parse_portal(s: &str) -> Result<PortalId, String> {
@@ -230,7 +230,7 @@ fn parse_portal(s: &str) -> Result<PortalId, String> {
 /// with the status in its normalised form.
 pub fn parse_kind(s: &str) -> Result<String, String> {
     let s = s.trim();
-    let status_ok = |status: &str| !status.is_empty() && crate::diff::normalize_status(status) == status;
+    let status_ok = |status: &str| !status.is_empty() && crate::vocab::normalize_status(status) == status;
     match s.strip_prefix("job.") {
         _ if s == "watch.failed" => Ok(s.to_owned()),
         Some(status) if status_ok(status) => Ok(s.to_owned()),
@@ -744,7 +744,7 @@ fn webhooks(path: &Path, command: WebhooksCommand) -> Result<(), Failure> {
             let gone: std::collections::BTreeSet<&String> =
                 backlog.keys().chain(paused.keys()).filter(|n| config.webhook(n).is_none()).collect();
             names.extend(gone.into_iter().cloned());
-            let now = crate::store::now_ms();
+            let now = crate::vocab::now_ms();
             let rows: Vec<WebhookRow> = names
                 .into_iter()
                 .map(|name| {
@@ -856,7 +856,7 @@ fn send_test(path: &Path, name: &str, kind: Option<&str>) -> Result<(), Failure>
     block_on(async {
         for kind in &kinds {
             let notification = sample(kind, &labels, &timestamp);
-            let body = match crate::format::render(&webhook, &notification.body.compose()) {
+            let body = match webhook.render(&notification.body.compose()) {
                 Ok(body) => body,
                 Err(e) => {
                     let _ = writeln!(out, "{kind}: {e}");

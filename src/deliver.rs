@@ -30,12 +30,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::config::{Config, Format, Webhook};
+use crate::config::{Config, Webhook};
 use crate::format::RenderError;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::retry::{self, TokenBucket};
-use crate::store::{AttemptRecord, DeliveryUpdate, OutboundDelivery, Store, StoreError, now_ms};
+use crate::store::{AttemptRecord, DeliveryUpdate, OutboundDelivery, Store, StoreError};
+use crate::vocab::{Format, now_ms};
 
 /// Longest wait between looks at the outbox, so deliveries requeued by the
 /// CLI (`deliveries retry`) start within about a second.
@@ -414,7 +415,7 @@ impl Deliverer {
             tasks: JoinSet::new(),
             spawned: HashMap::new(),
             unrecorded: HashMap::new(),
-            render: crate::format::render,
+            render: Webhook::render,
         };
         deliverer.apply_config(config);
         Ok(deliverer)
@@ -943,7 +944,8 @@ mod tests {
     /// A deliverer over a fresh store with one webhook `h` posting to `url`,
     /// and one pending `watch.failed` delivery to it.
     fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, Arc<Store>, Arc<Metrics>) {
-        use crate::store::{NewDelivery, NewNotification, NewWatch};
+        use crate::store::{NewDelivery, NewNotification};
+        use crate::vocab::NewWatch;
         let text = format!(
             "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[delivery]\nretry_schedule = [\"50ms\"]\n\
              [orgs.acme]\napi_key_env = \"K\"\n[[webhooks]]\nname = \"h\"\nurl = \"{url}\"\n",
@@ -1019,7 +1021,7 @@ mod tests {
         assert_eq!(attempts[0].error.as_deref(), Some("the attempt panicked: a render that panics"));
 
         // The retry, due after the 50 ms schedule, renders and is delivered.
-        deliverer.render = crate::format::render;
+        deliverer.render = Webhook::render;
         tokio::time::sleep(Duration::from_millis(100)).await;
         deliverer.deliver_due_once().await.unwrap();
         let done = deliverer.tasks.join_next_with_id().await.unwrap();
@@ -1048,7 +1050,8 @@ mod tests {
         let delivery = &store.list_deliveries(None, 10).unwrap()[0];
         assert_eq!((delivery.state, delivery.attempts), ("pending", 0), "deferred, not counted");
         // Another job's delivery to the same webhook, due now, waits too.
-        use crate::store::{NewDelivery, NewNotification, NewWatch};
+        use crate::store::{NewDelivery, NewNotification};
+        use crate::vocab::NewWatch;
         let other = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
         let watch = NewWatch {
             job_id: other.into(),

@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::signature::SigningKey;
-use crate::store::{NewWatch, Store};
+use crate::store::Store;
+use crate::vocab::NewWatch;
 
 const DEMO_SECRET: &str = "whsec_ZGFyaS1yZWxheSBkZW1vIHNpZ25pbmcga2V5IQ==";
 const DEMO_JOB: &str = "550e8400-e29b-41d4-a716-446655440000";

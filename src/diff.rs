@@ -18,17 +18,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::upstream::StatusAnswer;
-
-/// What the relay has already announced for one job.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SeenState {
-    /// The status of the last successful poll, as Dari wrote it; `None`
-    /// until the first one.
-    pub status: Option<String>,
-    /// Fingerprints of every announced event, in announcement order. It only
-    /// grows, which is what makes "never re-announce" hold across anomalies.
-    pub event_fingerprints: Vec<u64>,
-}
+use crate::vocab::{SeenState, normalize_status};
 
 /// One thing to announce, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,17 +102,6 @@ pub fn diff(seen: &SeenState, answer: &StatusAnswer, from_now: bool) -> Diff {
         state: SeenState { status: Some(answer.status.clone()), event_fingerprints: state_fingerprints },
         anomaly,
     }
-}
-
-/// Lower-cases a status and turns every character outside `[a-z0-9_]` into
-/// `_`, giving the suffix of its `job.<status>` notification type.
-pub fn normalize_status(status: &str) -> String {
-    status
-        .trim()
-        .chars()
-        .map(|c| c.to_ascii_lowercase())
-        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' { c } else { '_' })
-        .collect()
 }
 
 /// A stable 64-bit fingerprint of an event: the first 8 bytes of the SHA-256

@@ -1,5 +1,8 @@
 //! dari-relay turns polling of Dari's job status endpoint into push.
 //!
+//! Every stage speaks the shared vocabulary of [`vocab`] (ids, states, kinds,
+//! the clock), which imports no stage.
+//!
 //! Data flows through one module per stage, in this order: [`config`] is read
 //! and resolved once; [`store`] keeps watches, each job's last-seen state and
 //! the outbox of notifications and deliveries in SQLite (all SQL lives there);
@@ -28,6 +31,7 @@ pub mod retry;
 pub mod signature;
 pub mod store;
 pub mod upstream;
+pub mod vocab;
 
 /// The `user-agent` of every request the relay makes, upstream and to receivers.
 pub const USER_AGENT: &str = concat!("dari-relay/", env!("CARGO_PKG_VERSION"));

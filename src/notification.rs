@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
-use crate::diff::{Transition, normalize_status};
+use crate::diff::Transition;
 use crate::upstream::StatusAnswer;
+use crate::vocab::normalize_status;
 
 /// Fields of the status answer that every body carries, null when Dari did
 /// not send them, so receivers can rely on the keys being present.

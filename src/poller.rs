@@ -35,9 +35,9 @@ use crate::notification::{self, WatchContext};
 use crate::retry::{self, TokenBucket};
 use crate::store::{
     CommitOutcome, DiffContext, NewDelivery, NewNotification, PollCommit, ScheduledWatch, Store, StoreError,
-    WatchState, now_ms,
 };
-use crate::upstream::{PortalId, StatusAnswer, UpstreamClient, UpstreamError};
+use crate::upstream::{StatusAnswer, UpstreamClient, UpstreamError};
+use crate::vocab::{PortalId, WatchState, now_ms};
 
 /// How often the scheduler checks the database for watches added or removed
 /// by the CLI. A quarter second keeps "polled within 1 second of `watch add`"
@@ -810,7 +810,7 @@ impl PollTask {
                 notification::build(&diff.transitions, &answer, ctx.seen.status.as_deref(), watch, &timestamp);
             // Whatever the diff found, a job now in a terminal status is done
             // once this commit holds its notifications.
-            let terminal = config.is_terminal(&diff::normalize_status(&answer.status));
+            let terminal = config.is_terminal(&crate::vocab::normalize_status(&answer.status));
             let notifications: Vec<NewNotification> = notifications
                 .into_iter()
                 .map(|n| NewNotification {

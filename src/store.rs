@@ -27,15 +27,14 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 use serde_json::{Map, Value};
 
-use crate::diff::SeenState;
 use crate::notification::{self, Body};
-use crate::upstream::PortalId;
+use crate::vocab::{DeliveryState, NewWatch, PortalId, SeenState, WatchState, ms_to_rfc3339, now_ms};
 
 /// Versioned schema migrations, applied in order on open. Append only: a
 /// released migration is never edited.
@@ -167,61 +166,6 @@ pub enum StoreError {
     Task(String),
 }
 
-/// The state of a watch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WatchState {
-    /// Being polled.
-    Active,
-    /// Reached a terminal status; its notifications are stored.
-    Finished,
-    /// The relay gave up on it (`watch.failed` was stored).
-    Failed,
-    /// Removed by `watch rm`.
-    Removed,
-}
-
-impl WatchState {
-    /// The name stored in the database and shown by `watch list`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WatchState::Active => "active",
-            WatchState::Finished => "finished",
-            WatchState::Failed => "failed",
-            WatchState::Removed => "removed",
-        }
-    }
-
-    /// Parses a state name, as stored or given to a filter.
-    pub fn from_name(s: &str) -> Option<WatchState> {
-        WatchState::parse(s).ok()
-    }
-
-    fn parse(s: &str) -> Result<WatchState, StoreError> {
-        Ok(match s {
-            "active" => WatchState::Active,
-            "finished" => WatchState::Finished,
-            "failed" => WatchState::Failed,
-            "removed" => WatchState::Removed,
-            other => return Err(StoreError::Corrupt(format!("watch state {other:?}"))),
-        })
-    }
-}
-
-/// A watch to add.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewWatch {
-    /// The job's UUID, lower-case hyphenated.
-    pub job_id: String,
-    /// The portal the job runs on.
-    pub portal: PortalId,
-    /// Webhooks named on the command line; `None` means by portal patterns.
-    pub webhooks: Option<Vec<String>>,
-    /// Labels passed through to every notification.
-    pub labels: BTreeMap<String, String>,
-    /// Whether the first poll's answer counts as already known.
-    pub from_now: bool,
-}
-
 /// How many watches an add created and how many already existed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AddSummary {
@@ -335,38 +279,6 @@ pub enum CommitOutcome {
     Stored { deliveries: usize },
     /// The watch is no longer active (removed meanwhile): nothing stored.
     WatchGone,
-}
-
-/// The state of a delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliveryState {
-    /// Waiting for its turn or its next attempt.
-    Pending,
-    /// A receiver answered 2xx.
-    Delivered,
-    /// Every retry failed; kept for `deliveries retry`.
-    Failed,
-}
-
-impl DeliveryState {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeliveryState::Pending => "pending",
-            DeliveryState::Delivered => "delivered",
-            DeliveryState::Failed => "failed",
-        }
-    }
-
-    /// Parses a stored or command-line name.
-    pub fn parse(s: &str) -> Option<DeliveryState> {
-        match s {
-            "pending" => Some(DeliveryState::Pending),
-            "delivered" => Some(DeliveryState::Delivered),
-            "failed" => Some(DeliveryState::Failed),
-            _ => None,
-        }
-    }
 }
 
 /// The first pending delivery of one (job, webhook) chain.
@@ -607,16 +519,6 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// The current time in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64
-}
-
-fn ms_to_rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 impl Store {
     /// Opens (creating if missing) the database at `path`: the folder is
     /// created 0700 and the file 0600, WAL is enabled and migrations run.
@@ -769,7 +671,7 @@ impl Store {
             out.push(WatchSummary {
                 job_id,
                 portal_id,
-                state: WatchState::parse(&state)?.as_str(),
+                state: watch_state(&state)?.as_str(),
                 state_reason,
                 last_status,
                 webhooks: parse_webhooks(webhooks.as_deref())?,
@@ -903,7 +805,7 @@ impl Store {
             out.push(ScheduledWatch {
                 job_id,
                 portal: PortalId { org, endpoint },
-                state: WatchState::parse(&state)?,
+                state: watch_state(&state)?,
                 body_hash: body_hash.map(|h| h as u64),
                 created_at,
             });
@@ -1502,7 +1404,7 @@ fn read_diff_context(conn: &Connection, job_id: &str) -> Result<Option<DiffConte
         webhooks: parse_webhooks(webhooks.as_deref())?,
         labels: parse_labels(&labels)?,
         from_now,
-        state: WatchState::parse(&state)?,
+        state: watch_state(&state)?,
         seen: SeenState { status: last_status, event_fingerprints },
     }))
 }
@@ -1799,6 +1701,10 @@ fn read_body(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<String> {
 
 fn parse_webhooks(text: Option<&str>) -> Result<Option<Vec<String>>, StoreError> {
     text.map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("webhook list: {e}")))).transpose()
+}
+
+fn watch_state(name: &str) -> Result<WatchState, StoreError> {
+    WatchState::from_name(name).ok_or_else(|| StoreError::Corrupt(format!("watch state {name:?}")))
 }
 
 fn parse_labels(text: &str) -> Result<Map<String, Value>, StoreError> {

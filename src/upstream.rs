@@ -6,56 +6,13 @@
 //! cap, so a runaway response cannot exhaust memory, and the API key travels
 //! only in the `X-API-Key` header: errors are built without it.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use reqwest::{StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
-/// A portal, written `org_id/endpoint_name`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PortalId {
-    /// The org, which selects the API key.
-    pub org: String,
-    /// The portal's endpoint name.
-    pub endpoint: String,
-}
-
-impl fmt::Display for PortalId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.org, self.endpoint)
-    }
-}
-
-impl FromStr for PortalId {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.split_once('/') {
-            Some((org, endpoint)) if is_valid_segment(org) && is_valid_segment(endpoint) => {
-                Ok(PortalId { org: org.to_owned(), endpoint: endpoint.to_owned() })
-            }
-            _ => Err(format!(
-                "{s:?} is not a portal id: expected <org_id>/<endpoint_name>, each non-empty, \
-                 without spaces or a further '/'"
-            )),
-        }
-    }
-}
-
-/// Parses a job id: a UUID, normalised to lower-case hyphenated form.
-pub fn parse_job_id(s: &str) -> Result<String, String> {
-    uuid::Uuid::parse_str(s.trim())
-        .map(|u| u.hyphenated().to_string())
-        .map_err(|_| format!("{s:?} is not a UUID (expected e.g. 550e8400-e29b-41d4-a716-446655440000)"))
-}
-
-/// Whether `s` can be one path segment of a portal id.
-pub fn is_valid_segment(s: &str) -> bool {
-    !s.is_empty() && !s.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control())
-}
+use crate::vocab::{PortalId, parse_job_id};
 
 /// What went wrong with one status request.
 #[derive(Debug, thiserror::Error)]

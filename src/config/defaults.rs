@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use super::Format;
+use crate::vocab::Format;
 
 /// A duration's default and its inclusive bounds.
 #[derive(Debug, Clone, Copy)]

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 pub use raw::parse_duration;
 pub use resolved::{Admin, Config, Delivery, ListenAddr, LogFormat, Org, SecretSource, Upstream};
-pub use webhook::{ExtraHeader, Format, Webhook};
+pub use webhook::{ExtraHeader, Webhook};
 
 /// Where the config file is looked for when neither `--config` nor
 /// `$DARI_RELAY_CONFIG` names one.
@@ -94,7 +94,7 @@ impl Config {
 
     /// The rules every new watch must follow, whoever adds it (CLI or API):
     /// its org has credentials and every webhook it names exists.
-    pub fn check_watch(&self, watch: &crate::store::NewWatch) -> Result<(), InvalidWatch> {
+    pub fn check_watch(&self, watch: &crate::vocab::NewWatch) -> Result<(), InvalidWatch> {
         if !self.orgs.contains_key(&watch.portal.org) {
             return Err(InvalidWatch {
                 field: "portal_id",

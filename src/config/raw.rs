@@ -10,7 +10,8 @@ use reqwest::Url;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Format, LogFormat};
+use super::LogFormat;
+use crate::vocab::Format;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

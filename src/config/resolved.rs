@@ -217,7 +217,7 @@ impl Resolver<'_> {
             if orgs.len() == defaults::MAX_ORGS {
                 return Err(self.error(Some(span), &key, format!("at most {} [orgs.*] tables", defaults::MAX_ORGS)));
             }
-            if !crate::upstream::is_valid_segment(&id) || id.len() > MAX_NAME_LEN {
+            if !crate::vocab::is_valid_segment(&id) || id.len() > MAX_NAME_LEN {
                 return Err(self.error(
                     Some(span),
                     &key,
@@ -344,7 +344,7 @@ impl Resolver<'_> {
             }
             Some(list) => {
                 for status in list.into_inner() {
-                    let normal = crate::diff::normalize_status(status.get_ref());
+                    let normal = crate::vocab::normalize_status(status.get_ref());
                     if status.get_ref().trim().is_empty() || normal.len() > MAX_NAME_LEN {
                         let message = format!("a status must be 1 to {MAX_NAME_LEN} characters");
                         return Err(self.error(Some(status.span()), KEY, message));

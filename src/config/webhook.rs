@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
-use serde::Deserialize;
+
 use serde_json::{Map, Value};
 use toml::Spanned;
 
@@ -19,29 +19,7 @@ use super::{ConfigError, RESERVED_HEADERS, SecretSource};
 use crate::format::{BodyTemplate, TemplateSource};
 use crate::glob::Glob;
 use crate::signature::SigningKey;
-
-/// Body format of a webhook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// The Standard Webhooks JSON body of INTERFACE.md.
-    Standard,
-    /// A Slack incoming-webhook message.
-    Slack,
-    /// A Discord webhook message.
-    Discord,
-}
-
-impl Format {
-    /// The name used in the config file.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Standard => "standard",
-            Format::Slack => "slack",
-            Format::Discord => "discord",
-        }
-    }
-}
+use crate::vocab::Format;
 
 /// `[[webhooks]]`: one receiver.
 #[derive(Clone)]
@@ -89,6 +67,12 @@ impl fmt::Debug for Webhook {
 }
 
 impl Webhook {
+    /// The body this webhook gets for a stored standard body (its template,
+    /// else its format).
+    pub fn render(&self, standard_body: &str) -> Result<String, crate::format::RenderError> {
+        crate::format::render(self.format, self.template.as_ref(), standard_body)
+    }
+
     /// Whether a notification of `kind` for a watch on `portal_id` with
     /// `labels` goes to this webhook. `named` is the watch's own webhook
     /// list: when present, it replaces the `portals` and `labels` filters

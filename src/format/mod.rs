@@ -17,7 +17,7 @@ pub mod template;
 
 use serde_json::{Map, Value};
 
-use crate::config::{Format, Webhook};
+use crate::vocab::Format;
 
 pub use template::{BodyTemplate, TemplateSource};
 
@@ -40,12 +40,12 @@ pub enum RenderError {
     NotJson { name: String, source: serde_json::Error },
 }
 
-/// Renders the body `webhook` gets for the stored standard body: its
-/// template if it has one, else its format.
-pub fn render(webhook: &Webhook, standard_body: &str) -> Result<String, RenderError> {
-    match &webhook.template {
+/// Renders the body a webhook of `format` with `template` gets for the
+/// stored standard body: its template if it has one, else its format.
+pub fn render(format: Format, template: Option<&BodyTemplate>, standard_body: &str) -> Result<String, RenderError> {
+    match template {
         Some(template) => template.render(&parse(standard_body, "template")?),
-        None => render_format(webhook.format, standard_body),
+        None => render_format(format, standard_body),
     }
 }
 

@@ -381,7 +381,7 @@ async fn delivery_messages_say_the_status_once_and_count_in_the_singular() {
 
 fn relay_failed_id(db: &Path) -> String {
     let store = dari_relay::store::Store::open(db).unwrap();
-    store.list_deliveries(Some(dari_relay::store::DeliveryState::Failed), 10).unwrap()[0].id.to_string()
+    store.list_deliveries(Some(dari_relay::vocab::DeliveryState::Failed), 10).unwrap()[0].id.to_string()
 }
 
 /// `watch import` of one line counts it in the singular.

@@ -18,11 +18,12 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::routing::get;
-use dari_relay::store::{DeliveryState, NewWatch, Store};
+use dari_relay::store::Store;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::fakes::{API_KEY, Behaviour, FakeReceiver, Received, SECRET};
+use dari_relay::vocab::{DeliveryState, NewWatch};
 
 const JOBS: usize = 24;
 const EVENTS: usize = 10;

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use dari_relay::store::{DeliveryState, NewWatch};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::fakes::{API_KEY, Behaviour, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, watch_on};
+use dari_relay::vocab::{DeliveryState, NewWatch};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 const JOB2: &str = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
@@ -337,7 +337,7 @@ async fn prune_keeps_unfinished_work_and_bounds_the_rest() {
 
     let store = dari_relay::store::Store::open(&dir.path().join("r.db")).unwrap();
     let before = store.delivery_counts().unwrap();
-    let future = dari_relay::store::now_ms() + 60_000;
+    let future = dari_relay::vocab::now_ms() + 60_000;
     let pruned = store.prune(future).unwrap();
     let after = store.delivery_counts().unwrap();
     assert_eq!(pruned.deliveries as i64, before["delivered"]);
@@ -351,7 +351,7 @@ async fn prune_keeps_unfinished_work_and_bounds_the_rest() {
     let relay = Relay::start(&text).await;
     relay.settle().await;
     relay.stop().await;
-    store.prune(dari_relay::store::now_ms() + 60_000).unwrap();
+    store.prune(dari_relay::vocab::now_ms() + 60_000).unwrap();
     let left: Vec<String> = store.list_watches(true).unwrap().into_iter().map(|w| w.job_id).collect();
     assert_eq!(left, [JOB2]);
     assert!(store.notifications_of(JOB).unwrap().is_empty());

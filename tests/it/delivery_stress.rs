@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
-use dari_relay::store::{DeliveryState, NewWatch, Store};
+use dari_relay::store::Store;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, watch_on};
+use dari_relay::vocab::{DeliveryState, NewWatch};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 

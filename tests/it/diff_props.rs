@@ -2,8 +2,9 @@
 //! job's history, every event is announced exactly once, in order, and the
 //! status changes follow the statuses seen.
 
-use dari_relay::diff::{SeenState, Transition, diff};
+use dari_relay::diff::{Transition, diff};
 use dari_relay::upstream::StatusAnswer;
+use dari_relay::vocab::SeenState;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

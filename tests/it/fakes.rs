@@ -284,8 +284,8 @@ async fn serve(router: Router) -> std::net::SocketAddr {
 }
 
 /// A watch of `job_id` on `portal`, by portal patterns, no labels, from the start.
-pub fn watch_on(portal: &str, job_id: &str) -> dari_relay::store::NewWatch {
-    dari_relay::store::NewWatch {
+pub fn watch_on(portal: &str, job_id: &str) -> dari_relay::vocab::NewWatch {
+    dari_relay::vocab::NewWatch {
         job_id: job_id.into(),
         portal: portal.parse().unwrap(),
         webhooks: None,

@@ -6,11 +6,11 @@
 //! input too; the rest runs the real relay or the real binary against fake
 //! servers on 127.0.0.1.
 
-use dari_relay::config::Format;
 use dari_relay::diff::Transition;
 use dari_relay::format::{self, len16};
 use dari_relay::notification::{self, SAMPLE_KINDS, WatchContext};
 use dari_relay::upstream::StatusAnswer;
+use dari_relay::vocab::Format;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 

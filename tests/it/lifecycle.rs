@@ -4,11 +4,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use dari_relay::store::NewWatch;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text};
+use dari_relay::vocab::NewWatch;
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use dari_relay::admin::Listener;
 use dari_relay::config::ListenAddr;
-use dari_relay::store::now_ms;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, watch_on};
+use dari_relay::vocab::now_ms;
 
 const JOB: &str = "5f0c2a4e-7b1d-4c3a-9e8f-00000000aaaa";
 

@@ -13,12 +13,12 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
-use dari_relay::store::{DeliveryState, NewWatch};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::fakes::{API_KEY, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text};
+use dari_relay::vocab::{DeliveryState, NewWatch};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 const JOB2: &str = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
