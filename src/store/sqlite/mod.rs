@@ -1,0 +1,398 @@
+//! The SQLite implementation of the store.
+
+mod outbox;
+mod prune;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod watches;
+mod writer;
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, ErrorCode};
+use rusqlite_migration::{M, Migrations};
+use serde_json::{Map, Value};
+
+use crate::notification::{self};
+use crate::store::*;
+use crate::vocab::WatchState;
+
+use schema::MIGRATIONS;
+use writer::*;
+
+/// The database.
+pub struct Store {
+    /// For reads and the rare writes (CLI changes, pauses, pruning).
+    conn: Mutex<Connection>,
+    /// The file, for the writer's own connection.
+    path: PathBuf,
+    /// The batching writer's queue, once started; see [`Store::write_poll_with`].
+    writer: Mutex<Option<std::sync::mpsc::Sender<WriteOp>>>,
+    /// Write transactions committed through this handle, for the benchmark.
+    commits: Arc<AtomicU64>,
+    /// How the writer thread and the store calls are faring, for `/readyz`
+    /// and the watchdog; shared with the writer thread.
+    vitals: Arc<Vitals>,
+}
+
+/// What the store knows of its own health (see [`Store::problems_at`]).
+/// Times are on the monotonic clock, as milliseconds since `origin` plus
+/// one, so that 0 means "never" and a wall-clock jump changes nothing.
+#[derive(Debug)]
+struct Vitals {
+    origin: Instant,
+    /// The writer thread was started, and has not ended since. A drop guard
+    /// in the thread clears it, so a panic is seen too.
+    writer_started: AtomicBool,
+    writer_alive: AtomicBool,
+    /// The writer is waiting for the write lock: the pruner lets it in
+    /// before its next batch.
+    writer_waiting: AtomicBool,
+    /// The writer's last successful write.
+    last_write: AtomicU64,
+    /// Since when every write has failed (0: the last one succeeded).
+    writes_failing_since: AtomicU64,
+    /// Since when every [`Store::call`] has failed (0: the last one succeeded).
+    calls_failing_since: AtomicU64,
+    /// The last write check made for `/readyz`: when, and what it found.
+    checked: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl Vitals {
+    fn new() -> Vitals {
+        Vitals {
+            origin: Instant::now(),
+            writer_started: AtomicBool::new(false),
+            writer_alive: AtomicBool::new(false),
+            writer_waiting: AtomicBool::new(false),
+            last_write: AtomicU64::new(0),
+            writes_failing_since: AtomicU64::new(0),
+            calls_failing_since: AtomicU64::new(0),
+            checked: Mutex::new(None),
+        }
+    }
+
+    fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_millis() as u64 + 1
+    }
+
+    /// Records the outcome of one write or call on `failing_since`.
+    fn record(&self, failing_since: &AtomicU64, ok: bool) {
+        let now = self.stamp(Instant::now());
+        if ok {
+            failing_since.store(0, Ordering::Relaxed);
+        } else {
+            // Only the first failure of a run sets the start.
+            let _ = failing_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Marks the writer thread dead when it ends, however it ends.
+struct WriterAlive(Arc<Vitals>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.writer_alive.store(false, Ordering::Relaxed);
+        self.0.writer_waiting.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Ids read by one statement of [`Store::outbound_many`] at most.
+pub(super) const OUTBOUND_CHUNK: usize = 500;
+
+/// Rows one pruning transaction handles at most: each batch holds the
+/// write lock for milliseconds, so polls and attempts get in between.
+pub(super) const PRUNE_BATCH: usize = 1000;
+/// How long the pruner waits at most, between batches, for a writer that
+/// waits for the lock to get it.
+pub(super) const PRUNE_YIELD: Duration = Duration::from_millis(250);
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+/// How long a connection waits for another one's write lock.
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection with the relay's settings.
+pub(super) fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a commit is on disk before anyone is told it happened, so a
+    // delivery never goes out for a notification that power loss could undo
+    // (which would come back with a new webhook-id). Group commit in the
+    // writer keeps this to one fsync for many polls.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating if missing) the database at `path`: the folder is
+    /// created 0700 and the file 0600, WAL is enabled and migrations run.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let create = |source| StoreError::Create { path: path.to_owned(), source };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(create)?;
+        }
+        if !path.exists() {
+            fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path).map_err(create)?;
+        }
+        let mut conn = open_connection(path)?;
+        Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+            writer: Mutex::new(None),
+            commits: Arc::new(AtomicU64::new(0)),
+            vitals: Arc::new(Vitals::new()),
+        })
+    }
+
+    /// Write transactions committed through this handle so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on a blocking thread, so SQLite never stalls the runtime.
+    pub async fn call<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = Arc::clone(self);
+        let result =
+            tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| StoreError::Task(e.to_string()))?;
+        // A loop whose every store call fails makes no progress, even though
+        // it keeps turning (and beating): readiness and the watchdog see it.
+        self.vitals.record(&self.vitals.calls_failing_since, result.is_ok());
+        result
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection usable (SQLite
+        // rolls back an unfinished transaction), so poisoning is ignored.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fails unless the database accepts a write (tried, then rolled back).
+    /// It takes the write lock: [`Store::writable`] is the probe's version.
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        try_write(&mut self.conn())
+    }
+
+    /// Whether the database accepts writes, for `/readyz`, without taking
+    /// the write lock on every probe: a write by the writer within `max_age`
+    /// (with none failing since) answers it; otherwise one real check
+    /// ([`Store::check_writable`], waiting at most a moment for the lock) is
+    /// made and its answer reused for `max_age`. A lock held by another
+    /// connection means someone is writing to the file, not that it refuses
+    /// writes: that counts as writable.
+    pub fn writable(&self, max_age: Duration) -> Result<(), String> {
+        let now = Instant::now();
+        let v = &self.vitals;
+        let last = v.last_write.load(Ordering::Relaxed);
+        let fresh = (max_age.as_millis() as u64).max(1);
+        if last != 0 && v.stamp(now).saturating_sub(last) < fresh && v.writes_failing_since.load(Ordering::Relaxed) == 0
+        {
+            return Ok(());
+        }
+        let mut checked = v.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, result)) = checked.as_ref().filter(|(at, _)| now.saturating_duration_since(*at) < max_age) {
+            return result.clone();
+        }
+        let result = {
+            let mut conn = self.conn();
+            let _ = conn.busy_timeout(Duration::from_millis(200));
+            let result = match try_write(&mut conn) {
+                Err(StoreError::Sqlite(e)) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => Ok(()),
+                other => other.map_err(|e| e.to_string()),
+            };
+            let _ = conn.busy_timeout(BUSY_TIMEOUT);
+            result
+        };
+        *checked = Some((now, result.clone()));
+        result
+    }
+
+    /// What is wrong with the store as the loops use it, at `now`: the
+    /// writer thread has stopped, or every write or every store call has
+    /// failed for longer than `max_age`. Empty when all is well. Monotonic:
+    /// a wall-clock jump cannot change the answer.
+    pub fn problems_at(&self, now: Instant, max_age: Duration) -> Vec<String> {
+        let v = &self.vitals;
+        let mut out = Vec::new();
+        if v.writer_started.load(Ordering::Relaxed) && !v.writer_alive.load(Ordering::Relaxed) {
+            out.push("the database writer thread has stopped".to_owned());
+        }
+        let now = v.stamp(now);
+        for (since, what) in [(&v.writes_failing_since, "write"), (&v.calls_failing_since, "call")] {
+            let since = since.load(Ordering::Relaxed);
+            if since != 0 && now.saturating_sub(since) > max_age.as_millis() as u64 {
+                out.push(format!("every database {what} failed for the last {}s", (now - since) / 1000));
+            }
+        }
+        out
+    }
+
+    /// Stops the writer thread, as a crash of it would. For tests of
+    /// readiness and the watchdog.
+    #[doc(hidden)]
+    pub fn stop_writer_for_test(&self) -> Result<(), StoreError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.writer()?.send(WriteOp::Stop(reply)).map_err(|_| writer_gone())?;
+        answer.recv().map_err(|_| writer_gone())?;
+        // The thread ends right after answering; wait until it has.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.vitals.writer_alive.load(Ordering::Relaxed) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Reads a watch's [`DiffContext`], lets `decide` turn it into a
+    /// [`PollCommit`] (or nothing, to leave the watch untouched), and applies
+    /// that commit: all on the writer thread, in one savepoint of a batched
+    /// transaction. The read and the write see the same state and cost no
+    /// extra hop between threads. Returns `None` for a missing watch or when
+    /// `decide` declines; otherwise the commit's outcome and `decide`'s `T`.
+    pub async fn write_poll_with<T, F>(
+        &self,
+        job_id: String,
+        decide: F,
+    ) -> Result<Option<(CommitOutcome, T)>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(DiffContext) -> Option<(PollCommit, T)> + Send + 'static,
+    {
+        let job: WriteJob = Box::new(move |conn, now| {
+            let decided = read_diff_context(conn, &job_id)?.and_then(decide);
+            let result = match decided {
+                None => None,
+                Some((commit, extra)) => Some((apply_poll(conn, &commit, now)?, extra)),
+            };
+            Ok(Box::new(result) as Box<dyn Any + Send>)
+        });
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer()?.send(WriteOp::Job(job, reply)).map_err(|_| writer_gone())?;
+        let value = answer.await.map_err(|_| writer_gone())??;
+        Ok(*value.downcast::<Option<(CommitOutcome, T)>>().expect("the job returns what its caller expects"))
+    }
+
+    /// Records an attempt and moves its delivery on, through the batching writer.
+    pub async fn write_attempt(
+        &self,
+        id: i64,
+        attempt: AttemptRecord,
+        update: DeliveryUpdate,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer()?.send(WriteOp::Attempt(id, attempt, update, reply)).map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// The batching writer's queue, starting its thread and connection on
+    /// first use (the CLI never needs them).
+    fn writer(&self) -> Result<std::sync::mpsc::Sender<WriteOp>, StoreError> {
+        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = slot.as_ref() {
+            return Ok(tx.clone());
+        }
+        let conn = open_connection(&self.path)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let commits = Arc::clone(&self.commits);
+        let vitals = Arc::clone(&self.vitals);
+        vitals.writer_alive.store(true, Ordering::Relaxed);
+        vitals.writer_started.store(true, Ordering::Relaxed);
+        std::thread::Builder::new()
+            .name("dari-relay-writer".into())
+            .spawn(move || {
+                let alive = WriterAlive(vitals);
+                writer_loop(conn, rx, &commits, &alive.0);
+            })
+            .map_err(|e| StoreError::Write(format!("cannot start the writer thread: {e}")))?;
+        *slot = Some(tx.clone());
+        Ok(tx)
+    }
+
+    /// Makes this connection refuse (`true`) or accept writes, as a full or
+    /// read-only disk would. For fault-injection tests.
+    #[doc(hidden)]
+    pub fn set_read_only(&self, read_only: bool) -> Result<(), StoreError> {
+        self.conn().pragma_update(None, "query_only", read_only)?;
+        // What `writable` remembers is about the disk before the change.
+        self.vitals.last_write.store(0, Ordering::Relaxed);
+        *self.vitals.checked.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.writer()?.send(WriteOp::ReadOnly(read_only, reply)).map_err(|_| writer_gone())?;
+        answer.recv().map_err(|_| writer_gone())?
+    }
+
+    /// Bytes the database holds (pages in use, the WAL included), for the
+    /// storage tests.
+    pub fn stored_bytes(&self) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let pages: i64 = conn.query_row(
+            "SELECT page_count - freelist_count FROM pragma_page_count, pragma_freelist_count",
+            [],
+            |r| r.get(0),
+        )?;
+        let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok((pages * size) as u64)
+    }
+
+    /// Counts of deliveries per state, for the demo and the tests.
+    pub fn delivery_counts(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM deliveries GROUP BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// A row limit for SQL. `usize as i64` turned a huge limit into -1, which
+/// SQLite reads as "no limit": every row into memory.
+pub(super) fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// The columns [`read_body`] reads, in order, from `notifications n LEFT
+/// JOIN answers a`.
+pub(super) const BODY_COLUMNS: &str = "n.body, n.event, a.before, a.after";
+
+/// The standard body of a notification row: the stored body itself, or
+/// (when the row shares its answer) composed from its parts. The same
+/// parts always compose to the same bytes, so retries and replays send
+/// exactly what the first attempt sent.
+pub(super) fn read_body(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<String> {
+    let body: String = r.get(first)?;
+    let event: Option<String> = r.get(first + 1)?;
+    match (r.get::<_, Option<String>>(first + 2)?, r.get::<_, Option<String>>(first + 3)?) {
+        (Some(before), Some(after)) => Ok(notification::compose(&body, &before, event.as_deref(), &after)),
+        _ => Ok(body),
+    }
+}
+
+pub(super) fn parse_webhooks(text: Option<&str>) -> Result<Option<Vec<String>>, StoreError> {
+    text.map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("webhook list: {e}")))).transpose()
+}
+
+pub(super) fn watch_state(name: &str) -> Result<WatchState, StoreError> {
+    WatchState::from_name(name).ok_or_else(|| StoreError::Corrupt(format!("watch state {name:?}")))
+}
+
+pub(super) fn parse_labels(text: &str) -> Result<Map<String, Value>, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))
+}
