@@ -22,7 +22,7 @@ use crate::deliver::Deliverer;
 use crate::health::{self, Health};
 use crate::metrics::Metrics;
 use crate::poller::Poller;
-use crate::store::{PruneSummary, Store, StoreError};
+use crate::store::{PollerStore, PruneSummary, Sqlite, Store, StoreError};
 use crate::vocab::now_ms;
 
 /// Why the relay stopped other than by request.
@@ -50,9 +50,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// config reloads sent on `config`.
 pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) -> Result<(), AppError> {
     let path = config.borrow().database.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&path))
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))??;
+    let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.map_err(StoreError::Task)??;
     let admin_config = config.borrow().admin.clone();
     let admin = match admin_config {
         Some(a) => Some(
@@ -77,15 +75,16 @@ pub async fn serve(
 ) -> Result<(), AppError> {
     let wake_delivery = Arc::new(Notify::new());
     let health = Arc::new(Health::default());
+    // The loops see the store only through the storage traits.
+    let loops = Arc::new(Sqlite(Arc::clone(&store)));
     let poller = Poller::new(
         config.clone(),
-        Arc::clone(&store),
+        Arc::clone(&loops) as Arc<dyn PollerStore>,
         Arc::clone(&metrics),
         Arc::clone(&health),
         Arc::clone(&wake_delivery),
     )?;
-    let deliverer =
-        Deliverer::new(config.clone(), Arc::clone(&store), Arc::clone(&metrics), Arc::clone(&health), wake_delivery)?;
+    let deliverer = Deliverer::new(config.clone(), loops, Arc::clone(&metrics), Arc::clone(&health), wake_delivery)?;
 
     // Every long-lived task goes into this one set, named, so the app can say
     // which ended and why.

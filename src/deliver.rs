@@ -35,7 +35,7 @@ use crate::format::RenderError;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::retry::{self, TokenBucket};
-use crate::store::{AttemptRecord, DeliveryUpdate, OutboundDelivery, Store, StoreError};
+use crate::store::{AttemptRecord, DelivererStore, DeliveryOutcome, OutboundDelivery, StoreError};
 use crate::vocab::{Format, now_ms};
 
 /// Longest wait between looks at the outbox, so deliveries requeued by the
@@ -57,36 +57,6 @@ const PANIC_TEXT: usize = 200;
 /// How a stored standard body becomes what a webhook gets: `format::render`,
 /// replaced only by unit tests that need an attempt to panic.
 type Render = fn(&Webhook, &str) -> Result<String, RenderError>;
-
-/// What one attempt came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AttemptOutcome {
-    /// 2xx.
-    Delivered { status: u16 },
-    /// Non-2xx or transport failure; try again at this time (Unix ms).
-    RetryAt { at_ms: i64, error: String },
-    /// The schedule is exhausted; the delivery is now `failed`.
-    GaveUp { error: String },
-    /// 410 Gone: the webhook is paused and the delivery waits for it.
-    Paused,
-    /// 429, or 503 with `Retry-After`: the receiver asks to slow down. The
-    /// delivery waits `wait` (the bounded `Retry-After`) and tries again at
-    /// `at_ms` without spending a retry; its webhook waits too.
-    RateLimited { at_ms: i64, wait: Duration, error: String },
-}
-
-impl AttemptOutcome {
-    /// The label under which the outcome is counted.
-    pub fn label(&self) -> &'static str {
-        match self {
-            AttemptOutcome::Delivered { .. } => "delivered",
-            AttemptOutcome::RetryAt { .. } => "retry",
-            AttemptOutcome::GaveUp { .. } => "gave_up",
-            AttemptOutcome::Paused => "gone",
-            AttemptOutcome::RateLimited { .. } => "rate_limited",
-        }
-    }
-}
 
 /// The raw result of one HTTP POST to a receiver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,14 +197,14 @@ pub fn classify(
     now_ms: i64,
     unit: f64,
     first_attempt_ms: Option<i64>,
-) -> AttemptOutcome {
+) -> DeliveryOutcome {
     // 410 Gone: the receiver is gone for good; pause the whole webhook
     // rather than spend this delivery's retries.
     if response.status == Some(410) {
-        return AttemptOutcome::Paused;
+        return DeliveryOutcome::Paused;
     }
     if let Some(status) = response.status.filter(|_| response.is_success()) {
-        return AttemptOutcome::Delivered { status };
+        return DeliveryOutcome::Delivered { status };
     }
     let error = match (&response.error, response.status) {
         (Some(e), _) => e.clone(),
@@ -250,7 +220,7 @@ pub fn classify(
         let waited = now_ms.saturating_sub(first_attempt_ms.unwrap_or(now_ms)).max(0);
         if u128::from(waited.unsigned_abs()) >= budget.as_millis() {
             let error = format!("{error}: still rate limited after the retry schedule's total time");
-            return AttemptOutcome::GaveUp { error };
+            return DeliveryOutcome::GaveUp { error };
         }
         let wait = response.retry_after.unwrap_or_else(|| {
             // A 429 that does not say how long: the schedule's next wait.
@@ -258,11 +228,11 @@ pub fn classify(
             scheduled.or_else(|| schedule.last().copied()).unwrap_or(retry::RETRY_AFTER_MIN)
         });
         let wait = retry::clamp_retry_after(wait);
-        return AttemptOutcome::RateLimited { at_ms: now_ms.saturating_add(millis(wait)), wait, error };
+        return DeliveryOutcome::RateLimited { at_ms: now_ms.saturating_add(millis(wait)), wait, error };
     }
     match retry::delivery_retry_delay(schedule, retry_number, response.retry_after, unit) {
-        Some(wait) => AttemptOutcome::RetryAt { at_ms: now_ms.saturating_add(millis(wait)), error },
-        None => AttemptOutcome::GaveUp { error },
+        Some(wait) => DeliveryOutcome::RetryAt { at_ms: now_ms.saturating_add(millis(wait)), error },
+        None => DeliveryOutcome::GaveUp { error },
     }
 }
 
@@ -289,7 +259,7 @@ pub struct Deliverer {
     /// The live config; a SIGHUP reload replaces what it holds.
     config_rx: watch::Receiver<Arc<Config>>,
     config: Arc<Config>,
-    store: Arc<Store>,
+    store: Arc<dyn DelivererStore>,
     http: reqwest::Client,
     /// Rung by the poller when it stored deliveries.
     wake: Arc<Notify>,
@@ -344,21 +314,11 @@ struct Spawned {
     attempts: u32,
 }
 
-/// The write an attempt's outcome needs.
-#[derive(Debug, Clone, Copy)]
-enum Write {
-    /// Record the attempt and move the delivery on (`Store::write_attempt`).
-    Update(DeliveryUpdate),
-    /// Record a rate-limited attempt and defer the delivery to this time
-    /// (Unix ms) without counting it (`Store::defer_delivery`).
-    Defer(i64),
-}
-
 /// An attempt's outcome that the store refused, kept until it is written.
 struct Unrecorded {
     delivery_id: i64,
     record: AttemptRecord,
-    write: Write,
+    outcome: DeliveryOutcome,
     /// Failed writes so far (they set the backoff).
     tries: u32,
     /// When to write it again.
@@ -366,11 +326,13 @@ struct Unrecorded {
 }
 
 /// Writes an attempt's outcome.
-async fn record(store: &Arc<Store>, id: i64, attempt: AttemptRecord, write: Write) -> Result<(), StoreError> {
-    match write {
-        Write::Update(update) => store.write_attempt(id, attempt, update).await,
-        Write::Defer(at_ms) => store.call(move |s| s.defer_delivery(id, &attempt, at_ms)).await,
-    }
+async fn record(
+    store: &dyn DelivererStore,
+    id: i64,
+    attempt: AttemptRecord,
+    outcome: &DeliveryOutcome,
+) -> Result<(), StoreError> {
+    store.record_attempt(id, attempt, outcome.clone()).await
 }
 
 /// The wait before writing an unrecorded outcome again after `tries` failures.
@@ -391,7 +353,7 @@ impl Deliverer {
     /// A deliverer over `store`'s outbox, following the config in `config_rx`.
     pub fn new(
         config_rx: watch::Receiver<Arc<Config>>,
-        store: Arc<Store>,
+        store: Arc<dyn DelivererStore>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         wake: Arc<Notify>,
@@ -497,7 +459,7 @@ impl Deliverer {
         // pending in the store and is sent again after the restart, with the
         // same webhook-id (at least once).
         for (chain, u) in std::mem::take(&mut self.unrecorded) {
-            if let Err(e) = record(&self.store, u.delivery_id, u.record, u.write).await {
+            if let Err(e) = record(&*self.store, u.delivery_id, u.record, &u.outcome).await {
                 warn!(job_id = %chain.0, webhook = %chain.1, delivery_id = u.delivery_id, error = %e,
                     "shutdown: the attempt's outcome could not be recorded; the delivery is sent again after the restart");
             }
@@ -558,7 +520,7 @@ impl Deliverer {
         error!(webhook = %webhook, "the receiver answered 410 Gone: webhook paused, its deliveries wait; resume with `dari-relay webhooks resume {webhook}`");
         let name = webhook.to_owned();
         let reason = "receiver answered 410 Gone".to_owned();
-        if let Err(e) = self.store.call(move |s| s.pause_webhook(&name, &reason)).await {
+        if let Err(e) = self.store.pause_webhook(name, reason).await {
             error!(webhook = %webhook, error = %e, "cannot store the pause; it holds until restart");
         }
     }
@@ -577,28 +539,28 @@ impl Deliverer {
             None,
             fastrand::f64(),
         );
-        let update = match retry {
-            Some(wait) => DeliveryUpdate::RetryAt(now.saturating_add(millis(wait))),
-            None => DeliveryUpdate::GaveUp,
+        let error = format!("the attempt panicked: {text}");
+        let outcome = match retry {
+            Some(wait) => DeliveryOutcome::RetryAt { at_ms: now.saturating_add(millis(wait)), error: error.clone() },
+            None => DeliveryOutcome::GaveUp { error: error.clone() },
         };
-        error!(%job_id, %webhook, delivery_id = spawned.delivery_id, panic = %text, ?update,
+        error!(%job_id, %webhook, delivery_id = spawned.delivery_id, panic = %text, outcome = outcome.label(),
             "a delivery attempt panicked; recorded as a failed attempt");
         let record_ = AttemptRecord {
             attempted_at: now,
             duration_ms: 0,
             http_status: None,
             response_excerpt: None,
-            error: Some(format!("the attempt panicked: {text}")),
+            error: Some(error),
         };
-        let write = Write::Update(update);
-        match record(&self.store, spawned.delivery_id, record_.clone(), write).await {
+        match record(&*self.store, spawned.delivery_id, record_.clone(), &outcome).await {
             Ok(()) => None,
             Err(e) => {
                 error!(delivery_id = spawned.delivery_id, error = %e, "cannot record the panicked attempt; kept in memory, the write is retried");
                 Some(Unrecorded {
                     delivery_id: spawned.delivery_id,
                     record: record_,
-                    write,
+                    outcome,
                     tries: 1,
                     retry_at: instant_after(Instant::now(), record_backoff(1)),
                 })
@@ -618,7 +580,7 @@ impl Deliverer {
             self.unrecorded.iter().filter(|(_, u)| u.retry_at <= now).map(|(chain, _)| chain.clone()).collect();
         for (i, chain) in due.iter().enumerate() {
             let Some(u) = self.unrecorded.get(chain) else { continue };
-            match record(&self.store, u.delivery_id, u.record.clone(), u.write).await {
+            match record(&*self.store, u.delivery_id, u.record.clone(), &u.outcome).await {
                 Ok(()) => {
                     info!(job_id = %chain.0, webhook = %chain.1, delivery_id = u.delivery_id, tries = u.tries + 1,
                         "the attempt's outcome is recorded at last");
@@ -653,7 +615,7 @@ impl Deliverer {
         // most every PAUSES_FRESH, not on each of the many wake-ups a busy
         // poller sends.
         if self.paused_read_at.is_none_or(|at| at.elapsed() >= PAUSES_FRESH) {
-            let paused = self.store.call(|s| s.paused_webhooks()).await?;
+            let paused = self.store.paused_webhooks().await?;
             for name in self.paused.iter().filter(|n| !paused.contains_key(*n)) {
                 info!(webhook = %name, "webhook resumed");
             }
@@ -683,7 +645,7 @@ impl Deliverer {
             let held = self.unrecorded.keys().filter(|(_, w)| *w == webhook.name).count();
             let limit = busy + held + webhook.max_in_flight + 16;
             let name = webhook.name.clone();
-            let heads = self.store.call(move |s| s.pending_heads(&name, limit)).await?;
+            let heads = self.store.pending_heads(name, limit).await?;
             let now = now_ms();
             let mut to_start = Vec::new();
             for head in heads {
@@ -712,7 +674,7 @@ impl Deliverer {
             }
             // One query for the bodies of everything this webhook starts now.
             let ids = std::mem::take(&mut to_start);
-            for delivery in self.store.call(move |s| s.outbound_many(&ids)).await? {
+            for delivery in self.store.outbound(ids).await? {
                 let chain = (delivery.job_id.clone(), delivery.webhook.clone());
                 let id = delivery.id;
                 let attempts = delivery.attempts;
@@ -738,7 +700,7 @@ impl Deliverer {
 struct Attempt {
     http: reqwest::Client,
     metrics: Arc<Metrics>,
-    store: Arc<Store>,
+    store: Arc<dyn DelivererStore>,
     schedule: Vec<Duration>,
     webhook: Webhook,
     render: Render,
@@ -761,7 +723,7 @@ impl Attempt {
                 // delivery has been trying; an unreadable answer counts as
                 // "from now", which errs on the side of not giving up.
                 let first = match is_rate_limit(&response) {
-                    true => self.store.call(move |s| s.first_attempt_at(id)).await.unwrap_or(None),
+                    true => self.store.first_attempt_at(id).await.unwrap_or(None),
                     false => None,
                 };
                 let outcome =
@@ -773,36 +735,31 @@ impl Attempt {
                 // either (the stored body and the template are both fixed).
                 let error = e.to_string();
                 let response = Response { status: None, retry_after: None, excerpt: None, error: Some(error.clone()) };
-                (response, AttemptOutcome::GaveUp { error })
+                (response, DeliveryOutcome::GaveUp { error })
             }
         };
         self.metrics.delivery(&self.webhook.name, outcome.label());
         let mut slow_down = None;
-        let (write, error) = match &outcome {
-            AttemptOutcome::Delivered { status } => {
+        match &outcome {
+            DeliveryOutcome::Delivered { status } => {
                 let latency_ms = now_ms().saturating_sub(self.delivery.detected_at);
                 self.metrics.delivery_latency(&self.webhook.name, latency_ms.max(0) as f64 / 1000.0);
                 info!(status, kind = %self.delivery.kind, latency_ms, "delivered");
-                (Write::Update(DeliveryUpdate::Delivered), None)
             }
-            AttemptOutcome::RetryAt { at_ms, error } => {
+            DeliveryOutcome::RetryAt { at_ms, error } => {
                 warn!(%error, kind = %self.delivery.kind, retry_in_ms = at_ms.saturating_sub(now_ms()), "delivery failed; will retry");
-                (Write::Update(DeliveryUpdate::RetryAt(*at_ms)), Some(error.clone()))
             }
-            AttemptOutcome::GaveUp { error } => {
+            DeliveryOutcome::GaveUp { error } => {
                 error!(%error, kind = %self.delivery.kind, "delivery failed for the last time; kept as failed");
-                (Write::Update(DeliveryUpdate::GaveUp), Some(error.clone()))
             }
-            AttemptOutcome::Paused => {
-                (Write::Update(DeliveryUpdate::Paused), Some("HTTP 410 Gone: webhook paused".to_owned()))
-            }
-            AttemptOutcome::RateLimited { at_ms, wait, error } => {
+            DeliveryOutcome::Paused => {}
+            DeliveryOutcome::RateLimited { wait, error, .. } => {
                 warn!(%error, kind = %self.delivery.kind, wait_ms = millis(*wait), "rate limited; waiting without spending a retry");
                 slow_down = Some(*wait);
-                (Write::Defer(*at_ms), Some(error.clone()))
             }
-        };
-        let gone = matches!(outcome, AttemptOutcome::Paused);
+        }
+        let error = outcome.error().map(str::to_owned);
+        let gone = matches!(outcome, DeliveryOutcome::Paused);
         let record_ = AttemptRecord {
             attempted_at: started_ms,
             duration_ms: i64::try_from(clock.elapsed().as_millis()).unwrap_or(i64::MAX),
@@ -810,8 +767,8 @@ impl Attempt {
             response_excerpt: response.excerpt,
             error: error.or(response.error),
         };
-        let store = &self.store;
-        let write_once = || async { record(store, id, record_.clone(), write).await };
+        let store = &*self.store;
+        let write_once = || async { record(store, id, record_.clone(), &outcome).await };
         // A brief lock clears within these retries; a lasting refusal (a
         // full or read-only disk) goes back to the loop, which keeps the
         // outcome and keeps the chain from being sent again.
@@ -828,7 +785,7 @@ impl Attempt {
                 Some(Unrecorded {
                     delivery_id: id,
                     record: record_,
-                    write,
+                    outcome,
                     tries: 1,
                     retry_at: instant_after(Instant::now(), record_backoff(1)),
                 })
@@ -842,6 +799,7 @@ impl Attempt {
 mod tests {
     use super::*;
     use crate::notification::Body;
+    use crate::store::Store;
 
     fn response(status: Option<u16>, retry_after: Option<u64>) -> Response {
         Response { status, retry_after: retry_after.map(Duration::from_secs), excerpt: None, error: None }
@@ -852,28 +810,28 @@ mod tests {
         let schedule = [Duration::from_secs(5), Duration::from_secs(300)];
         assert_eq!(
             classify(&response(Some(204), None), 0, &schedule, 0, 0.5, None),
-            AttemptOutcome::Delivered { status: 204 }
+            DeliveryOutcome::Delivered { status: 204 }
         );
         assert_eq!(
             classify(&response(Some(500), None), 0, &schedule, 1_000, 0.5, None),
-            AttemptOutcome::RetryAt { at_ms: 6_000, error: "HTTP 500".into() }
+            DeliveryOutcome::RetryAt { at_ms: 6_000, error: "HTTP 500".into() }
         );
         assert_eq!(
             classify(&response(Some(302), None), 1, &schedule, 0, 0.5, None),
-            AttemptOutcome::RetryAt { at_ms: 300_000, error: "HTTP 302".into() }
+            DeliveryOutcome::RetryAt { at_ms: 300_000, error: "HTTP 302".into() }
         );
         // A 503 with Retry-After is a rate limit: it waits, uncounted.
         assert_eq!(
             classify(&response(Some(503), Some(9)), 1, &schedule, 0, 0.5, None),
-            AttemptOutcome::RateLimited { at_ms: 9_000, wait: Duration::from_secs(9), error: "HTTP 503".into() }
+            DeliveryOutcome::RateLimited { at_ms: 9_000, wait: Duration::from_secs(9), error: "HTTP 503".into() }
         );
         assert_eq!(
             classify(&response(None, None), 2, &schedule, 0, 0.5, None),
-            AttemptOutcome::GaveUp { error: "no answer".into() }
+            DeliveryOutcome::GaveUp { error: "no answer".into() }
         );
         // 410 pauses the webhook, whatever is left of the schedule.
-        assert_eq!(classify(&response(Some(410), None), 0, &schedule, 0, 0.5, None), AttemptOutcome::Paused);
-        assert_eq!(classify(&response(Some(410), None), 2, &schedule, 0, 0.5, None), AttemptOutcome::Paused);
+        assert_eq!(classify(&response(Some(410), None), 0, &schedule, 0, 0.5, None), DeliveryOutcome::Paused);
+        assert_eq!(classify(&response(Some(410), None), 2, &schedule, 0, 0.5, None), DeliveryOutcome::Paused);
     }
 
     #[test]
@@ -891,37 +849,37 @@ mod tests {
         for attempts_before in [0, 1, 2, 7] {
             assert_eq!(
                 classify(&zero, attempts_before, &schedule, 10_000, 0.5, Some(9_000)),
-                AttemptOutcome::RateLimited { at_ms: 11_000, wait: Duration::from_secs(1), error: "HTTP 429".into() }
+                DeliveryOutcome::RateLimited { at_ms: 11_000, wait: Duration::from_secs(1), error: "HTTP 429".into() }
             );
         }
         // A 503 is a rate limit only when it says when to come back.
         let busy = limited(503, Some(Duration::from_secs(30)));
         assert!(matches!(
             classify(&busy, 0, &schedule, 0, 0.5, None),
-            AttemptOutcome::RateLimited { at_ms: 30_000, .. }
+            DeliveryOutcome::RateLimited { at_ms: 30_000, .. }
         ));
         let down = limited(503, None);
         assert_eq!(
             classify(&down, 0, &schedule, 0, 0.5, None),
-            AttemptOutcome::RetryAt { at_ms: 5_000, error: "HTTP 503".into() }
+            DeliveryOutcome::RetryAt { at_ms: 5_000, error: "HTTP 503".into() }
         );
         // A 429 without Retry-After waits the schedule's next wait, bounded.
         let bare = limited(429, None);
         assert!(matches!(
             classify(&bare, 1, &schedule, 0, 0.5, None),
-            AttemptOutcome::RateLimited { at_ms: 300_000, .. }
+            DeliveryOutcome::RateLimited { at_ms: 300_000, .. }
         ));
         assert!(matches!(
             classify(&bare, 9, &schedule, 0, 0.5, None),
-            AttemptOutcome::RateLimited { at_ms: 300_000, .. }
+            DeliveryOutcome::RateLimited { at_ms: 300_000, .. }
         ));
         // Past the schedule's total time (305 s) from the first attempt, it gives up.
         let late = classify(&zero, 0, &schedule, 305_000, 0.5, Some(0));
         assert!(
-            matches!(late, AttemptOutcome::GaveUp { ref error } if error.contains("still rate limited")),
+            matches!(late, DeliveryOutcome::GaveUp { ref error } if error.contains("still rate limited")),
             "{late:?}"
         );
-        assert!(matches!(classify(&zero, 0, &schedule, 304_999, 0.5, Some(0)), AttemptOutcome::RateLimited { .. }));
+        assert!(matches!(classify(&zero, 0, &schedule, 304_999, 0.5, Some(0)), DeliveryOutcome::RateLimited { .. }));
     }
 
     #[test]
@@ -929,7 +887,7 @@ mod tests {
         let schedule = [Duration::from_secs(5)];
         assert_eq!(
             classify(&response(Some(500), None), 0, &schedule, i64::MAX - 10, 0.5, None),
-            AttemptOutcome::RetryAt { at_ms: i64::MAX, error: "HTTP 500".into() }
+            DeliveryOutcome::RetryAt { at_ms: i64::MAX, error: "HTTP 500".into() }
         );
         assert_eq!(millis(Duration::MAX), i64::MAX);
         // A sub-millisecond wait is not a wait of 0, which would spin the loop.
@@ -944,7 +902,7 @@ mod tests {
     /// A deliverer over a fresh store with one webhook `h` posting to `url`,
     /// and one pending `watch.failed` delivery to it.
     fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, Arc<Store>, Arc<Metrics>) {
-        use crate::store::{NewDelivery, NewNotification};
+        use crate::store::{NewDelivery, NewNotification, Sqlite};
         use crate::vocab::NewWatch;
         let text = format!(
             "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[delivery]\nretry_schedule = [\"50ms\"]\n\
@@ -973,7 +931,7 @@ mod tests {
         let (_tx, rx) = watch::channel(config);
         let deliverer = Deliverer::new(
             rx,
-            Arc::clone(&store),
+            Arc::new(Sqlite(Arc::clone(&store))),
             Arc::clone(&metrics),
             Arc::new(Health::default()),
             Arc::new(Notify::new()),

@@ -28,16 +28,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, error, info, warn};
 
 use crate::config::Config;
-use crate::diff::{self, Transition};
+use crate::diff;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::notification::{self, WatchContext};
 use crate::retry::{self, TokenBucket};
 use crate::store::{
-    CommitOutcome, DiffContext, NewDelivery, NewNotification, PollCommit, ScheduledWatch, Store, StoreError,
+    CommitOutcome, Decide, DiffContext, NewDelivery, NewNotification, PollCommit, PollWrite, PollerStore, Schedule,
+    ScheduledWatch, StoreError,
 };
 use crate::upstream::{StatusAnswer, UpstreamClient, UpstreamError};
-use crate::vocab::{PortalId, WatchState, now_ms};
+use crate::vocab::{PortalId, SeenState, WatchState, normalize_status, now_ms};
 
 /// How often the scheduler checks the database for watches added or removed
 /// by the CLI. A quarter second keeps "polled within 1 second of `watch add`"
@@ -212,7 +213,7 @@ pub struct Poller {
     /// The live config; a SIGHUP reload replaces what it holds.
     config_rx: watch::Receiver<Arc<Config>>,
     config: Arc<Config>,
-    store: Arc<Store>,
+    store: Arc<dyn PollerStore>,
     client: UpstreamClient,
     /// Told whenever deliveries were stored, so they go out at once.
     wake_delivery: Arc<Notify>,
@@ -251,7 +252,7 @@ impl Poller {
     /// A poller over `store`, with no watches loaded yet ([`Poller::run`] loads them).
     pub fn new(
         config_rx: watch::Receiver<Arc<Config>>,
-        store: Arc<Store>,
+        store: Arc<dyn PollerStore>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         wake_delivery: Arc<Notify>,
@@ -430,7 +431,7 @@ impl Poller {
 
     /// Loads the active watches, all due now.
     async fn load(&mut self) -> Result<(), StoreError> {
-        let (rev, watches) = self.store.call(|s| Ok((s.watch_rev()?, s.active_watches()?))).await?;
+        let Schedule { rev, watches } = self.store.schedule().await?;
         self.watch_rev = rev;
         let now = Instant::now();
         for w in watches {
@@ -442,17 +443,10 @@ impl Poller {
 
     /// Starts or stops watches the CLI changed since the last scan.
     async fn scan_changes(&mut self) -> Result<(), StoreError> {
-        let since = self.watch_rev;
-        let changed = self
-            .store
-            .call(move |s| {
-                let rev = s.watch_rev()?;
-                if rev == since { Ok((rev, Vec::new())) } else { Ok((rev, s.watches_changed_since(since)?)) }
-            })
-            .await?;
-        self.watch_rev = changed.0;
+        let changed = self.store.schedule_since(self.watch_rev).await?;
+        self.watch_rev = changed.rev;
         let now = Instant::now();
-        for w in changed.1 {
+        for w in changed.watches {
             match (w.state, self.watches.contains_key(&w.job_id)) {
                 (WatchState::Active, false) => {
                     info!(job_id = %w.job_id, portal_id = %w.portal, "new watch");
@@ -693,7 +687,7 @@ struct PollTask {
     portal: Arc<PortalId>,
     last_hash: Option<u64>,
     config: Arc<Config>,
-    store: Arc<Store>,
+    store: Arc<dyn PollerStore>,
     client: UpstreamClient,
     metrics: Arc<Metrics>,
 }
@@ -740,7 +734,7 @@ impl PollTask {
     /// Gives up on the watch: stores `watch.failed` and marks it failed.
     async fn give_up(self, reason: GiveUp) -> PollOutcome {
         let job_id = self.job_id.clone();
-        let ctx = match self.store.call(move |s| s.diff_context(&job_id)).await {
+        let ctx = match self.store.diff_context(job_id).await {
             Ok(Some(ctx)) if ctx.state == WatchState::Active => ctx,
             Ok(_) => return PollOutcome::Gone,
             Err(e) => return PollOutcome::StoreFailed(e),
@@ -765,8 +759,7 @@ impl PollTask {
             kind: n.kind,
             body: n.body,
         };
-        let job_id = self.job_id.clone();
-        match self.store.call(move |s| s.fail_watch(&job_id, reason.label(), &notification)).await {
+        match self.store.fail_watch(self.job_id.clone(), reason.label().to_owned(), notification).await {
             Ok(CommitOutcome::WatchGone) => PollOutcome::Gone,
             Ok(CommitOutcome::Stored { deliveries }) => {
                 error!(job_id = %self.job_id, reason = reason.label(), "gave up on the watch; watch.failed stored");
@@ -780,20 +773,11 @@ impl PollTask {
 
     /// Loads the last-seen state, diffs, and commits the result atomically.
     async fn diff_and_commit(&self, answer: Arc<StatusAnswer>, hash: u64) -> Result<PollOutcome, StoreError> {
-        /// What the decision tells the poll once it is stored.
-        struct Summary {
-            kinds: Vec<String>,
-            status_changed: bool,
-            terminal: bool,
-        }
-        let (config, job_id, status) = (Arc::clone(&self.config), self.job_id.clone(), answer.status.clone());
+        let (config, job_id) = (Arc::clone(&self.config), self.job_id.clone());
         let metrics = Arc::clone(&self.metrics);
-        // Runs on the store's writer thread, between reading the last-seen
-        // state and writing the new one (see Store::write_poll_with).
-        let decide = move |ctx: DiffContext| {
-            if ctx.state != WatchState::Active {
-                return None;
-            }
+        // Runs inside the store's transaction, between reading the
+        // last-seen state and writing the new one (PollerStore::commit_poll).
+        let decide: Decide = Box::new(move |ctx: &DiffContext| {
             let diff = diff::diff(&ctx.seen, &answer, ctx.from_now);
             if let Some(anomaly) = &diff.anomaly {
                 warn!(
@@ -810,7 +794,7 @@ impl PollTask {
                 notification::build(&diff.transitions, &answer, ctx.seen.status.as_deref(), watch, &timestamp);
             // Whatever the diff found, a job now in a terminal status is done
             // once this commit holds its notifications.
-            let terminal = config.is_terminal(&crate::vocab::normalize_status(&answer.status));
+            let terminal = config.is_terminal(&normalize_status(&answer.status));
             let notifications: Vec<NewNotification> = notifications
                 .into_iter()
                 .map(|n| NewNotification {
@@ -826,35 +810,31 @@ impl PollTask {
                     body: n.body,
                 })
                 .collect();
-            let summary = Summary {
-                kinds: notifications.iter().map(|n| n.kind.clone()).collect(),
-                status_changed: diff.transitions.iter().any(|t| matches!(t, Transition::Status { .. })),
-                terminal,
-            };
-            let commit = PollCommit {
+            Some(PollCommit {
                 job_id: job_id.clone(),
                 seen: diff.state,
                 body_hash: hash,
                 end: terminal.then(|| (WatchState::Finished, format!("status {}", answer.status))),
                 notifications,
-            };
-            Some((commit, summary))
-        };
-        match self.store.write_poll_with(self.job_id.clone(), decide).await? {
-            None | Some((CommitOutcome::WatchGone, _)) => Ok(PollOutcome::Gone),
-            Some((CommitOutcome::Stored { deliveries }, summary)) => {
-                for kind in &summary.kinds {
-                    self.metrics.notification(kind);
+            })
+        });
+        match self.store.commit_poll(self.job_id.clone(), decide).await? {
+            PollWrite::Skipped | PollWrite::Gone => Ok(PollOutcome::Gone),
+            PollWrite::Stored { before, commit, deliveries } => {
+                for n in &commit.notifications {
+                    self.metrics.notification(&n.kind);
                 }
-                let count = summary.kinds.len();
-                if summary.status_changed {
+                let count = commit.notifications.len();
+                let status_of = |seen: &SeenState| seen.status.as_deref().map(normalize_status);
+                if status_of(&before.seen) != status_of(&commit.seen) {
+                    let status = commit.seen.status.as_deref().unwrap_or_default();
                     info!(job_id = %self.job_id, %status, notifications = count, deliveries, "status changed");
                 } else if count > 0 {
                     debug!(job_id = %self.job_id, notifications = count, deliveries, "new events");
                 }
                 Ok(PollOutcome::Changed {
                     notifications: count,
-                    terminal: summary.terminal,
+                    terminal: commit.end.is_some(),
                     body_hash: hash,
                     deliveries,
                 })
@@ -935,6 +915,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
+    use crate::store::{Sqlite, Store};
 
     const A: &str = "00000000-0000-4000-8000-00000000000a";
     const B: &str = "00000000-0000-4000-8000-00000000000b";
@@ -955,7 +936,7 @@ mod tests {
         let mut config = Config::from_toml(&text, Path::new("t.toml"), &env).unwrap();
         adjust(&mut config);
         let config = Arc::new(config);
-        let store = Arc::new(Store::open(&config.database).unwrap());
+        let store = Arc::new(Sqlite(Arc::new(Store::open(&config.database).unwrap())));
         let (_, config_rx) = watch::channel(config);
         let health = Arc::new(Health::default());
         Poller::new(config_rx, store, Arc::new(Metrics::default()), health, Arc::new(Notify::new())).unwrap()

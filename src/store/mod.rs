@@ -4,7 +4,7 @@
 //! notifications, one delivery per (notification, webhook), and every delivery
 //! attempt. The invariant the rest of the program leans on is that a poll's
 //! new job state and the deliveries it produced are committed in one
-//! transaction ([`Store::write_poll_with`]): a crash either loses both (and the
+//! transaction ([`PollerStore::commit_poll`]): a crash either loses both (and the
 //! next poll sees the change again) or keeps both (and the deliveries are
 //! sent after the restart). Every pending delivery is a row, so a restart
 //! loses nothing.
@@ -22,15 +22,22 @@
 
 mod sqlite;
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
 use crate::notification::Body;
 use crate::vocab::{DeliveryState, PortalId, SeenState, WatchState};
 
-pub use sqlite::Store;
+pub use sqlite::{Sqlite, Store};
 
+/// A store failure. The engine's own error is kept as the source (and
+/// repeated in the message, for logs; `cli::error_text` prints each cause once).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database folder or file could not be created.
@@ -45,13 +52,35 @@ pub enum StoreError {
     /// A row holds something this version cannot read.
     #[error("database holds an unreadable value: {0}")]
     Corrupt(String),
-    /// A batched write failed (its transaction could not commit).
+    /// A batched write could not begin or commit; every write of the batch
+    /// gets this same error.
     #[error("database write failed: {0}")]
-    Write(String),
+    Commit(#[source] Arc<rusqlite::Error>),
+    /// The writer thread could not be started.
+    #[error("cannot start the database writer thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The writer thread has stopped (it crashed, or the store is closing).
+    #[error("the database writer thread has stopped")]
+    WriterGone,
     /// The blocking task running the query panicked or was cancelled.
     #[error("database task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
+    /// A write panicked; its savepoint was rolled back.
+    #[error("a database write panicked: {0}")]
+    Panicked(String),
 }
+
+impl StoreError {
+    /// Whether trying again later may succeed (a lock, a full disk, a
+    /// writer that restarts); a corrupt row reads the same next time.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, StoreError::Corrupt(_))
+    }
+}
+
+/// A store call in flight: boxed, so the storage traits can be used as
+/// `dyn` (the poller and the deliverer do not know the engine).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// How many watches an add created and how many already existed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -159,7 +188,7 @@ pub struct PollCommit {
     pub notifications: Vec<NewNotification>,
 }
 
-/// The result of storing a poll (see [`Store::write_poll_with`]).
+/// The result of storing a poll (see [`PollerStore::commit_poll`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
     /// Stored; this many deliveries were created.
@@ -217,18 +246,49 @@ pub struct AttemptRecord {
     pub error: Option<String>,
 }
 
-/// What an attempt did to its delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliveryUpdate {
-    /// 2xx: done.
-    Delivered,
-    /// Try again at this time (Unix ms).
-    RetryAt(i64),
-    /// The schedule is exhausted: `failed`.
-    GaveUp,
-    /// The webhook is paused (410): stays pending, attempt count unchanged,
-    /// due as soon as the webhook is resumed.
+/// What one delivery attempt came to: decided by `deliver::classify`,
+/// recorded by [`DelivererStore::record_attempt`]; the one type from the
+/// classifier to the row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// 2xx: `delivered`.
+    Delivered { status: u16 },
+    /// Non-2xx or transport failure: pending, counted, tried again at
+    /// `at_ms` (Unix ms).
+    RetryAt { at_ms: i64, error: String },
+    /// The schedule is exhausted (or the body cannot be rendered): `failed`.
+    GaveUp { error: String },
+    /// 410 Gone: the webhook is paused; the delivery stays pending, its
+    /// attempt count unchanged, due as soon as the webhook is resumed.
     Paused,
+    /// 429, or 503 with `Retry-After`: the receiver asks to slow down. The
+    /// delivery waits `wait` (the bounded `Retry-After`) and is tried again
+    /// at `at_ms` without spending a retry; its webhook waits too.
+    RateLimited { at_ms: i64, wait: Duration, error: String },
+}
+
+impl DeliveryOutcome {
+    /// The label under which the outcome is counted.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DeliveryOutcome::Delivered { .. } => "delivered",
+            DeliveryOutcome::RetryAt { .. } => "retry",
+            DeliveryOutcome::GaveUp { .. } => "gave_up",
+            DeliveryOutcome::Paused => "gone",
+            DeliveryOutcome::RateLimited { .. } => "rate_limited",
+        }
+    }
+
+    /// The error this outcome stores with its attempt, if any.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            DeliveryOutcome::Delivered { .. } => None,
+            DeliveryOutcome::RetryAt { error, .. }
+            | DeliveryOutcome::GaveUp { error }
+            | DeliveryOutcome::RateLimited { error, .. } => Some(error),
+            DeliveryOutcome::Paused => Some("HTTP 410 Gone: webhook paused"),
+        }
+    }
 }
 
 /// A webhook's unfinished work.
@@ -293,4 +353,71 @@ pub struct DeliverySummary {
     pub next_attempt_at: Option<String>,
     pub created_at: String,
     pub last_error: Option<String>,
+}
+
+/// What the poller's store call read and wrote.
+#[derive(Debug)]
+pub enum PollWrite {
+    /// The watch was not active when read, or the decision stored nothing.
+    Skipped,
+    /// The watch stopped being active (removed) before the write.
+    Gone,
+    /// Stored in one transaction: the state the decision read (`before`),
+    /// what it wrote (`commit`) and how many deliveries that made.
+    Stored { before: Box<DiffContext>, commit: Box<PollCommit>, deliveries: usize },
+}
+
+/// A poll's decision: given the last-seen state, what to write (`None`:
+/// nothing). It runs inside the store's transaction, between the read and
+/// the write, so no other write to the watch comes between; it must not
+/// block.
+pub type Decide = Box<dyn FnOnce(&DiffContext) -> Option<PollCommit> + Send>;
+
+/// The active watches and the revision they were read at.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Schedule {
+    /// The watch revision: every add, removal and end bumps it.
+    pub rev: i64,
+    /// The watches read: all active ones, or those changed since a revision.
+    pub watches: Vec<ScheduledWatch>,
+}
+
+/// What the poller needs from storage. Every engine implements it; the
+/// poller never learns which one it runs on.
+pub trait PollerStore: Send + Sync + 'static {
+    /// Every active watch, and the revision read.
+    fn schedule(&self) -> StoreFuture<'_, Schedule>;
+    /// Watches added, ended or removed since `rev`, as they are now, and
+    /// the new revision.
+    fn schedule_since(&self, rev: i64) -> StoreFuture<'_, Schedule>;
+    /// A watch's last-seen state, or `None` if there is no such watch.
+    fn diff_context(&self, job_id: String) -> StoreFuture<'_, Option<DiffContext>>;
+    /// Reads the watch's last-seen state, runs `decide` on it and writes
+    /// what it returns, atomically; skipped if the watch is not active.
+    fn commit_poll(&self, job_id: String, decide: Decide) -> StoreFuture<'_, PollWrite>;
+    /// Gives up on an active watch: `failed`, with its `watch.failed`
+    /// notification, in one transaction.
+    fn fail_watch(
+        &self,
+        job_id: String,
+        reason: String,
+        notification: NewNotification,
+    ) -> StoreFuture<'_, CommitOutcome>;
+}
+
+/// What the deliverer needs from storage. Every engine implements it.
+pub trait DelivererStore: Send + Sync + 'static {
+    /// Webhooks paused by a 410: name to (reason, since in Unix ms).
+    fn paused_webhooks(&self) -> StoreFuture<'_, BTreeMap<String, (String, i64)>>;
+    /// Pauses a webhook (a 410), until `webhooks resume`.
+    fn pause_webhook(&self, webhook: String, reason: String) -> StoreFuture<'_, ()>;
+    /// The first pending delivery of each of `webhook`'s chains, due or not,
+    /// soonest due first, at most `limit`.
+    fn pending_heads(&self, webhook: String, limit: usize) -> StoreFuture<'_, Vec<PendingHead>>;
+    /// The deliveries `ids` with their bodies, as sent.
+    fn outbound(&self, ids: Vec<i64>) -> StoreFuture<'_, Vec<OutboundDelivery>>;
+    /// When a delivery was first attempted (Unix ms), if it was.
+    fn first_attempt_at(&self, id: i64) -> StoreFuture<'_, Option<i64>>;
+    /// Records an attempt and moves its delivery on as `outcome` says.
+    fn record_attempt(&self, id: i64, attempt: AttemptRecord, outcome: DeliveryOutcome) -> StoreFuture<'_, ()>;
 }

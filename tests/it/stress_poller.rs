@@ -16,7 +16,7 @@ use dari_relay::config::Config;
 use dari_relay::health::{Health, STALE_AFTER};
 use dari_relay::metrics::Metrics;
 use dari_relay::poller::Poller;
-use dari_relay::store::Store;
+use dari_relay::store::{Sqlite, Store};
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -67,7 +67,7 @@ impl Scheduler {
         let (_, config_rx) = tokio::sync::watch::channel(config);
         let poller = Poller::new(
             config_rx,
-            Arc::clone(&store),
+            Arc::new(Sqlite(Arc::clone(&store))),
             Arc::new(Metrics::default()),
             Arc::clone(&health),
             Arc::new(Notify::new()),

@@ -8,7 +8,6 @@ mod tests;
 mod watches;
 mod writer;
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -34,7 +33,7 @@ pub struct Store {
     conn: Mutex<Connection>,
     /// The file, for the writer's own connection.
     path: PathBuf,
-    /// The batching writer's queue, once started; see [`Store::write_poll_with`].
+    /// The batching writer's queue, once started; see [`Store::commit_poll`].
     writer: Mutex<Option<std::sync::mpsc::Sender<WriteOp>>>,
     /// Write transactions committed through this handle, for the benchmark.
     commits: Arc<AtomicU64>,
@@ -173,8 +172,7 @@ impl Store {
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     {
         let store = Arc::clone(self);
-        let result =
-            tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| StoreError::Task(e.to_string()))?;
+        let result = tokio::task::spawn_blocking(move || f(&store)).await.map_err(StoreError::Task).and_then(|r| r);
         // A loop whose every store call fails makes no progress, even though
         // it keeps turning (and beating): readiness and the watchdog see it.
         self.vitals.record(&self.vitals.calls_failing_since, result.is_ok());
@@ -262,44 +260,23 @@ impl Store {
         Ok(())
     }
 
-    /// Reads a watch's [`DiffContext`], lets `decide` turn it into a
-    /// [`PollCommit`] (or nothing, to leave the watch untouched), and applies
-    /// that commit: all on the writer thread, in one savepoint of a batched
-    /// transaction. The read and the write see the same state and cost no
-    /// extra hop between threads. Returns `None` for a missing watch or when
-    /// `decide` declines; otherwise the commit's outcome and `decide`'s `T`.
-    pub async fn write_poll_with<T, F>(
-        &self,
-        job_id: String,
-        decide: F,
-    ) -> Result<Option<(CommitOutcome, T)>, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(DiffContext) -> Option<(PollCommit, T)> + Send + 'static,
-    {
-        let job: WriteJob = Box::new(move |conn, now| {
-            let decided = read_diff_context(conn, &job_id)?.and_then(decide);
-            let result = match decided {
-                None => None,
-                Some((commit, extra)) => Some((apply_poll(conn, &commit, now)?, extra)),
-            };
-            Ok(Box::new(result) as Box<dyn Any + Send>)
-        });
+    /// A poll's read-decide-write, on the batching writer (group commit):
+    /// see [`PollerStore::commit_poll`].
+    pub async fn commit_poll(&self, job_id: String, decide: Decide) -> Result<PollWrite, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.writer()?.send(WriteOp::Job(job, reply)).map_err(|_| writer_gone())?;
-        let value = answer.await.map_err(|_| writer_gone())??;
-        Ok(*value.downcast::<Option<(CommitOutcome, T)>>().expect("the job returns what its caller expects"))
+        self.writer()?.send(WriteOp::Poll(job_id, decide, reply)).map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
     }
 
     /// Records an attempt and moves its delivery on, through the batching writer.
-    pub async fn write_attempt(
+    pub async fn record_attempt(
         &self,
         id: i64,
         attempt: AttemptRecord,
-        update: DeliveryUpdate,
+        outcome: DeliveryOutcome,
     ) -> Result<(), StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.writer()?.send(WriteOp::Attempt(id, attempt, update, reply)).map_err(|_| writer_gone())?;
+        self.writer()?.send(WriteOp::Attempt(id, attempt, outcome, reply)).map_err(|_| writer_gone())?;
         answer.await.map_err(|_| writer_gone())?
     }
 
@@ -322,7 +299,7 @@ impl Store {
                 let alive = WriterAlive(vitals);
                 writer_loop(conn, rx, &commits, &alive.0);
             })
-            .map_err(|e| StoreError::Write(format!("cannot start the writer thread: {e}")))?;
+            .map_err(StoreError::Thread)?;
         *slot = Some(tx.clone());
         Ok(tx)
     }
@@ -395,4 +372,66 @@ pub(super) fn watch_state(name: &str) -> Result<WatchState, StoreError> {
 
 pub(super) fn parse_labels(text: &str) -> Result<Map<String, Value>, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))
+}
+
+/// The SQLite store as the loops see it: a shared handle implementing the
+/// storage traits, each call on a blocking thread (the writes on the
+/// batching writer).
+#[derive(Debug, Clone)]
+pub struct Sqlite(pub Arc<Store>);
+
+impl PollerStore for Sqlite {
+    fn schedule(&self) -> StoreFuture<'_, Schedule> {
+        Box::pin(self.0.call(|s| Ok(Schedule { rev: s.watch_rev()?, watches: s.active_watches()? })))
+    }
+
+    fn schedule_since(&self, rev: i64) -> StoreFuture<'_, Schedule> {
+        Box::pin(self.0.call(move |s| {
+            let now = s.watch_rev()?;
+            Ok(Schedule { rev: now, watches: s.watches_changed_since(rev)? })
+        }))
+    }
+
+    fn diff_context(&self, job_id: String) -> StoreFuture<'_, Option<DiffContext>> {
+        Box::pin(self.0.call(move |s| s.diff_context(&job_id)))
+    }
+
+    fn commit_poll(&self, job_id: String, decide: Decide) -> StoreFuture<'_, PollWrite> {
+        Box::pin(self.0.commit_poll(job_id, decide))
+    }
+
+    fn fail_watch(
+        &self,
+        job_id: String,
+        reason: String,
+        notification: NewNotification,
+    ) -> StoreFuture<'_, CommitOutcome> {
+        Box::pin(self.0.call(move |s| s.fail_watch(&job_id, &reason, &notification)))
+    }
+}
+
+impl DelivererStore for Sqlite {
+    fn paused_webhooks(&self) -> StoreFuture<'_, BTreeMap<String, (String, i64)>> {
+        Box::pin(self.0.call(|s| s.paused_webhooks()))
+    }
+
+    fn pause_webhook(&self, webhook: String, reason: String) -> StoreFuture<'_, ()> {
+        Box::pin(self.0.call(move |s| s.pause_webhook(&webhook, &reason)))
+    }
+
+    fn pending_heads(&self, webhook: String, limit: usize) -> StoreFuture<'_, Vec<PendingHead>> {
+        Box::pin(self.0.call(move |s| s.pending_heads(&webhook, limit)))
+    }
+
+    fn outbound(&self, ids: Vec<i64>) -> StoreFuture<'_, Vec<OutboundDelivery>> {
+        Box::pin(self.0.call(move |s| s.outbound_many(&ids)))
+    }
+
+    fn first_attempt_at(&self, id: i64) -> StoreFuture<'_, Option<i64>> {
+        Box::pin(self.0.call(move |s| s.first_attempt_at(id)))
+    }
+
+    fn record_attempt(&self, id: i64, attempt: AttemptRecord, outcome: DeliveryOutcome) -> StoreFuture<'_, ()> {
+        Box::pin(self.0.record_attempt(id, attempt, outcome))
+    }
 }

@@ -1,7 +1,6 @@
 //! The outbox: heads, outbound reads, listings, retries, pauses, attempts.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 
 use rusqlite::params;
 
@@ -219,35 +218,6 @@ impl Store {
             }
         }
         Ok(out)
-    }
-
-    /// Records an attempt a receiver answered with a rate limit (429, or 503
-    /// with `Retry-After`) and moves a pending delivery's next attempt to
-    /// `at_ms` without counting it as one of the schedule's retries: a
-    /// receiver asking to slow down has not failed the delivery. Used by the
-    /// deliverer only (see `deliver::classify`).
-    pub fn defer_delivery(&self, id: i64, attempt: &AttemptRecord, at_ms: i64) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.prepare_cached(
-            "INSERT INTO attempts (delivery_id, attempted_at, duration_ms, http_status, response_excerpt, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
-            id,
-            attempt.attempted_at,
-            attempt.duration_ms,
-            attempt.http_status,
-            attempt.response_excerpt,
-            attempt.error
-        ])?;
-        tx.prepare_cached(
-            "UPDATE deliveries SET next_attempt_at = ?2, last_error = ?3 WHERE id = ?1 AND state = 'pending'",
-        )?
-        .execute(params![id, at_ms, attempt.error])?;
-        tx.commit()?;
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// When a delivery was first attempted (Unix ms), if it was: the start of

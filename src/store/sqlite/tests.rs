@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::vocab::NewWatch;
 
@@ -64,8 +63,8 @@ fn add(store: &Store, job_id: &str) {
 async fn a_panicking_write_leaves_the_writer_alive() {
     let (_dir, store) = store();
     add(&store, "j");
-    let panicked = store.write_poll_with("j".into(), |_| -> Option<(PollCommit, ())> { panic!("boom") }).await;
-    assert!(matches!(panicked, Err(StoreError::Task(ref m)) if m.contains("boom")), "{panicked:?}");
+    let panicked = store.commit_poll("j".into(), Box::new(|_| panic!("boom"))).await;
+    assert!(matches!(panicked, Err(StoreError::Panicked(ref m)) if m.contains("boom")), "{panicked:?}");
     let commit = PollCommit {
         job_id: "j".into(),
         seen: SeenState { status: Some("running".into()), event_fingerprints: vec![] },
@@ -73,8 +72,8 @@ async fn a_panicking_write_leaves_the_writer_alive() {
         end: None,
         notifications: vec![],
     };
-    let stored = store.write_poll_with("j".into(), move |_| Some((commit, ()))).await.unwrap();
-    assert_eq!(stored.map(|s| s.0), Some(CommitOutcome::Stored { deliveries: 0 }));
+    let stored = store.commit_poll("j".into(), Box::new(move |_| Some(commit))).await.unwrap();
+    assert!(matches!(stored, PollWrite::Stored { deliveries: 0, .. }), "{stored:?}");
     assert!(store.problems_at(Instant::now(), Duration::from_secs(15)).is_empty());
 }
 
@@ -94,7 +93,7 @@ async fn failing_writes_and_a_dead_writer_are_problems() {
         notifications: vec![],
     };
     let again = commit.clone();
-    assert!(store.write_poll_with("j".into(), move |_| Some((commit, ()))).await.is_err());
+    assert!(store.commit_poll("j".into(), Box::new(move |_| Some(commit))).await.is_err());
     let limit = Duration::from_secs(15);
     let now = Instant::now();
     assert!(store.problems_at(now, limit).is_empty(), "not yet: one failure is not a run");
@@ -102,7 +101,7 @@ async fn failing_writes_and_a_dead_writer_are_problems() {
     assert!(later.iter().any(|p| p.contains("every database write failed")), "{later:?}");
     assert_eq!(store.writable(Duration::from_secs(5)).map_err(|e| e.contains("readonly")), Err(true));
     store.set_read_only(false).unwrap();
-    store.write_poll_with("j".into(), move |_| Some((again, ()))).await.unwrap();
+    store.commit_poll("j".into(), Box::new(move |_| Some(again))).await.unwrap();
     assert!(store.problems_at(now + Duration::from_secs(16), limit).is_empty());
     assert_eq!(store.writable(Duration::from_secs(5)), Ok(()));
 

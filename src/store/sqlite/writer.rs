@@ -77,12 +77,34 @@ pub(super) fn apply_poll(conn: &Connection, commit: &PollCommit, now: i64) -> Re
     Ok(CommitOutcome::Stored { deliveries })
 }
 
-/// Records an attempt and moves its delivery on; on any connection or savepoint.
+/// Reads a watch's last-seen state, lets the poll decide, and stores what
+/// it decided; on the writer's savepoint.
+pub(super) fn apply_decided(
+    conn: &Connection,
+    job_id: &str,
+    decide: Decide,
+    now: i64,
+) -> Result<PollWrite, StoreError> {
+    let Some(before) = read_diff_context(conn, job_id)? else { return Ok(PollWrite::Skipped) };
+    if before.state != WatchState::Active {
+        return Ok(PollWrite::Skipped);
+    }
+    let Some(commit) = decide(&before) else { return Ok(PollWrite::Skipped) };
+    Ok(match apply_poll(conn, &commit, now)? {
+        CommitOutcome::WatchGone => PollWrite::Gone,
+        CommitOutcome::Stored { deliveries } => {
+            PollWrite::Stored { before: Box::new(before), commit: Box::new(commit), deliveries }
+        }
+    })
+}
+
+/// Records an attempt and moves its delivery on as `outcome` says; on any
+/// connection or savepoint.
 pub(super) fn apply_attempt(
     conn: &Connection,
     id: i64,
     attempt: &AttemptRecord,
-    update: DeliveryUpdate,
+    outcome: &DeliveryOutcome,
     now: i64,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
@@ -97,13 +119,21 @@ pub(super) fn apply_attempt(
         attempt.response_excerpt,
         attempt.error
     ])?;
-    let (state, next, finished) = match update {
-        DeliveryUpdate::Delivered => ("delivered", attempt.attempted_at, Some(now)),
-        DeliveryUpdate::RetryAt(at) => ("pending", at, None),
-        DeliveryUpdate::GaveUp => ("failed", attempt.attempted_at, Some(now)),
-        DeliveryUpdate::Paused => ("pending", attempt.attempted_at, None),
+    if let DeliveryOutcome::RateLimited { at_ms, .. } = outcome {
+        // Not a retry of the schedule: only the next attempt moves.
+        conn.prepare_cached(
+            "UPDATE deliveries SET next_attempt_at = ?2, last_error = ?3 WHERE id = ?1 AND state = 'pending'",
+        )?
+        .execute(params![id, at_ms, attempt.error])?;
+        return Ok(());
+    }
+    let (state, next, finished) = match outcome {
+        DeliveryOutcome::Delivered { .. } => ("delivered", attempt.attempted_at, Some(now)),
+        DeliveryOutcome::RetryAt { at_ms, .. } => ("pending", *at_ms, None),
+        DeliveryOutcome::GaveUp { .. } => ("failed", attempt.attempted_at, Some(now)),
+        DeliveryOutcome::Paused | DeliveryOutcome::RateLimited { .. } => ("pending", attempt.attempted_at, None),
     };
-    let counted = i64::from(update != DeliveryUpdate::Paused);
+    let counted = i64::from(*outcome != DeliveryOutcome::Paused);
     let error = attempt.error.clone().or_else(|| attempt.http_status.map(|s| format!("HTTP {s}")));
     conn.prepare_cached(
         "UPDATE deliveries SET state = ?2, attempts = attempts + ?6, next_attempt_at = ?3, finished_at = ?4,
@@ -114,13 +144,12 @@ pub(super) fn apply_attempt(
     Ok(())
 }
 
-/// A read-modify-write for the writer thread (see [`Store::write_poll_with`]).
-pub(super) type WriteJob = Box<dyn FnOnce(&Connection, i64) -> Result<Box<dyn Any + Send>, StoreError> + Send>;
-
 /// A write for the batching writer, with where to send its result.
 pub(super) enum WriteOp {
-    Job(WriteJob, tokio::sync::oneshot::Sender<Result<Box<dyn Any + Send>, StoreError>>),
-    Attempt(i64, AttemptRecord, DeliveryUpdate, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
+    /// A poll's read-decide-write.
+    Poll(String, Decide, tokio::sync::oneshot::Sender<Result<PollWrite, StoreError>>),
+    /// An attempt and its outcome.
+    Attempt(i64, AttemptRecord, DeliveryOutcome, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
     /// Test hook: answered at once on a std channel, so a caller may block on it.
     ReadOnly(bool, std::sync::mpsc::Sender<Result<(), StoreError>>),
     /// Test hook: the writer thread ends, as if it had crashed.
@@ -177,10 +206,7 @@ pub(super) fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &
     /// A result waiting for the commit, with its reply channel.
     enum Done {
         Unit(Result<(), StoreError>, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
-        Job(
-            Result<Box<dyn Any + Send>, StoreError>,
-            tokio::sync::oneshot::Sender<Result<Box<dyn Any + Send>, StoreError>>,
-        ),
+        Poll(Result<PollWrite, StoreError>, tokio::sync::oneshot::Sender<Result<PollWrite, StoreError>>),
     }
     let now = now_ms();
     // IMMEDIATE: the write lock is taken at BEGIN, where the busy timeout
@@ -194,11 +220,11 @@ pub(super) fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &
         Ok(tx) => tx,
         Err(e) => {
             vitals.record(&vitals.writes_failing_since, false);
-            let e = e.to_string();
+            let e = Arc::new(e);
             for op in batch {
                 match op {
-                    WriteOp::Attempt(.., reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
-                    WriteOp::Job(_, reply) => drop(reply.send(Err(StoreError::Write(e.clone())))),
+                    WriteOp::Attempt(.., reply) => drop(reply.send(Err(StoreError::Commit(Arc::clone(&e))))),
+                    WriteOp::Poll(.., reply) => drop(reply.send(Err(StoreError::Commit(Arc::clone(&e))))),
                     WriteOp::ReadOnly(..) | WriteOp::Stop(_) => {}
                 }
             }
@@ -210,19 +236,19 @@ pub(super) fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &
     for op in batch {
         match op {
             WriteOp::ReadOnly(..) | WriteOp::Stop(_) => {}
-            WriteOp::Attempt(id, attempt, update, reply) => {
-                let result = in_savepoint(&mut tx, |c| apply_attempt(c, id, &attempt, update, now));
+            WriteOp::Attempt(id, attempt, outcome, reply) => {
+                let result = in_savepoint(&mut tx, |c| apply_attempt(c, id, &attempt, &outcome, now));
                 any_ok |= result.is_ok();
                 done.push(Done::Unit(result, reply));
             }
-            WriteOp::Job(job, reply) => {
-                let result = in_savepoint(&mut tx, |c| job(c, now));
+            WriteOp::Poll(job_id, decide, reply) => {
+                let result = in_savepoint(&mut tx, |c| apply_decided(c, &job_id, decide, now));
                 any_ok |= result.is_ok();
-                done.push(Done::Job(result, reply));
+                done.push(Done::Poll(result, reply));
             }
         }
     }
-    let committed = tx.commit().map_err(|e| e.to_string());
+    let committed = tx.commit().map_err(Arc::new);
     if committed.is_ok() {
         commits.fetch_add(1, Ordering::Relaxed);
     }
@@ -235,10 +261,10 @@ pub(super) fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &
     for d in done {
         match d {
             Done::Unit(result, reply) => {
-                let _ = reply.send(committed.clone().map_err(StoreError::Write).and(result));
+                let _ = reply.send(committed.clone().map_err(StoreError::Commit).and(result));
             }
-            Done::Job(result, reply) => {
-                let _ = reply.send(committed.clone().map_err(StoreError::Write).and(result));
+            Done::Poll(result, reply) => {
+                let _ = reply.send(committed.clone().map_err(StoreError::Commit).and(result));
             }
         }
     }
@@ -259,7 +285,7 @@ pub(super) fn in_savepoint<T>(
     // A panic in one write (a poll's `decide` runs here) fails that write
     // only: without this it ended the writer thread, and every write after it.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tx)))
-        .unwrap_or_else(|panic| Err(StoreError::Task(format!("a write panicked: {}", panic_message(&panic)))));
+        .unwrap_or_else(|panic| Err(StoreError::Panicked(panic_message(&panic).to_owned())));
     match result {
         Ok(value) => {
             run("RELEASE write_op")?;
@@ -279,7 +305,7 @@ pub(super) fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
 }
 
 pub(super) fn writer_gone() -> StoreError {
-    StoreError::Write("the writer thread has stopped".into())
+    StoreError::WriterGone
 }
 
 pub(super) fn bump_rev(tx: &Transaction<'_>) -> Result<i64, StoreError> {
