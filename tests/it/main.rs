@@ -16,6 +16,7 @@ mod formats;
 mod layers;
 mod lifecycle;
 mod robustness;
+mod store_conformance;
 mod stress;
 mod stress_poller;
 mod webhooks;
