@@ -22,7 +22,7 @@ use dari_relay::store::Store;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::fakes::{API_KEY, Behaviour, FakeReceiver, Received, SECRET};
+use crate::fakes::{API_KEY, Behaviour, FakeReceiver, Received, SECRET, eventually};
 use dari_relay::vocab::{DeliveryState, NewWatch};
 
 const JOBS: usize = 24;
@@ -142,16 +142,13 @@ secret_env = "HOOK_SECRET"
     }
     // Let the last run finish everything, then stop it cleanly.
     let mut daemon = spawn(&config);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let left = || {
         let active = store.list_watches(false).unwrap().len();
         let pending = store.delivery_counts().unwrap().get("pending").copied().unwrap_or(0);
-        if active == 0 && pending == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{active} watches active, {pending} deliveries pending");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (active, pending)
+    };
+    let what = || format!("(watches active, deliveries pending) = {:?}", left());
+    eventually(Duration::from_secs(60), what, || left() == (0, 0)).await;
     Command::new("kill").arg("-TERM").arg(daemon.id().to_string()).status().unwrap();
     assert!(daemon.wait().unwrap().success());
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::fakes::{API_KEY, Behaviour, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, watch_on};
+use crate::fakes::{
+    API_KEY, Behaviour, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, eventually, log_says, watch_on,
+};
 use dari_relay::vocab::{DeliveryState, NewWatch};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
@@ -194,28 +196,14 @@ pub(crate) fn signal(child: &Child, sig: &str) {
 }
 
 /// Waits for the child to exit, at most `limit`.
-async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the daemon did not exit within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until the log file contains `text`.
-async fn wait_log(log: &Path, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(log).unwrap_or_default().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "log never said {text:?}:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+pub(crate) async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let mut status = None;
+    let exited = || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    };
+    eventually(limit, || "the daemon did not exit".to_owned(), exited).await;
+    status.expect("exited")
 }
 
 /// SIGTERM with a delivery in flight: the daemon lets it finish, records
@@ -267,7 +255,7 @@ async fn sigterm_lets_deliveries_in_flight_finish() {
     let again = receiver.next().await;
     assert_eq!(again.header("webhook-id"), cut.header("webhook-id"));
     assert_eq!(again.body, cut.body);
-    wait_log(&log, "delivered").await;
+    log_says(&log, 1, "delivered").await;
     signal(&daemon, "TERM");
     assert!(wait_exit(&mut daemon, Duration::from_secs(5)).await.success());
 }
@@ -294,15 +282,15 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_otherwise() {
 
     write_config(dir.path(), &config_text(&db, &dari, &[("first", &first.url), ("second", &second.url)], ""));
     signal(&daemon, "HUP");
-    wait_log(&log, "SIGHUP: config reloaded").await;
-    wait_log(&log, "deliverer uses the reloaded config").await;
+    log_says(&log, 1, "SIGHUP: config reloaded").await;
+    log_says(&log, 1, "deliverer uses the reloaded config").await;
     store.add_watches(&[watch(JOB2)]).unwrap();
     assert_eq!(first.next().await.json()["data"]["job_id"], JOB2);
     assert_eq!(second.next().await.json()["data"]["job_id"], JOB2);
 
     std::fs::write(&config, "[upstream]\npoll_interval = \"never\"\n").unwrap();
     signal(&daemon, "HUP");
-    wait_log(&log, "SIGHUP: the new config is invalid; keeping the running one").await;
+    log_says(&log, 1, "SIGHUP: the new config is invalid; keeping the running one").await;
     store.add_watches(&[watch(JOB3)]).unwrap();
     assert_eq!(first.next().await.json()["data"]["job_id"], JOB3);
     assert_eq!(second.next().await.json()["data"]["job_id"], JOB3);
@@ -369,11 +357,12 @@ async fn refused_writes_lose_nothing_and_acknowledge_nothing() {
     let relay = Relay::start(&config_text(&dir.path().join("r.db"), &dari, &[("h", &receiver.url)], "")).await;
     relay.store.add_watches(&[watch(JOB)]).unwrap();
     relay.store.set_read_only(true).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while relay.metrics.polls("acme", "store_error") < 2 {
-        assert!(Instant::now() < deadline, "no store error counted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        || "no store error counted".to_owned(),
+        || relay.metrics.polls("acme", "store_error") >= 2,
+    )
+    .await;
     assert!(receiver.drain().is_empty(), "nothing is sent for a change that was not stored");
     assert!(relay.store.notifications_of(JOB).unwrap().is_empty());
     relay.store.set_read_only(false).unwrap();
@@ -397,11 +386,12 @@ async fn reloaded_org_key_is_used_without_a_restart() {
     let revoked = good.replace("api_key_env = \"DARI_API_KEY\"", "api_key_env = \"OLD_DARI_API_KEY\"");
     let relay = Relay::start(&revoked).await;
     relay.store.add_watches(&[watch(JOB)]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while relay.metrics.polls("acme", "unauthorized") == 0 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        || "no 401 was seen".to_owned(),
+        || relay.metrics.polls("acme", "unauthorized") > 0,
+    )
+    .await;
     relay.reload(&good);
     let got = receiver.until_delivered("job.running").await;
     relay.stop().await;
@@ -438,11 +428,12 @@ async fn redirects_are_not_followed() {
     let relay = Relay::start(&config_text(&dir.path().join("r.db"), &dari, &[("h", &url)], "")).await;
     relay.store.add_watches(&[watch(JOB)]).unwrap();
     // The schedule is 100, 200, 300 ms: four attempts, then failed.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while relay.store.delivery_counts().unwrap().get("failed").copied().unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "the delivery never gave up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        || "the delivery never gave up".to_owned(),
+        || relay.store.delivery_counts().unwrap().get("failed").copied().unwrap_or(0) > 0,
+    )
+    .await;
     relay.stop().await;
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 4, "one request per attempt, none followed");
     assert!(elsewhere.drain().is_empty(), "the redirect target heard nothing");

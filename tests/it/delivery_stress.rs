@@ -12,7 +12,7 @@ use dari_relay::store::Store;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, watch_on};
+use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, eventually, log_says, watch_on};
 use dari_relay::vocab::{DeliveryState, NewWatch};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
@@ -20,15 +20,6 @@ const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 fn job(status: &str, events: usize) -> Reply {
     let events: Vec<Value> = (0..events).map(|i| json!({"event_type": "step", "message": format!("e{i}")})).collect();
     Reply::Json(json!({"status": status, "events": events}))
-}
-
-/// Waits until `done` holds, at most 10 s.
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} did not happen within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Item A: while the store refuses writes, a delivered notification whose
@@ -47,7 +38,12 @@ async fn an_unrecorded_outcome_is_written_later_and_never_resent() {
     receiver.answer_after(204, Duration::from_millis(300));
     let first = receiver.next().await;
     relay.store.set_read_only(true).unwrap();
-    wait_for("the refused record", || relay.metrics.delivery_faults("h", "unrecorded") == 1).await;
+    eventually(
+        Duration::from_secs(10),
+        || "the refused record".to_owned(),
+        || relay.metrics.delivery_faults("h", "unrecorded") == 1,
+    )
+    .await;
     // Longer than the old in-task retries (~1.6 s) took to give up and re-send.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let during = receiver.drain();
@@ -57,9 +53,11 @@ async fn an_unrecorded_outcome_is_written_later_and_never_resent() {
         during.iter().map(|r| r.header("webhook-id")).collect::<Vec<_>>()
     );
     relay.store.set_read_only(false).unwrap();
-    wait_for("the record", || {
-        relay.store.notifications_of(JOB).unwrap()[0].deliveries[0].state == DeliveryState::Delivered
-    })
+    eventually(
+        Duration::from_secs(10),
+        || "the record".to_owned(),
+        || relay.store.notifications_of(JOB).unwrap()[0].deliveries[0].state == DeliveryState::Delivered,
+    )
     .await;
     let delivery = &relay.store.list_deliveries(None, 10).unwrap()[0];
     assert_eq!(delivery.msg_id, first.header("webhook-id"));
@@ -69,15 +67,6 @@ async fn an_unrecorded_outcome_is_written_later_and_never_resent() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.stop().await;
     assert!(receiver.drain().is_empty(), "nothing sent after the record landed");
-}
-
-async fn wait_log(log: &Path, text: &str, times: usize) {
-    let read = || std::fs::read_to_string(log).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while read().matches(text).count() < times {
-        assert!(Instant::now() < deadline, "log never said {text:?} {times} times:\n{}", read());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
@@ -109,10 +98,15 @@ async fn a_webhook_renamed_away_and_back_keeps_and_delivers_its_backlog() {
 
     write_config(dir.path(), &renamed);
     signal(&daemon, "HUP");
-    wait_log(&log, "deliverer uses the reloaded config", 1).await;
+    log_says(&log, 1, "deliverer uses the reloaded config").await;
     dari.script(JOB, vec![job("running", 1), job("completed", 1)]);
-    wait_for("the later notifications", || store.notifications_of(JOB).unwrap().len() == 3).await;
-    wait_log(&log, "names a webhook that is not in the config", 1).await;
+    eventually(
+        Duration::from_secs(10),
+        || "the later notifications".to_owned(),
+        || store.notifications_of(JOB).unwrap().len() == 3,
+    )
+    .await;
+    log_says(&log, 1, "names a webhook that is not in the config").await;
     let later = store.notifications_of(JOB).unwrap();
     for n in &later[1..] {
         assert_eq!(n.deliveries.len(), 1, "{} has a delivery for the missing webhook", n.kind);
@@ -123,17 +117,18 @@ async fn a_webhook_renamed_away_and_back_keeps_and_delivers_its_backlog() {
 
     write_config(dir.path(), &named);
     signal(&daemon, "HUP");
-    wait_log(&log, "deliverer uses the reloaded config", 2).await;
+    log_says(&log, 2, "deliverer uses the reloaded config").await;
     let got = receiver.until_delivered("job.completed").await;
     assert_eq!(got.iter().map(|r| r.kind()).collect::<Vec<_>>(), ["job.event", "job.completed"]);
     let ids: Vec<String> = later[1..].iter().map(|n| n.deliveries[0].msg_id.clone()).collect();
     assert_eq!(got.iter().map(|r| r.header("webhook-id")).collect::<Vec<_>>(), ids);
     signal(&daemon, "TERM");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while daemon.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the daemon did not stop");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        || "the daemon did not stop".to_owned(),
+        || daemon.try_wait().unwrap().is_some(),
+    )
+    .await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("names a webhook that is not in the config").count(), 1, "warned once per name:\n{text}");
 }
@@ -184,10 +179,14 @@ async fn a_rate_limit_answer_never_spends_a_retry() {
         .replace(r#"retry_schedule = ["100ms", "200ms", "300ms"]"#, r#"retry_schedule = ["10s", "20s"]"#);
     let relay = Relay::start(&text).await;
     relay.store.add_watches(&[watch_on("acme/form", JOB)]).unwrap();
-    wait_for("the delivery to end", || {
-        let counts = relay.store.delivery_counts().unwrap();
-        counts.contains_key("delivered") || counts.contains_key("failed")
-    })
+    eventually(
+        Duration::from_secs(10),
+        || "the delivery to end".to_owned(),
+        || {
+            let counts = relay.store.delivery_counts().unwrap();
+            counts.contains_key("delivered") || counts.contains_key("failed")
+        },
+    )
     .await;
     let (store, metrics) = (Arc::clone(&relay.store), Arc::clone(&relay.metrics));
     relay.stop().await;
@@ -217,7 +216,12 @@ async fn a_receiver_rate_limiting_forever_is_given_up_after_the_schedules_time()
     dari.script(JOB, vec![job("completed", 0)]);
     let relay = Relay::start(&config_text(&dir.path().join("r.db"), &dari, &[("h", &url)], "")).await;
     relay.store.add_watches(&[watch_on("acme/form", JOB)]).unwrap();
-    wait_for("the give-up", || relay.store.delivery_counts().unwrap().get("failed") == Some(&1)).await;
+    eventually(
+        Duration::from_secs(10),
+        || "the give-up".to_owned(),
+        || relay.store.delivery_counts().unwrap().get("failed") == Some(&1),
+    )
+    .await;
     let store = Arc::clone(&relay.store);
     relay.stop().await;
     let delivery = &store.list_deliveries(None, 10).unwrap()[0];

@@ -378,14 +378,31 @@ impl Relay {
 
     /// Waits (polling the store) until no delivery is pending.
     pub async fn settle(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let counts = self.store.delivery_counts().unwrap();
-            if counts.get("pending").copied().unwrap_or(0) == 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "deliveries still pending: {counts:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let pending = || self.store.delivery_counts().unwrap().get("pending").copied().unwrap_or(0);
+        eventually(Duration::from_secs(10), || format!("{} deliveries still pending", pending()), || pending() == 0)
+            .await;
     }
+}
+
+/// Waits until `done` holds, looking every 20 ms, and fails after `limit`
+/// with `what` (evaluated then, so it can show what was last seen). The
+/// suite's one "poll until": what the relay does takes real time where its
+/// processes and sockets are the point, and this bounds that wait.
+pub async fn eventually(limit: Duration, what: impl Fn() -> String, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {}", what());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the log file at `log` says `text` at least `times` times.
+pub async fn log_says(log: &std::path::Path, times: usize, text: &str) {
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
+    eventually(
+        Duration::from_secs(10),
+        || format!("the log never said {text:?} {times} times:\n{}", read()),
+        || read().matches(text).count() >= times,
+    )
+    .await;
 }

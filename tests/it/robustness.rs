@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, watch_on};
+use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, eventually, watch_on};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 const JOB2: &str = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
@@ -380,11 +380,7 @@ async fn never_more_than_max_in_flight_requests_at_once() {
         })
         .collect();
     relay.store.add_watches(&watches).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while served.load(Ordering::SeqCst) < 30 {
-        assert!(Instant::now() < deadline, "polling stalled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(10), || "polling stalled".to_owned(), || served.load(Ordering::SeqCst) >= 30).await;
     relay.stop().await;
     assert_eq!(peak.load(Ordering::SeqCst), 3, "at most max_in_flight at once, and the limit is used");
 }

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fakes::{API_KEY, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, watch_on};
+use crate::fakes::{API_KEY, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, eventually, watch_on};
 
 fn job_id(i: usize) -> String {
     format!("{i:08x}-0000-4000-8000-0000000057e5")
@@ -267,21 +267,18 @@ async fn a_finished_watch_added_again_finishes_without_a_false_failure() {
     let first = receiver.until_delivered("job.completed").await;
     assert_eq!(first.len(), 2, "job.event and job.completed");
     let state = |relay: &Relay| relay.store.list_watches(true).unwrap()[0].state;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while state(&relay) != "finished" {
-        assert!(Instant::now() < deadline, "the watch never finished");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(5), || "the watch never finished".to_owned(), || state(&relay) == "finished").await;
 
     assert!(relay.store.remove_watch(JOB).unwrap());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(relay.store.add_watches(&[watch_on("acme/form", JOB)]).unwrap().added, 1);
     let polls_at_readd = dari.polls(JOB);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while state(&relay) != "finished" {
-        assert!(Instant::now() < deadline, "the re-added watch of an ended job never finished: {}", state(&relay));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        || format!("the re-added watch of an ended job never finished: {}", state(&relay)),
+        || state(&relay) == "finished",
+    )
+    .await;
     // Past max_watch_age: a watch still polled would have failed by now.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let polls = dari.polls(JOB) - polls_at_readd;
@@ -316,11 +313,9 @@ async fn a_watch_re_added_between_two_scans_takes_its_fresh_age() {
     tokio::time::sleep_until(start + Duration::from_millis(1400)).await;
     let state = relay.store.list_watches(true).unwrap()[0].state;
     assert_eq!(state, "active", "given up on by the age of its first add");
-    let deadline = start + Duration::from_secs(5);
-    while relay.store.list_watches(true).unwrap()[0].state == "active" {
-        assert!(Instant::now() < deadline, "the re-added watch never reached its own max_watch_age");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ended = || relay.store.list_watches(true).unwrap()[0].state != "active";
+    eventually(Duration::from_secs(4), || "the re-added watch never reached its own max_watch_age".to_owned(), ended)
+        .await;
     assert!(start.elapsed() >= Duration::from_millis(1650), "gave up after {:?}", start.elapsed());
     relay.stop().await;
 }
