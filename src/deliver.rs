@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -773,7 +773,7 @@ impl Attempt {
         // full or read-only disk) goes back to the loop, which keeps the
         // outcome and keeps the chain from being sent again.
         let result = write_once
-            .retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_times(2))
+            .retry(retry::policy::attempt_record())
             .await;
         let unrecorded = match result {
             Ok(()) => {

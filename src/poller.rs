@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -721,8 +721,8 @@ impl PollTask {
         // nothing was acknowledged.
         let commit = || async { self.diff_and_commit(Arc::clone(&answer), hash).await };
         let result = commit
-            .retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_times(3))
-            .when(|e: &StoreError| !matches!(e, StoreError::Corrupt(_)))
+            .retry(retry::policy::poll_commit())
+            .when(StoreError::is_transient)
             .notify(|e, wait| warn!(job_id = %self.job_id, error = %e, retry_in_ms = wait.as_millis() as u64, "store write failed; retrying"))
             .await;
         match result {

@@ -89,6 +89,30 @@ pub fn retry_after_in_body(body: &str) -> Option<Duration> {
     seconds_f64(value.get("retry_after")?.as_f64()?)
 }
 
+/// The named retry policies for store writes made in the middle of a
+/// loop's step. A brief lock (the CLI, the pruner) clears within them; a
+/// lasting refusal (a full or read-only disk) becomes the step's outcome,
+/// which has its own, slower schedule (the poll's error backoff, the
+/// deliverer's `Unrecorded` writes).
+pub mod policy {
+    use std::time::Duration;
+
+    use backon::ExponentialBuilder;
+
+    /// A poll's commit: 50, 100, 200 ms, then the poll's outcome is
+    /// `store_error` and the whole poll is redone later (nothing was
+    /// acknowledged).
+    pub fn poll_commit() -> ExponentialBuilder {
+        ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_times(3)
+    }
+
+    /// An attempt's record: 50, 100 ms, then the outcome is kept in memory
+    /// and the chain held until it is written.
+    pub fn attempt_record() -> ExponentialBuilder {
+        ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_times(2)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
