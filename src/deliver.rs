@@ -772,9 +772,7 @@ impl Attempt {
         // A brief lock clears within these retries; a lasting refusal (a
         // full or read-only disk) goes back to the loop, which keeps the
         // outcome and keeps the chain from being sent again.
-        let result = write_once
-            .retry(retry::policy::attempt_record())
-            .await;
+        let result = write_once.retry(retry::policy::attempt_record()).await;
         let unrecorded = match result {
             Ok(()) => {
                 debug!("attempt recorded");
@@ -800,6 +798,7 @@ mod tests {
     use super::*;
     use crate::notification::Body;
     use crate::store::Store;
+    use crate::vocab::NotificationKind;
 
     fn response(status: Option<u16>, retry_after: Option<u64>) -> Response {
         Response { status, retry_after: retry_after.map(Duration::from_secs), excerpt: None, error: None }
@@ -922,7 +921,7 @@ mod tests {
         };
         store.add_watches(&[watch]).unwrap();
         let notification = NewNotification {
-            kind: "watch.failed".into(),
+            kind: NotificationKind::WatchFailed,
             body: Body::Whole(r#"{"type":"watch.failed"}"#.into()),
             deliveries: vec![NewDelivery { webhook: "h".into(), msg_id: "msg_1".into() }],
         };
@@ -1020,7 +1019,7 @@ mod tests {
         };
         store.add_watches(&[watch]).unwrap();
         let notification = NewNotification {
-            kind: "watch.failed".into(),
+            kind: NotificationKind::WatchFailed,
             body: Body::Whole(r#"{"type":"watch.failed"}"#.into()),
             deliveries: vec![NewDelivery { webhook: "h".into(), msg_id: "msg_2".into() }],
         };

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use crate::diff::Transition;
 use crate::upstream::StatusAnswer;
-use crate::vocab::normalize_status;
+use crate::vocab::NotificationKind;
 
 /// Fields of the status answer that every body carries, null when Dari did
 /// not send them, so receivers can rely on the keys being present.
@@ -37,7 +37,7 @@ const PASSTHROUGH_DEFAULTS: [&str; 12] = [
 #[derive(Debug, Clone, PartialEq)]
 pub struct Notification {
     /// `job.event`, `job.<status>` or `watch.failed`.
-    pub kind: String,
+    pub kind: NotificationKind,
     /// The standard JSON body, in parts.
     pub body: Body,
 }
@@ -134,11 +134,6 @@ pub struct WatchContext<'a> {
     pub labels: &'a Map<String, Value>,
 }
 
-/// The notification type of a status.
-pub fn status_kind(status: &str) -> String {
-    format!("job.{}", normalize_status(status))
-}
-
 /// Builds the notifications of `transitions`, in order. `previous_status`
 /// is the status seen before `answer`; `timestamp` is the detection time
 /// (RFC 3339 with milliseconds).
@@ -185,11 +180,13 @@ pub fn build(
                         }
                         other => json!({"index": index, "value": other}),
                     };
-                    ("job.event".to_owned(), Some(member(&event)))
+                    (NotificationKind::Event, Some(member(&event)))
                 }
-                Transition::Status { status, .. } => (status_kind(status), dari_event.as_ref().map(member)),
+                Transition::Status { status, .. } => {
+                    (NotificationKind::of_status(status), dari_event.as_ref().map(member))
+                }
             };
-            let body = Body::Parts { head: head(&kind, timestamp), shared: Arc::clone(&shared), event };
+            let body = Body::Parts { head: head(&kind.to_string(), timestamp), shared: Arc::clone(&shared), event };
             Notification { body, kind }
         })
         .collect()
@@ -216,9 +213,9 @@ pub fn watch_failed(watch: WatchContext<'_>, reason: &str, last_status: Option<&
         "reason": reason,
         "labels": watch.labels,
     });
-    let kind = "watch.failed".to_owned();
+    let kind = NotificationKind::WatchFailed;
     let Value::Object(data) = data else { unreachable!("json! of an object is an object") };
-    Notification { body: Body::Whole(envelope(&kind, timestamp, &data)), kind }
+    Notification { body: Body::Whole(envelope(&kind.to_string(), timestamp, &data)), kind }
 }
 
 fn envelope(kind: &str, timestamp: &str, data: &Map<String, Value>) -> String {
@@ -338,8 +335,8 @@ mod tests {
             Transition::Status { previous: Some("running".into()), status: "Completed".into() },
         ];
         let n = build(&transitions, &answer, Some("running"), watch, "2026-11-30T10:30:15.123Z");
-        assert_eq!(n[0].kind, "job.event");
-        assert_eq!(n[1].kind, "job.completed");
+        assert_eq!(n[0].kind, NotificationKind::Event);
+        assert_eq!(n[1].kind.to_string(), "job.completed");
         let body: Value = serde_json::from_str(&n[1].body.compose()).unwrap();
         assert_eq!(body["type"], "job.completed");
         assert_eq!(body["timestamp"], "2026-11-30T10:30:15.123Z");
@@ -382,7 +379,7 @@ mod tests {
 
         for kind in SAMPLE_KINDS.iter().copied().chain(["job.archived"]) {
             let n = sample(kind, &labels, "2026-11-30T10:30:15.123Z");
-            assert_eq!(n.kind, kind);
+            assert_eq!(n.kind.to_string(), kind);
             let body: Value = serde_json::from_str(&n.body.compose()).unwrap();
             assert_eq!(body["data"]["job_id"], SAMPLE_JOB_ID, "{kind}");
         }
@@ -439,7 +436,7 @@ mod tests {
                     };
                     data.insert("event".into(), event);
                 }
-                assert_eq!(n.body.compose(), envelope(&n.kind, "2026-11-30T10:30:15.123Z", &data));
+                assert_eq!(n.body.compose(), envelope(&n.kind.to_string(), "2026-11-30T10:30:15.123Z", &data));
             }
             // One shared part for the whole answer, not one per notification.
             let Body::Parts { shared, .. } = &built[0].body else { panic!("a poll's body is in parts") };

@@ -38,7 +38,7 @@ use crate::store::{
     ScheduledWatch, StoreError,
 };
 use crate::upstream::{StatusAnswer, UpstreamClient, UpstreamError};
-use crate::vocab::{PortalId, SeenState, WatchState, normalize_status, now_ms};
+use crate::vocab::{NotificationKind, PortalId, SeenState, WatchState, normalize_status, now_ms};
 
 /// How often the scheduler checks the database for watches added or removed
 /// by the CLI. A quarter second keeps "polled within 1 second of `watch add`"
@@ -822,7 +822,7 @@ impl PollTask {
             PollWrite::Skipped | PollWrite::Gone => Ok(PollOutcome::Gone),
             PollWrite::Stored { before, commit, deliveries } => {
                 for n in &commit.notifications {
-                    self.metrics.notification(&n.kind);
+                    self.metrics.notification(&n.kind.to_string());
                 }
                 let count = commit.notifications.len();
                 let status_of = |seen: &SeenState| seen.status.as_deref().map(normalize_status);
@@ -857,11 +857,13 @@ impl PollTask {
 fn deliveries_for(
     config: &Config,
     metrics: &Metrics,
-    kind: &str,
+    kind: &NotificationKind,
     portal_id: &str,
     named: Option<&[String]>,
     labels: &serde_json::Map<String, serde_json::Value>,
 ) -> Vec<NewDelivery> {
+    let kind = kind.to_string();
+    let kind = kind.as_str();
     let mut deliveries: Vec<NewDelivery> = config
         .webhooks
         .iter()

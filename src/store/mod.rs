@@ -32,7 +32,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::notification::Body;
-use crate::vocab::{DeliveryState, NewWatch, PortalId, SeenState, WatchState};
+use crate::vocab::{DeliveryState, NewWatch, NotificationKind, PortalId, SeenState, WatchState};
 
 pub use sqlite::{Sqlite, Store};
 
@@ -156,7 +156,7 @@ pub struct WatchSummary {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewNotification {
     /// The notification type.
-    pub kind: String,
+    pub kind: NotificationKind,
     /// The standard body, in the parts it is stored in: a poll's
     /// notifications share their answer's part, stored once.
     pub body: Body,

@@ -10,7 +10,7 @@ use dari_relay::store::{
     AttemptRecord, CommitOutcome, DeliveryOutcome, NewDelivery, NewNotification, PollCommit, PollWrite, Sqlite,
     Storage, Store,
 };
-use dari_relay::vocab::{DeliveryState, NewWatch, SeenState, WatchState, now_ms};
+use dari_relay::vocab::{DeliveryState, NewWatch, NotificationKind, SeenState, WatchState, now_ms};
 
 /// An engine under test, and whatever keeps its database alive.
 pub struct Engine {
@@ -41,7 +41,7 @@ fn watch(job_id: &str) -> NewWatch {
 /// A notification going to each of `webhooks`, with a body naming `n`.
 fn notification(job_id: &str, n: usize, webhooks: &[&str]) -> NewNotification {
     NewNotification {
-        kind: "job.event".into(),
+        kind: NotificationKind::Event,
         body: Body::Whole(format!(r#"{{"type":"job.event","data":{{"job_id":"{job_id}","n":{n}}}}}"#)),
         deliveries: webhooks
             .iter()

@@ -346,7 +346,8 @@ pub(super) fn insert_notifications(
                 (head.as_str(), Some(answer_id), event.as_deref())
             }
         };
-        let id: i64 = notification.query_row(params![job_id, n.kind, body, answer_id, event, now], |r| r.get(0))?;
+        let id: i64 =
+            notification.query_row(params![job_id, n.kind.to_string(), body, answer_id, event, now], |r| r.get(0))?;
         for d in &n.deliveries {
             delivery.execute(params![id, job_id, d.webhook, d.msg_id, now])?;
             count += 1;
