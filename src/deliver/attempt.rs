@@ -1,0 +1,147 @@
+//! One attempt of one delivery, and recording what it came to.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::Retryable;
+use tracing::{debug, error, info, warn};
+
+use super::*;
+use crate::config::Webhook;
+use crate::metrics::Metrics;
+use crate::retry::{self};
+use crate::store::{AttemptRecord, DelivererStore, DeliveryOutcome, OutboundDelivery, StoreError};
+use crate::vocab::now_ms;
+
+/// What an attempt task hands back to the loop.
+pub(super) struct AttemptDone {
+    /// The receiver answered 410 Gone: pause the webhook.
+    pub(super) gone: bool,
+    /// The receiver asked to slow down for this long.
+    pub(super) slow_down: Option<Duration>,
+    /// The outcome the store refused to record, for the loop to keep.
+    pub(super) unrecorded: Option<Unrecorded>,
+}
+
+/// An attempt's outcome that the store refused, kept until it is written.
+pub(super) struct Unrecorded {
+    pub(super) delivery_id: i64,
+    pub(super) record: AttemptRecord,
+    pub(super) outcome: DeliveryOutcome,
+    /// Failed writes so far (they set the backoff).
+    pub(super) tries: u32,
+    /// When to write it again.
+    pub(super) retry_at: Instant,
+}
+
+/// Writes an attempt's outcome.
+pub(super) async fn record(
+    store: &dyn DelivererStore,
+    id: i64,
+    attempt: AttemptRecord,
+    outcome: &DeliveryOutcome,
+) -> Result<(), StoreError> {
+    store.record_attempt(id, attempt, outcome.clone()).await
+}
+
+/// The wait before writing an unrecorded outcome again after `tries` failures.
+pub(super) fn record_backoff(tries: u32) -> Duration {
+    RECORD_RETRY_MIN.saturating_mul(1u32 << tries.min(16)).min(RECORD_RETRY_MAX)
+}
+
+/// One attempt of one delivery, run in its own task.
+pub(super) struct Attempt {
+    pub(super) http: reqwest::Client,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) store: Arc<dyn DelivererStore>,
+    pub(super) schedule: Vec<Duration>,
+    pub(super) webhook: Webhook,
+    pub(super) render: Render,
+    pub(super) delivery: OutboundDelivery,
+}
+
+impl Attempt {
+    /// Makes the attempt and records it. A 410 Gone pauses the webhook (the
+    /// delivery stays pending, due at once, for when it is resumed); a rate
+    /// limit slows the webhook down; an outcome the store refuses goes back
+    /// to the loop, which keeps it and writes it later.
+    pub(super) async fn run(self) -> AttemptDone {
+        let started_ms = now_ms();
+        let clock = Instant::now();
+        let id = self.delivery.id;
+        let (response, outcome) = match (self.render)(&self.webhook, &self.delivery.body) {
+            Ok(body) => {
+                let response = send(&self.http, &self.webhook, &self.delivery.msg_id, body).await;
+                // Only a rate-limit answer needs to know how long the
+                // delivery has been trying; an unreadable answer counts as
+                // "from now", which errs on the side of not giving up.
+                let first = match is_rate_limit(&response) {
+                    true => self.store.first_attempt_at(id).await.unwrap_or(None),
+                    false => None,
+                };
+                let outcome =
+                    classify(&response, self.delivery.attempts, &self.schedule, now_ms(), fastrand::f64(), first);
+                (response, outcome)
+            }
+            Err(e) => {
+                // A body that cannot be rendered will not render next time
+                // either (the stored body and the template are both fixed).
+                let error = e.to_string();
+                let response = Response { status: None, retry_after: None, excerpt: None, error: Some(error.clone()) };
+                (response, DeliveryOutcome::GaveUp { error })
+            }
+        };
+        self.metrics.delivery(&self.webhook.name, outcome.label());
+        let mut slow_down = None;
+        match &outcome {
+            DeliveryOutcome::Delivered { status } => {
+                let latency_ms = now_ms().saturating_sub(self.delivery.detected_at);
+                self.metrics.delivery_latency(&self.webhook.name, latency_ms.max(0) as f64 / 1000.0);
+                info!(status, kind = %self.delivery.kind, latency_ms, "delivered");
+            }
+            DeliveryOutcome::RetryAt { at_ms, error } => {
+                warn!(%error, kind = %self.delivery.kind, retry_in_ms = at_ms.saturating_sub(now_ms()), "delivery failed; will retry");
+            }
+            DeliveryOutcome::GaveUp { error } => {
+                error!(%error, kind = %self.delivery.kind, "delivery failed for the last time; kept as failed");
+            }
+            DeliveryOutcome::Paused => {}
+            DeliveryOutcome::RateLimited { wait, error, .. } => {
+                warn!(%error, kind = %self.delivery.kind, wait_ms = millis(*wait), "rate limited; waiting without spending a retry");
+                slow_down = Some(*wait);
+            }
+        }
+        let error = outcome.error().map(str::to_owned);
+        let gone = matches!(outcome, DeliveryOutcome::Paused);
+        let record_ = AttemptRecord {
+            attempted_at: started_ms,
+            duration_ms: i64::try_from(clock.elapsed().as_millis()).unwrap_or(i64::MAX),
+            http_status: response.status,
+            response_excerpt: response.excerpt,
+            error: error.or(response.error),
+        };
+        let store = &*self.store;
+        let write_once = || async { record(store, id, record_.clone(), &outcome).await };
+        // A brief lock clears within these retries; a lasting refusal (a
+        // full or read-only disk) goes back to the loop, which keeps the
+        // outcome and keeps the chain from being sent again.
+        let result = write_once.retry(retry::policy::attempt_record()).await;
+        let unrecorded = match result {
+            Ok(()) => {
+                debug!("attempt recorded");
+                None
+            }
+            Err(e) => {
+                error!(error = %e, outcome = outcome.label(), "cannot record the attempt; its outcome is kept in memory and written when the store accepts it, and the delivery is not sent again meanwhile");
+                Some(Unrecorded {
+                    delivery_id: id,
+                    record: record_,
+                    outcome,
+                    tries: 1,
+                    retry_at: instant_after(Instant::now(), record_backoff(1)),
+                })
+            }
+        };
+        AttemptDone { gone, slow_down, unrecorded }
+    }
+}

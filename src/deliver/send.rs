@@ -1,0 +1,197 @@
+//! Sending and classifying: the one place that POSTs to receivers
+//! ([`send`]), and the pure rule of what an answer means ([`classify`]).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+
+use super::EXCERPT_BYTES;
+use crate::config::{Config, Webhook};
+use crate::retry::{self};
+use crate::store::DeliveryOutcome;
+use crate::vocab::Format;
+
+/// The raw result of one HTTP POST to a receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The receiver's status, when it answered.
+    pub status: Option<u16>,
+    /// Its `Retry-After`, parsed.
+    pub retry_after: Option<Duration>,
+    /// The start of its body.
+    pub excerpt: Option<String>,
+    /// A transport error (timeout, refused, TLS), never containing the URL.
+    pub error: Option<String>,
+}
+
+impl Response {
+    /// Whether this counts as delivered.
+    pub fn is_success(&self) -> bool {
+        self.status.is_some_and(|s| (200..300).contains(&s))
+    }
+}
+
+/// The HTTP client for receivers: redirects are never followed (a 3xx is a
+/// failed attempt), and the timeout is `[delivery] request_timeout`.
+pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .user_agent(crate::USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(config.delivery.request_timeout)
+        .connect_timeout(config.delivery.request_timeout)
+        .build()
+}
+
+/// Sends `body` (already rendered for the webhook's format or template) to
+/// `webhook` with the Standard Webhooks headers, signing it for this
+/// attempt's timestamp, and the webhook's own headers.
+pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body: String) -> Response {
+    let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let mut headers = HeaderMap::new();
+    // Config loading refused the names the relay sets below, so these never
+    // replace a Standard Webhooks header.
+    for extra in &webhook.headers {
+        headers.insert(extra.name.clone(), extra.value.clone());
+    }
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_str(webhook.content_type()).expect("config loading checked the content type"),
+    );
+    // The id comes from the database: a corrupt row is a failed attempt, not a panic.
+    let Ok(id_header) = HeaderValue::from_str(msg_id) else {
+        let error = Some("the stored webhook-id is not a valid header value".to_owned());
+        return Response { status: None, retry_after: None, excerpt: None, error };
+    };
+    let text_header = |s: &str| HeaderValue::from_str(s).expect("digits and base64 are valid header values");
+    headers.insert("webhook-id", id_header);
+    headers.insert("webhook-timestamp", text_header(&timestamp.to_string()));
+    if let Some(key) = &webhook.secret {
+        headers.insert("webhook-signature", text_header(&key.sign(msg_id, timestamp, body.as_bytes())));
+    }
+    let result = http.post(webhook.url.clone()).headers(headers).body(body).send().await;
+    let mut response = match result {
+        Ok(r) => r,
+        // The URL may be a secret (Slack, Discord): never let it into the message.
+        Err(e) => {
+            return Response { status: None, retry_after: None, excerpt: None, error: Some(describe(e)) };
+        }
+    };
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
+    let mut excerpt = Vec::new();
+    let mut error = None;
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                excerpt.extend_from_slice(&chunk[..chunk.len().min(EXCERPT_BYTES - excerpt.len())]);
+                if excerpt.len() >= EXCERPT_BYTES {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                error = Some(describe(e));
+                break;
+            }
+        }
+    }
+    let excerpt = (!excerpt.is_empty()).then(|| String::from_utf8_lossy(&excerpt).into_owned());
+    // Discord's 429 says how long to wait in its JSON body as well.
+    let retry_after = match (retry_after, &excerpt) {
+        (None, Some(body)) if status == 429 && webhook.format == Format::Discord => retry::retry_after_in_body(body),
+        (retry_after, _) => retry_after,
+    };
+    Response { status: Some(status), retry_after, excerpt, error }
+}
+
+pub(super) fn describe(e: reqwest::Error) -> String {
+    let timeout = e.is_timeout();
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut cause: &dyn std::error::Error = &e;
+    while let Some(next) = cause.source() {
+        text = format!("{text}: {next}");
+        cause = next;
+    }
+    if timeout { format!("timed out: {text}") } else { text }
+}
+
+/// Whether an answer asks the relay to slow down rather than says the
+/// delivery failed: a 429, or a 503 that says when to come back.
+pub fn is_rate_limit(response: &Response) -> bool {
+    match response.status {
+        Some(429) => true,
+        Some(503) => response.retry_after.is_some(),
+        _ => false,
+    }
+}
+
+/// How long a delivery may keep being rate-limited, from its first attempt,
+/// without giving up: the schedule's total time (27 hours by default). Each
+/// rate-limit wait is at least `RETRY_AFTER_MIN` (1 s), so a receiver that
+/// answers 429 forever costs at most one attempt a second for that long,
+/// and then the delivery is `failed` like any other that ran out of time.
+pub fn rate_limit_budget(schedule: &[Duration]) -> Duration {
+    schedule.iter().fold(Duration::ZERO, |total, &d| total.saturating_add(d))
+}
+
+/// Decides what an attempt's response means for its delivery, given how many
+/// attempts were counted before it and, for a rate-limit answer, when the
+/// delivery was first attempted (`None`: this is its first attempt). Pure,
+/// so the rule is tested on its own.
+pub fn classify(
+    response: &Response,
+    attempts_before: u32,
+    schedule: &[Duration],
+    now_ms: i64,
+    unit: f64,
+    first_attempt_ms: Option<i64>,
+) -> DeliveryOutcome {
+    // 410 Gone: the receiver is gone for good; pause the whole webhook
+    // rather than spend this delivery's retries.
+    if response.status == Some(410) {
+        return DeliveryOutcome::Paused;
+    }
+    if let Some(status) = response.status.filter(|_| response.is_success()) {
+        return DeliveryOutcome::Delivered { status };
+    }
+    let error = match (&response.error, response.status) {
+        (Some(e), _) => e.clone(),
+        (None, Some(s)) => format!("HTTP {s}"),
+        (None, None) => "no answer".to_owned(),
+    };
+    let retry_number = attempts_before as usize + 1;
+    if is_rate_limit(response) {
+        // A receiver asking to slow down has not failed the delivery: wait
+        // as asked (bounded to [1 s, 1 h]) without counting a retry, within
+        // the schedule's total time from the first attempt.
+        let budget = rate_limit_budget(schedule);
+        let waited = now_ms.saturating_sub(first_attempt_ms.unwrap_or(now_ms)).max(0);
+        if u128::from(waited.unsigned_abs()) >= budget.as_millis() {
+            let error = format!("{error}: still rate limited after the retry schedule's total time");
+            return DeliveryOutcome::GaveUp { error };
+        }
+        let wait = response.retry_after.unwrap_or_else(|| {
+            // A 429 that does not say how long: the schedule's next wait.
+            let scheduled = retry::delivery_retry_delay(schedule, retry_number, None, unit);
+            scheduled.or_else(|| schedule.last().copied()).unwrap_or(retry::RETRY_AFTER_MIN)
+        });
+        let wait = retry::clamp_retry_after(wait);
+        return DeliveryOutcome::RateLimited { at_ms: now_ms.saturating_add(millis(wait)), wait, error };
+    }
+    match retry::delivery_retry_delay(schedule, retry_number, response.retry_after, unit) {
+        Some(wait) => DeliveryOutcome::RetryAt { at_ms: now_ms.saturating_add(millis(wait)), error },
+        None => DeliveryOutcome::GaveUp { error },
+    }
+}
+
+/// A duration in whole milliseconds, rounded up (so a wait of 0.4 ms is not
+/// a wait of 0 that wakes the loop at once) and saturating: a wait from
+/// the config or a receiver never overflows the Unix-ms clock.
+pub(super) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,237 @@
+
+use super::*;
+use crate::notification::Body;
+use crate::store::Store;
+use crate::vocab::NotificationKind;
+
+fn response(status: Option<u16>, retry_after: Option<u64>) -> Response {
+    Response { status, retry_after: retry_after.map(Duration::from_secs), excerpt: None, error: None }
+}
+
+#[test]
+fn only_2xx_is_delivered_and_the_schedule_runs_out() {
+    let schedule = [Duration::from_secs(5), Duration::from_secs(300)];
+    assert_eq!(
+        classify(&response(Some(204), None), 0, &schedule, 0, 0.5, None),
+        DeliveryOutcome::Delivered { status: 204 }
+    );
+    assert_eq!(
+        classify(&response(Some(500), None), 0, &schedule, 1_000, 0.5, None),
+        DeliveryOutcome::RetryAt { at_ms: 6_000, error: "HTTP 500".into() }
+    );
+    assert_eq!(
+        classify(&response(Some(302), None), 1, &schedule, 0, 0.5, None),
+        DeliveryOutcome::RetryAt { at_ms: 300_000, error: "HTTP 302".into() }
+    );
+    // A 503 with Retry-After is a rate limit: it waits, uncounted.
+    assert_eq!(
+        classify(&response(Some(503), Some(9)), 1, &schedule, 0, 0.5, None),
+        DeliveryOutcome::RateLimited { at_ms: 9_000, wait: Duration::from_secs(9), error: "HTTP 503".into() }
+    );
+    assert_eq!(
+        classify(&response(None, None), 2, &schedule, 0, 0.5, None),
+        DeliveryOutcome::GaveUp { error: "no answer".into() }
+    );
+    // 410 pauses the webhook, whatever is left of the schedule.
+    assert_eq!(classify(&response(Some(410), None), 0, &schedule, 0, 0.5, None), DeliveryOutcome::Paused);
+    assert_eq!(classify(&response(Some(410), None), 2, &schedule, 0, 0.5, None), DeliveryOutcome::Paused);
+}
+
+#[test]
+fn a_rate_limit_waits_without_spending_a_retry_within_the_schedules_time() {
+    let schedule = [Duration::from_secs(5), Duration::from_secs(300)];
+    let limited = |status: u16, retry_after: Option<Duration>| Response {
+        status: Some(status),
+        retry_after: retry_after.map(retry::clamp_retry_after),
+        excerpt: None,
+        error: None,
+    };
+    let zero = limited(429, Some(Duration::ZERO));
+    // Retry-After: 0 waits the 1 s minimum, whatever was counted before,
+    // even with the schedule spent.
+    for attempts_before in [0, 1, 2, 7] {
+        assert_eq!(
+            classify(&zero, attempts_before, &schedule, 10_000, 0.5, Some(9_000)),
+            DeliveryOutcome::RateLimited { at_ms: 11_000, wait: Duration::from_secs(1), error: "HTTP 429".into() }
+        );
+    }
+    // A 503 is a rate limit only when it says when to come back.
+    let busy = limited(503, Some(Duration::from_secs(30)));
+    assert!(matches!(classify(&busy, 0, &schedule, 0, 0.5, None), DeliveryOutcome::RateLimited { at_ms: 30_000, .. }));
+    let down = limited(503, None);
+    assert_eq!(
+        classify(&down, 0, &schedule, 0, 0.5, None),
+        DeliveryOutcome::RetryAt { at_ms: 5_000, error: "HTTP 503".into() }
+    );
+    // A 429 without Retry-After waits the schedule's next wait, bounded.
+    let bare = limited(429, None);
+    assert!(matches!(classify(&bare, 1, &schedule, 0, 0.5, None), DeliveryOutcome::RateLimited { at_ms: 300_000, .. }));
+    assert!(matches!(classify(&bare, 9, &schedule, 0, 0.5, None), DeliveryOutcome::RateLimited { at_ms: 300_000, .. }));
+    // Past the schedule's total time (305 s) from the first attempt, it gives up.
+    let late = classify(&zero, 0, &schedule, 305_000, 0.5, Some(0));
+    assert!(matches!(late, DeliveryOutcome::GaveUp { ref error } if error.contains("still rate limited")), "{late:?}");
+    assert!(matches!(classify(&zero, 0, &schedule, 304_999, 0.5, Some(0)), DeliveryOutcome::RateLimited { .. }));
+}
+
+#[test]
+fn clock_arithmetic_saturates() {
+    let schedule = [Duration::from_secs(5)];
+    assert_eq!(
+        classify(&response(Some(500), None), 0, &schedule, i64::MAX - 10, 0.5, None),
+        DeliveryOutcome::RetryAt { at_ms: i64::MAX, error: "HTTP 500".into() }
+    );
+    assert_eq!(millis(Duration::MAX), i64::MAX);
+    // A sub-millisecond wait is not a wait of 0, which would spin the loop.
+    assert_eq!(millis(Duration::from_micros(400)), 1);
+    assert_eq!(millis(Duration::ZERO), 0);
+    let now = Instant::now();
+    assert!(instant_after(now, Duration::MAX) >= now);
+    assert_eq!(record_backoff(1), Duration::from_millis(200));
+    assert_eq!(record_backoff(u32::MAX), RECORD_RETRY_MAX);
+}
+
+/// A deliverer over a fresh store with one webhook `h` posting to `url`,
+/// and one pending `watch.failed` delivery to it.
+fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, Arc<Store>, Arc<Metrics>) {
+    use crate::store::{NewDelivery, NewNotification, Sqlite};
+    use crate::vocab::NewWatch;
+    let text = format!(
+        "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[delivery]\nretry_schedule = [\"50ms\"]\n\
+             [orgs.acme]\napi_key_env = \"K\"\n[[webhooks]]\nname = \"h\"\nurl = \"{url}\"\n",
+        dir.join("r.db").display()
+    );
+    let env = |name: &str| (name == "K").then(|| "k".to_owned());
+    let config = Arc::new(Config::from_toml(&text, std::path::Path::new("t.toml"), &env).unwrap());
+    let store = Arc::new(Store::open(&config.database).unwrap());
+    let job = "550e8400-e29b-41d4-a716-446655440000";
+    let watch = NewWatch {
+        job_id: job.into(),
+        portal: "acme/form".parse().unwrap(),
+        webhooks: None,
+        labels: Default::default(),
+        from_now: false,
+    };
+    store.add_watches(&[watch]).unwrap();
+    let notification = NewNotification {
+        kind: NotificationKind::WatchFailed,
+        body: Body::Whole(r#"{"type":"watch.failed"}"#.into()),
+        deliveries: vec![NewDelivery { webhook: "h".into(), msg_id: "msg_1".into() }],
+    };
+    store.fail_watch(job, "test", &notification).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let (_tx, rx) = watch::channel(config);
+    let deliverer = Deliverer::new(
+        rx,
+        Arc::new(Sqlite(Arc::clone(&store))),
+        Arc::clone(&metrics),
+        Arc::new(Health::default()),
+        Arc::new(Notify::new()),
+    )
+    .unwrap();
+    (deliverer, store, metrics)
+}
+
+/// A receiver on 127.0.0.1:0 that answers 204 and counts requests.
+async fn counting_receiver() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    let router = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { axum::http::StatusCode::NO_CONTENT }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (url, hits)
+}
+
+/// Issue 10 item 11: a panic in an attempt used to leave its chain in
+/// flight forever. Now it is caught, counted, recorded as a failed
+/// attempt, and the chain is retried per the schedule.
+#[tokio::test]
+async fn a_panicking_attempt_is_recorded_and_its_chain_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, hits) = counting_receiver().await;
+    let (mut deliverer, store, metrics) = deliverer_with_one_delivery(dir.path(), &url);
+    deliverer.render = |_, _| panic!("a render that panics");
+    deliverer.deliver_due_once().await.unwrap();
+    let done = deliverer.tasks.join_next_with_id().await.unwrap();
+    assert!(done.as_ref().is_err_and(|e| e.is_panic()));
+    deliverer.finish(done).await;
+    assert_eq!(metrics.delivery_faults("h", "panicked"), 1);
+    assert!(deliverer.in_flight.is_empty() && deliverer.spawned.is_empty(), "the chain is released");
+    let delivery = &store.list_deliveries(None, 10).unwrap()[0];
+    assert_eq!((delivery.state, delivery.attempts), ("pending", 1), "one retry of the schedule spent");
+    let attempts = store.attempts(delivery.id).unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].error.as_deref(), Some("the attempt panicked: a render that panics"));
+
+    // The retry, due after the 50 ms schedule, renders and is delivered.
+    deliverer.render = Webhook::render;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    deliverer.deliver_due_once().await.unwrap();
+    let done = deliverer.tasks.join_next_with_id().await.unwrap();
+    deliverer.finish(done).await;
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(store.list_deliveries(None, 10).unwrap()[0].state, "delivered");
+}
+
+/// A rate-limit answer slows the whole webhook down: until its
+/// Retry-After has passed, no delivery of that webhook starts, and the
+/// step says when to look again.
+#[tokio::test]
+async fn a_rate_limit_holds_the_whole_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(|| async { (axum::http::StatusCode::TOO_MANY_REQUESTS, [("retry-after", "3")]) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let (mut deliverer, store, _metrics) = deliverer_with_one_delivery(dir.path(), &url);
+    deliverer.deliver_due_once().await.unwrap();
+    let done = deliverer.tasks.join_next_with_id().await.unwrap();
+    deliverer.finish(done).await;
+    let delivery = &store.list_deliveries(None, 10).unwrap()[0];
+    assert_eq!((delivery.state, delivery.attempts), ("pending", 0), "deferred, not counted");
+    // Another job's delivery to the same webhook, due now, waits too.
+    use crate::store::{NewDelivery, NewNotification};
+    use crate::vocab::NewWatch;
+    let other = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
+    let watch = NewWatch {
+        job_id: other.into(),
+        portal: "acme/form".parse().unwrap(),
+        webhooks: None,
+        labels: Default::default(),
+        from_now: false,
+    };
+    store.add_watches(&[watch]).unwrap();
+    let notification = NewNotification {
+        kind: NotificationKind::WatchFailed,
+        body: Body::Whole(r#"{"type":"watch.failed"}"#.into()),
+        deliveries: vec![NewDelivery { webhook: "h".into(), msg_id: "msg_2".into() }],
+    };
+    store.fail_watch(other, "test", &notification).unwrap();
+    let next = deliverer.deliver_due_once().await.unwrap().expect("a time to look again");
+    assert!(deliverer.tasks.is_empty(), "nothing starts while the webhook is slowed");
+    let wait = next - now_ms();
+    assert!((2_000..=3_000).contains(&wait), "{wait} ms");
+}
+
+/// A stored webhook-id that is not a valid header value (a corrupt row)
+/// is a failed attempt, not a panic.
+#[tokio::test]
+async fn a_corrupt_webhook_id_fails_the_attempt_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, hits) = counting_receiver().await;
+    let (deliverer, _store, _metrics) = deliverer_with_one_delivery(dir.path(), &url);
+    let webhook = &deliverer.config.webhooks[0];
+    let response = send(&deliverer.http, webhook, "msg_1\r\nx-injected: 1", "{}".into()).await;
+    assert_eq!(response.status, None);
+    assert_eq!(response.error.as_deref(), Some("the stored webhook-id is not a valid header value"));
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
