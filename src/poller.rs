@@ -1077,4 +1077,89 @@ mod tests {
         assert_eq!(p.poll_due_once(now), 0);
         assert!(p.next_due().unwrap() >= now + SHORTEST_WAIT);
     }
+
+    /// The give-up a scripted step started: its task's outcome, once it ran.
+    async fn give_up_outcome(p: &mut Poller) -> PollOutcome {
+        p.results_rx.recv().await.expect("the give-up task reports").outcome
+    }
+
+    /// The 404 grace period on a scripted clock: a job Dari does not know
+    /// is polled again with a backoff for `not_found_grace`, then given up
+    /// on with `watch.failed` stored; an answer within the grace period
+    /// starts the count again. No real time passes.
+    #[tokio::test]
+    async fn a_job_not_found_is_given_up_only_after_its_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p =
+            poller(dir.path(), "poll_interval = \"1s\"\nmax_poll_interval = \"30s\"\nnot_found_grace = \"10m\"");
+        let store = Store::open(&p.config.database).unwrap();
+        store
+            .add_watches(&[crate::vocab::NewWatch {
+                job_id: A.into(),
+                portal: "acme/form".parse().unwrap(),
+                webhooks: None,
+                labels: Default::default(),
+                from_now: false,
+            }])
+            .unwrap();
+        let t0 = Instant::now();
+        p.schedule_new(scheduled(A), t0);
+        p.queue.clear();
+        let not_found = || PollOutcome::Failed(UpstreamError::NotFound);
+        for minute in [0, 3, 6, 9] {
+            let now = t0 + Duration::from_secs(60 * minute);
+            p.handle(finished(A, not_found()), now);
+            let watch = &p.watches[A];
+            assert!(!watch.in_flight, "minute {minute}: still polled, not given up");
+            let due = p.next_due().unwrap();
+            assert!(due > now && due <= now + Duration::from_secs(30), "minute {minute}: backoff within the cap");
+            p.queue.clear();
+        }
+        // Found once: the grace period starts again from the next 404.
+        p.handle(finished(A, PollOutcome::Unchanged), t0 + Duration::from_secs(9 * 60 + 30));
+        p.queue.clear();
+        p.handle(finished(A, not_found()), t0 + Duration::from_secs(10 * 60));
+        assert!(!p.watches[A].in_flight, "the count started again");
+        p.queue.clear();
+        p.handle(finished(A, not_found()), t0 + Duration::from_secs(20 * 60));
+        assert!(p.watches[A].in_flight, "ten minutes of 404s: the give-up starts");
+        assert!(matches!(give_up_outcome(&mut p).await, PollOutcome::GaveUp { .. }));
+        assert_eq!(store.list_watches(true).unwrap()[0].state, "failed");
+        let stored = store.notifications_of(A).unwrap();
+        assert_eq!(stored.iter().map(|n| n.kind.as_str()).collect::<Vec<_>>(), ["watch.failed"]);
+        assert!(stored[0].body.contains("\"reason\":\"job_not_found\""), "{}", stored[0].body);
+    }
+
+    /// The 401/403 grace period on a scripted clock: an org whose key Dari
+    /// rejects has its watches polled at `max_poll_interval` for
+    /// `auth_grace`, counted from the org's first rejection, then each is
+    /// given up on; an accepted answer forgets the rejection.
+    #[tokio::test]
+    async fn a_rejected_key_waits_out_the_auth_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = poller(dir.path(), "poll_interval = \"1s\"\nmax_poll_interval = \"1m\"\nauth_grace = \"1h\"");
+        let t0 = Instant::now();
+        p.schedule_new(scheduled(A), t0);
+        p.schedule_new(scheduled(B), t0);
+        p.queue.clear();
+        let rejected = || PollOutcome::Failed(UpstreamError::Unauthorized(401));
+        p.handle(finished(A, rejected()), t0);
+        assert_eq!(p.rejected_orgs["acme"], t0);
+        p.queue.clear();
+        p.handle(finished(B, rejected()), t0 + Duration::from_secs(30 * 60));
+        assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(31 * 60)), "polled at max_poll_interval");
+        assert!(!p.watches[B].in_flight);
+        p.queue.clear();
+        // An accepted answer (another watch of the org) forgets it.
+        p.handle(finished(A, PollOutcome::Unchanged), t0 + Duration::from_secs(50 * 60));
+        assert!(!p.rejected_orgs.contains_key("acme"));
+        p.queue.clear();
+        p.handle(finished(B, rejected()), t0 + Duration::from_secs(70 * 60));
+        assert!(!p.watches[B].in_flight, "the hour counts from the new first rejection");
+        p.queue.clear();
+        p.handle(finished(B, rejected()), t0 + Duration::from_secs(130 * 60));
+        assert!(p.watches[B].in_flight, "an hour of rejections: the give-up starts");
+        // The watch is not in this test's database: the give-up finds it gone.
+        assert!(matches!(give_up_outcome(&mut p).await, PollOutcome::Gone));
+    }
 }

@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::notification::Body;
 use crate::store::Store;

@@ -89,7 +89,8 @@ async fn oversized_body_is_refused_then_recovered() {
 
 /// Row 4: 404 keeps polling with backoff; a job that appears late is
 /// announced normally; one that never appears gets `watch.failed` after
-/// not_found_grace and is no longer polled.
+/// not_found_grace and is no longer polled. (The grace period's timing is
+/// checked on a scripted clock: `poller::tests::a_job_not_found_is_given_up_only_after_its_grace_period`.)
 #[tokio::test]
 async fn not_found_waits_for_the_grace_period_then_fails_the_watch() {
     let dir = tempfile::tempdir().unwrap();
@@ -99,7 +100,6 @@ async fn not_found_waits_for_the_grace_period_then_fails_the_watch() {
     let text = config_text(&dir.path().join("r.db"), &dari, &[("h", &receiver.url)], "")
         .replace("[upstream]\n", "[upstream]\nnot_found_grace = \"700ms\"\n");
     let relay = Relay::start(&text).await;
-    let added = Instant::now();
     relay.store.add_watches(&[watch_on("acme/form", JOB), watch_on("acme/form", JOB2)]).unwrap();
     let mut got = [receiver.next().await, receiver.next().await];
     got.sort_by_key(|r| r.kind());
@@ -109,13 +109,12 @@ async fn not_found_waits_for_the_grace_period_then_fails_the_watch() {
     assert_eq!(failed.kind(), "watch.failed");
     assert_eq!(failed.json()["data"]["job_id"], JOB);
     assert_eq!(failed.json()["data"]["reason"], "job_not_found");
-    assert!(failed.at - added >= Duration::from_millis(700));
     let polls = dari.polls(JOB);
     assert!(polls >= 3, "kept polling during the grace period: {polls}");
     let watches = relay.store.list_watches(true).unwrap();
     let state = watches.iter().find(|w| w.job_id == JOB).unwrap().state;
     assert_eq!(state, "failed");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(dari.polls(JOB), polls, "no polls after watch.failed");
     relay.stop().await;
 }
