@@ -217,6 +217,8 @@ pub enum Format {
     Slack,
     /// A Discord webhook message.
     Discord,
+    /// A Microsoft Teams Workflows message (an Adaptive Card).
+    Teams,
 }
 
 impl Format {
@@ -226,6 +228,7 @@ impl Format {
             Format::Standard => "standard",
             Format::Slack => "slack",
             Format::Discord => "discord",
+            Format::Teams => "teams",
         }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod discord;
 pub mod slack;
+pub mod teams;
 pub mod template;
 
 use serde_json::{Map, Value};
@@ -55,6 +56,7 @@ pub fn render_format(format: Format, standard_body: &str) -> Result<String, Rend
         Format::Standard => Ok(standard_body.to_owned()),
         Format::Slack => Ok(slack::message(&parse(standard_body, "slack")?).to_string()),
         Format::Discord => Ok(discord::message(&parse(standard_body, "discord")?).to_string()),
+        Format::Teams => Ok(teams::message(&parse(standard_body, "teams")?).to_string()),
     }
 }
 

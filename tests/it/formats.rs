@@ -23,7 +23,7 @@ fn labels() -> Map<String, Value> {
 /// Every body the chat formats must handle: a sample of each common type,
 /// an unknown status, a question event, a 20 KB `final_result` and a
 /// 5000-character error. Named for their snapshots.
-fn bodies() -> Vec<(String, String)> {
+pub(crate) fn bodies() -> Vec<(String, String)> {
     let labels = labels();
     let mut out: Vec<(String, String)> = SAMPLE_KINDS
         .iter()
@@ -79,7 +79,7 @@ fn bodies() -> Vec<(String, String)> {
     out
 }
 
-fn settings() -> insta::Settings {
+pub(crate) fn settings() -> insta::Settings {
     let mut settings = insta::Settings::clone_current();
     settings.set_snapshot_path("snapshots");
     settings.set_prepend_module_to_snapshot(false);

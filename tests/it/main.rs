@@ -19,4 +19,5 @@ mod robustness;
 mod store_conformance;
 mod stress;
 mod stress_poller;
+mod teams;
 mod webhooks;
