@@ -12,6 +12,7 @@
 //! minijinja template instead.
 
 pub mod discord;
+pub mod live;
 pub mod slack;
 pub mod teams;
 pub mod template;
