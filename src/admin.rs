@@ -150,6 +150,9 @@ pub fn router(state: AdminState, bound: Option<SocketAddr>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // The status page checks its own session (and CSRF token) instead
+        // of the bearer token; the browser checks below still apply to it.
+        .merge(crate::ui::router(state.clone()))
         // Added last, so it runs first: a browser's request is refused
         // before anything else looks at it.
         .layer(middleware::from_fn_with_state((state.clone(), bound), refuse_browsers))
@@ -281,7 +284,10 @@ async fn refuse_browsers(
         warn!(sec_fetch_site = ?site, "admin API: refused a cross-site request");
         return ApiError::new(StatusCode::FORBIDDEN, "cross-site requests are refused").into_response();
     }
-    if has_body(&request) && !is_json(headers.get(header::CONTENT_TYPE)) {
+    // The status page's POSTs are forms; its CSRF token and SameSite=Strict
+    // session cookie refuse what another site's page could send there.
+    let status_page = request.uri().path().starts_with("/ui/");
+    if !status_page && has_body(&request) && !is_json(headers.get(header::CONTENT_TYPE)) {
         return ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "a request body must be sent as content-type: application/json",
@@ -350,7 +356,7 @@ fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
 
 /// Compares without stopping at the first difference, so response timing
 /// says nothing about how much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

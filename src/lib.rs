@@ -27,6 +27,7 @@ pub mod poller;
 pub mod retry;
 pub mod signature;
 pub mod store;
+pub mod ui;
 pub mod upstream;
 
 /// The `user-agent` of every request the relay makes, upstream and to receivers.

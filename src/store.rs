@@ -37,6 +37,9 @@ use crate::diff::SeenState;
 use crate::notification::{self, Body};
 use crate::upstream::PortalId;
 
+/// The status page's queries.
+pub mod ui;
+
 /// Versioned schema migrations, applied in order on open. Append only: a
 /// released migration is never edited.
 const MIGRATIONS: &[&str] = &[

@@ -1,0 +1,461 @@
+//! Issue 16: the status page, driven in a real browser (Debian's Chromium
+//! through chromedriver and WebDriver) against the real relay, a fake Dari
+//! and fake receivers; and its refusals, checked over plain HTTP.
+//!
+//! Each browser test starts its own chromedriver on a free port and a
+//! headless Chromium with a fresh profile, and saves screenshots under
+//! `$CARGO_TARGET_TMPDIR/browser/`. Without `/usr/bin/chromium` or
+//! `/usr/bin/chromedriver` a browser test prints one line saying it was
+//! skipped and passes, unless `DARI_RELAY_BROWSER_TESTS=required` (as in
+//! `.ci/run`), where a missing browser fails it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use dari_relay::admin::Listener;
+use dari_relay::config::ListenAddr;
+use dari_relay::store::NewWatch;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::fakes::{ADMIN_TOKEN, API_KEY, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+const FORM_JOB: &str = "3f2b8c1e-7d4a-4e9b-9c61-2a5d8e0f4b17";
+const CRM_JOB: &str = "9a1c5e3b-2f8d-4b6a-8e7c-1d4f6a9b3c25";
+const CHAT_JOB: &str = "c4e8a2f6-1b3d-4c5e-9f7a-8b2d6e4c1a39";
+const RUNNING: [&str; 3] = [
+    "0b6f3d2a-8c1e-4f5b-a9d7-3e2c1b0a9f84",
+    "5d9e7c3b-4a2f-4e1d-8b6c-9f0e2d4a7c16",
+    "e1a7c9d3-6b5f-4a8e-9c2d-4f6b8a0e3d52",
+];
+
+/// A started chromedriver, killed when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether the browser tests can run here; `None` (after saying so in one
+/// line) when they are skipped. With `DARI_RELAY_BROWSER_TESTS=required`
+/// a missing browser is a failure instead.
+fn browsers_present() -> bool {
+    let present = Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists();
+    if !present {
+        assert!(
+            std::env::var("DARI_RELAY_BROWSER_TESTS").as_deref() != Ok("required"),
+            "DARI_RELAY_BROWSER_TESTS=required, but {CHROMIUM} or {CHROMEDRIVER} is missing \
+             (apt-get install -y chromium chromium-driver)"
+        );
+        println!("browser tests skipped: chromium/chromedriver not found");
+    }
+    present
+}
+
+/// Starts chromedriver on a free port and opens a headless Chromium session.
+async fn browser() -> (Driver, Client) {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let child = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let profile = tempfile::tempdir().unwrap();
+    let driver = Driver { child, url: format!("http://127.0.0.1:{port}"), _profile: profile };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reqwest::get(format!("{}/status", driver.url)).await.is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not start on port {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let args = [
+        "--headless=new".to_owned(),
+        "--no-sandbox".to_owned(),
+        "--disable-gpu".to_owned(),
+        "--disable-background-networking".to_owned(),
+        "--disable-component-update".to_owned(),
+        "--disable-sync".to_owned(),
+        "--no-first-run".to_owned(),
+        "--disable-dev-shm-usage".to_owned(),
+        "--window-size=1280,1000".to_owned(),
+        format!("--user-data-dir={}", driver._profile.path().display()),
+    ];
+    let mut caps = serde_json::Map::new();
+    caps.insert("browserName".into(), "chrome".into());
+    caps.insert("goog:chromeOptions".into(), json!({"binary": CHROMIUM, "args": args}));
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let client = ClientBuilder::new(connector).capabilities(caps).connect(&driver.url).await.expect("a WebDriver session");
+    (driver, client)
+}
+
+/// Where this run's screenshots go.
+fn shots() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn screenshot(client: &Client, name: &str) {
+    let png = client.screenshot().await.unwrap();
+    std::fs::write(shots().join(format!("{name}.png")), png).unwrap();
+}
+
+/// The visible text of the page.
+async fn text(client: &Client) -> String {
+    client.find(Locator::Css("body")).await.unwrap().text().await.unwrap()
+}
+
+/// Reloads `url` until its text contains `needle` (10 s at most).
+async fn until_text(client: &Client, url: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        client.goto(url).await.unwrap();
+        let t = text(client).await;
+        if t.contains(needle) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{url} never showed {needle:?}; it shows:\n{t}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+fn job_answer(status: &str, steps: &[&str], with_links: bool) -> Reply {
+    let events: Vec<Value> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"event_type": "step_completed", "message": s, "timestamp": format!("2026-12-02T10:0{i}:00Z")}))
+        .collect();
+    let mut answer = json!({"status": status, "events": events, "current_step": steps.last(), "total_cost_usd": 0.04});
+    if with_links {
+        answer["browser_url"] = "https://agent.example/browser/3f2b8c1e".into();
+        answer["video_recording_url"] = "https://agent.example/videos/3f2b8c1e.mp4".into();
+        answer["log_url"] = "https://agent.example/logs/3f2b8c1e".into();
+    }
+    Reply::Json(answer)
+}
+
+fn watch(job: &str, portal: &str, webhook: &str, labels: &[(&str, &str)]) -> NewWatch {
+    NewWatch {
+        job_id: job.into(),
+        portal: portal.parse().unwrap(),
+        webhooks: Some(vec![webhook.to_owned()]),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        from_now: false,
+    }
+}
+
+/// A relay with three webhooks and a token, its admin API on 127.0.0.1:0,
+/// and the receivers; returns the relay, the API's base URL and them.
+async fn relay_with_page(dari: &FakeDari) -> (Relay, String, [FakeReceiver; 3], tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let receivers = [FakeReceiver::start().await, FakeReceiver::start().await, FakeReceiver::start().await];
+    let extra = "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"ADMIN_TOKEN\"\n";
+    let text = config_text(
+        &dir.path().join("r.db"),
+        dari,
+        &[("backend", &receivers[0].url), ("crm", &receivers[1].url), ("chat", &receivers[2].url)],
+        extra,
+    );
+    let config = dari_relay::config::Config::from_toml(&text, Path::new("t.toml"), &crate::fakes::env).unwrap();
+    let token = config.admin.and_then(|a| a.token);
+    let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()), token).await.unwrap();
+    let base = format!("http://{}", listener.describe());
+    (Relay::start_with_admin(&text, Some(listener)).await, base, receivers, dir)
+}
+
+/// Waits until the store shows `job`'s deliveries to `webhook` in `state`.
+async fn until_delivery(relay: &Relay, job: &str, state: &str) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = relay.store.list_deliveries(None, 1000).unwrap();
+        if let Some(d) = rows.iter().find(|d| d.job_id == job && d.state == state) {
+            return d.id;
+        }
+        assert!(Instant::now() < deadline, "no {state} delivery of {job}: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+async fn log_in(client: &Client, base: &str) {
+    client.goto(&format!("{base}/ui/")).await.unwrap();
+    assert!(client.current_url().await.unwrap().path() == "/ui/login", "no session: the login comes first");
+    let form = client.form(Locator::Css("form[action='/ui/login']")).await.unwrap();
+    form.set_by_name("token", "not-the-token").await.unwrap();
+    form.submit().await.unwrap();
+    assert!(text(client).await.contains("That is not the admin token."));
+    let form = client.form(Locator::Css("form[action='/ui/login']")).await.unwrap();
+    form.set_by_name("token", ADMIN_TOKEN).await.unwrap();
+    form.submit().await.unwrap();
+    assert_eq!(client.current_url().await.unwrap().path(), "/ui/");
+}
+
+/// Log in, see the watches, open a job and read its timeline, find a dead
+/// letter, press Retry and see it delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_login_watches_job_and_retry() {
+    if !browsers_present() {
+        return;
+    }
+    let dari = FakeDari::start().await;
+    let steps = ["Opened the contact form", "Filled in name and email", "Solved the captcha", "Submitted the form"];
+    dari.script(
+        FORM_JOB,
+        vec![
+            job_answer("running", &steps[..2], true),
+            job_answer("running", &steps[..3], true),
+            job_answer("completed", &steps, true),
+        ],
+    );
+    dari.script(CRM_JOB, vec![job_answer("failed", &["Opened the CRM", "Login rejected"], false)]);
+    for (i, job) in RUNNING.iter().enumerate() {
+        dari.script(job, vec![job_answer("running", &steps[..i + 1], false)]);
+    }
+    let (relay, base, mut receivers, _dir) = relay_with_page(&dari).await;
+    // The CRM receiver is down for all four attempts of the schedule.
+    receivers[1].answer_with(&[500, 502, 503, 500]);
+    let mut watches = vec![
+        watch(FORM_JOB, "acme/contact_form", "backend", &[("customer", "globex")]),
+        watch(CRM_JOB, "acme/crm_sync", "crm", &[("customer", "initech")]),
+    ];
+    for job in RUNNING {
+        watches.push(watch(job, "acme/contact_form", "backend", &[("customer", "acme")]));
+    }
+    relay.store.add_watches(&watches).unwrap();
+    receivers[0].until_delivered("job.completed").await;
+    let failed = until_delivery(&relay, CRM_JOB, "failed").await;
+
+    let (_driver, client) = browser().await;
+    log_in(&client, &base).await;
+    let overview = until_text(&client, &format!("{base}/ui/"), "2 finished").await;
+    for needle in ["Poller", "running", "writable", "backend", "crm", "Upstream", "Newest deliveries", "3 active"] {
+        assert!(overview.contains(needle), "the overview shows {needle:?}:\n{overview}");
+    }
+    assert!(client.find(Locator::Css("svg.chart polyline")).await.is_ok(), "the chart is drawn");
+    screenshot(&client, "overview").await;
+
+    // The watches, searched by label, then one job's page.
+    client.find(Locator::LinkText("Watches")).await.unwrap().click().await.unwrap();
+    let form = client.form(Locator::Css("form[role='search']")).await.unwrap();
+    form.set_by_name("q", "customer=globex").await.unwrap();
+    form.submit().await.unwrap();
+    let found = text(&client).await;
+    assert!(found.contains(FORM_JOB) && !found.contains(RUNNING[0]), "{found}");
+    client.find(Locator::LinkText(FORM_JOB)).await.unwrap().click().await.unwrap();
+    let page = text(&client).await;
+    for needle in [
+        "job.running",
+        "job.completed",
+        "Submitted the form",
+        "→ backend",
+        "delivered",
+        "Live browser",
+        "Video recording",
+    ] {
+        assert!(page.contains(needle), "the job page shows {needle:?}:\n{page}");
+    }
+    let link = client.find(Locator::LinkText("Log")).await.unwrap().attr("href").await.unwrap();
+    assert_eq!(link.as_deref(), Some("https://agent.example/logs/3f2b8c1e"));
+    let events = page.find("Opened the contact form").unwrap();
+    assert!(events < page.find("Submitted the form").unwrap(), "the timeline is in order");
+    screenshot(&client, "job").await;
+
+    // The dead letter, retried from the page.
+    client.find(Locator::LinkText("Dead letters")).await.unwrap().click().await.unwrap();
+    let dead = text(&client).await;
+    assert!(dead.contains("HTTP 500") && dead.contains("crm") && dead.contains("job.failed"), "{dead}");
+    screenshot(&client, "dead-letters").await;
+    let button = format!("button[aria-label='Retry delivery {failed}']");
+    client.find(Locator::Css(&button)).await.unwrap().click().await.unwrap();
+    assert!(text(&client).await.contains("put back in the queue"));
+    until_delivery(&relay, CRM_JOB, "delivered").await;
+    let after = until_text(&client, &format!("{base}/ui/deliveries?status=failed"), "No dead letters.").await;
+    assert!(!after.contains("HTTP 500"));
+    let job = until_text(&client, &format!("{base}/ui/jobs/{CRM_JOB}"), "5 attempts").await;
+    assert!(job.contains("500") && job.contains("204"), "every attempt is listed:\n{job}");
+    screenshot(&client, "retried").await;
+    client.close().await.unwrap();
+    relay.stop().await;
+}
+
+/// A webhook paused by a 410 is resumed from the page; a form without its
+/// CSRF token, or without the session, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_resume_and_refusals() {
+    if !browsers_present() {
+        return;
+    }
+    let dari = FakeDari::start().await;
+    dari.script(CHAT_JOB, vec![job_answer("completed", &["Posted the summary"], false)]);
+    let (relay, base, mut receivers, _dir) = relay_with_page(&dari).await;
+    receivers[2].answer_with(&[410]);
+    relay.store.add_watches(&[watch(CHAT_JOB, "acme/summary", "chat", &[])]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.store.paused_webhooks().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the 410 never paused the webhook");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+
+    let (_driver, client) = browser().await;
+    log_in(&client, &base).await;
+    client.goto(&format!("{base}/ui/deliveries?status=failed")).await.unwrap();
+    let page = text(&client).await;
+    assert!(page.contains("Paused webhooks") && page.contains("receiver answered 410 Gone"), "{page}");
+
+    // A forged CSRF token is refused, and nothing changes.
+    client
+        .execute("document.querySelector(\"form[action='/ui/webhooks/chat/resume'] input[name=csrf]\").value = 'forged';", vec![])
+        .await
+        .unwrap();
+    client.find(Locator::Css("form[action='/ui/webhooks/chat/resume'] button")).await.unwrap().click().await.unwrap();
+    assert!(text(&client).await.contains("CSRF token is missing or stale"));
+    assert_eq!(relay.store.paused_webhooks().unwrap().len(), 1);
+
+    // The real button resumes it, and the waiting delivery goes out.
+    client.goto(&format!("{base}/ui/deliveries?status=failed")).await.unwrap();
+    client.find(Locator::Css("form[action='/ui/webhooks/chat/resume'] button")).await.unwrap().click().await.unwrap();
+    assert!(text(&client).await.contains("The webhook was resumed"));
+    receivers[2].until_delivered("job.completed").await;
+    assert!(relay.store.paused_webhooks().unwrap().is_empty());
+    until_delivery(&relay, CHAT_JOB, "delivered").await;
+    let overview = until_text(&client, &format!("{base}/ui/"), "active").await;
+    assert!(!overview.contains("paused"), "{overview}");
+    screenshot(&client, "resumed").await;
+
+    // Without the session cookie, the same form is refused.
+    client.goto(&format!("{base}/ui/jobs/{CHAT_JOB}")).await.unwrap();
+    client.delete_all_cookies().await.unwrap();
+    client.find(Locator::Css("button.danger")).await.unwrap_err();
+    client.goto(&format!("{base}/ui/")).await.unwrap();
+    assert_eq!(client.current_url().await.unwrap().path(), "/ui/login", "a page without a session asks for the token");
+    client.close().await.unwrap();
+    relay.stop().await;
+}
+
+/// Over plain HTTP: the session and CSRF rules, the cookie's attributes,
+/// the Host check, and no secret on any page.
+#[tokio::test]
+async fn status_page_refusals_and_secrets() {
+    let dari = FakeDari::start().await;
+    dari.script(FORM_JOB, vec![job_answer("completed", &["Done"], true)]);
+    let (relay, base, mut receivers, _dir) = relay_with_page(&dari).await;
+    relay.store.add_watches(&[watch(FORM_JOB, "acme/contact_form", "backend", &[])]).unwrap();
+    receivers[0].until_delivered("job.completed").await;
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+
+    // No session: pages go to the login, POSTs are refused.
+    let r = http.get(format!("{base}/ui/")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/ui/login?next=%2Fui%2F");
+    let r = http.post(format!("{base}/ui/webhooks/backend/resume")).form(&[("csrf", "x")]).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    // The bearer token of the API is not a session.
+    let r = http.get(format!("{base}/ui/")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+
+    // A wrong token, then the right one behind a TLS proxy: the cookie.
+    let r = http.post(format!("{base}/ui/login")).form(&[("token", "guess")]).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = http
+        .post(format!("{base}/ui/login"))
+        .header("x-forwarded-proto", "https")
+        .form(&[("token", ADMIN_TOKEN), ("next", "https://evil.example/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/ui/", "never redirected off the page");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/ui", "Max-Age=43200"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let plain = http
+        .post(format!("{base}/ui/login"))
+        .form(&[("token", ADMIN_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert!(!plain.headers()["set-cookie"].to_str().unwrap().contains("Secure"), "no TLS, no Secure");
+
+    // With the session: every page, and none shows a secret.
+    let mut pages = Vec::new();
+    for path in ["/ui/", "/ui/watches", &format!("/ui/jobs/{FORM_JOB}"), "/ui/deliveries?status=all"] {
+        let r = http.get(format!("{base}{path}")).header("cookie", &session).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["cache-control"], "no-store");
+        pages.push(r.text().await.unwrap());
+    }
+    for page in &pages {
+        for secret in [API_KEY, SECRET, ADMIN_TOKEN, receivers[0].url.as_str(), receivers[1].url.as_str()] {
+            assert!(!page.contains(secret), "a page shows a secret ({secret})");
+        }
+    }
+    let csrf = pages[0].split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+
+    // A POST with the session but without (or with another) CSRF token: 403.
+    for form in [vec![], vec![("csrf", "0".repeat(64))]] {
+        let r = http
+            .post(format!("{base}/ui/jobs/{FORM_JOB}/remove"))
+            .header("cookie", &session)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    assert_eq!(relay.store.list_watches(true).unwrap()[0].state, "finished", "nothing was removed");
+    // Another site's form: refused by the admin API's guard first.
+    let r = http
+        .post(format!("{base}/ui/jobs/{FORM_JOB}/remove"))
+        .header("cookie", &session)
+        .header("origin", "https://evil.example")
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = http.get(format!("{base}/ui/")).header("host", "evil.example").header("cookie", &session).send().await.unwrap();
+    assert_eq!(r.status(), 403, "the Host check applies to the page");
+    // The admin API itself still refuses forms.
+    let r = http
+        .post(format!("{base}/v1/deliveries/1/retry"))
+        .bearer_auth(ADMIN_TOKEN)
+        .form(&[("a", "b")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    // With the token, the button works.
+    let r = http
+        .post(format!("{base}/ui/jobs/{FORM_JOB}/remove"))
+        .header("cookie", &session)
+        .form(&[("csrf", csrf.as_str()), ("back", &format!("/ui/jobs/{FORM_JOB}"))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], format!("/ui/jobs/{FORM_JOB}?notice=removed"));
+    assert_eq!(relay.store.list_watches(true).unwrap()[0].state, "removed");
+    // Logging out ends the session.
+    let r = http.post(format!("{base}/ui/logout")).header("cookie", &session).form(&[("csrf", csrf.as_str())]).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    let r = http.get(format!("{base}/ui/")).header("cookie", &session).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    relay.stop().await;
+}
