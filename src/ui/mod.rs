@@ -51,8 +51,8 @@ use session::{Session, Sessions};
 
 /// Rows per page of a list.
 pub const PAGE: usize = 50;
-/// Notifications shown on a job page (the rest are counted).
-pub const TIMELINE: usize = 500;
+/// Notifications per page of a job's timeline.
+pub const TIMELINE: usize = 100;
 /// The newest deliveries on the overview.
 const NEWEST: usize = 15;
 /// How often the overview's per-org poll counters are sampled (at most):
@@ -411,7 +411,7 @@ async fn overview(
                 s.backlog()?,
                 s.paused_webhooks()?,
                 s.last_errors()?,
-                s.activity_since(now - HOUR_MS)?,
+                s.activity(now, chart::MINUTES)?,
                 s.search_deliveries(&DeliverySearch { limit: NEWEST, ..DeliverySearch::default() })?,
                 s.writable(Duration::from_secs(5)),
             ))
@@ -567,15 +567,22 @@ async fn job(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, UiError> {
     let job_id = parse_job_id(&job_id).map_err(|e| UiError::new(StatusCode::BAD_REQUEST, e))?;
+    let after = match q.get("after").filter(|s| !s.is_empty()) {
+        Some(a) => a.parse::<i64>().map_err(|_| UiError::new(StatusCode::BAD_REQUEST, "after is a number"))?,
+        None => 0,
+    };
     let id = job_id.clone();
-    let (watch, timeline, total) = ui
+    let (watch, mut timeline, total) = ui
         .admin
         .store
         .call(move |s| {
             let watch = s.search_watches(&WatchSearch { job_id: Some(id.clone()), limit: 1, ..WatchSearch::default() })?;
-            Ok((watch.into_iter().next(), s.job_timeline(&id, TIMELINE)?, s.notification_count(&id)?))
+            Ok((watch.into_iter().next(), s.job_timeline(&id, after, TIMELINE + 1)?, s.notification_count(&id)?))
         })
         .await?;
+    let more = timeline.len() > TIMELINE;
+    timeline.truncate(TIMELINE);
+    let next = more.then(|| format!("/ui/jobs/{job_id}?after={}", timeline.last().map_or(0, |n| n.id)));
     let Some(watch) = watch else {
         return Err(UiError::new(StatusCode::NOT_FOUND, format!("no watch of job {job_id}")));
     };
@@ -629,6 +636,8 @@ async fn job(
         "notifications": notifications,
         "total": total,
         "shown": timeline.len(),
+        "paged": after > 0 || more,
+        "next": next,
         "back": format!("/ui/jobs/{job_id}"),
     });
     ui.render("job.html", &session, context)
