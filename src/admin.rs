@@ -9,6 +9,9 @@
 //!   the org's key and watches it in the same call.
 //! - `GET /healthz` (alive), `GET /readyz` (database writable, loops making
 //!   progress), `GET /metrics` (Prometheus text).
+//! - `/ui/...`: the status page ([`crate::ui`]), which checks its own
+//!   session and CSRF token instead of the bearer token; the browser checks
+//!   below apply to it too, but for the JSON-body rule (its POSTs are forms).
 //!
 //! Every request needs `Authorization: Bearer <token>` when a token is
 //! configured; config loading refuses a non-local listener without one.

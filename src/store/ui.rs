@@ -155,8 +155,15 @@ impl Store {
                AND rowid > ?6
              ORDER BY rowid LIMIT ?7",
         )?;
-        let bind =
-            params![search.state, search.job_id, search.portal_id, path, value, search.after.unwrap_or(0), sql_limit(search.limit)];
+        let bind = params![
+            search.state,
+            search.job_id,
+            search.portal_id,
+            path,
+            value,
+            search.after.unwrap_or(0),
+            sql_limit(search.limit)
+        ];
         let rows = stmt.query_map(bind, |r| {
             Ok(WatchRow {
                 seq: r.get(0)?,
@@ -230,6 +237,41 @@ impl Store {
         )?)
     }
 
+    /// The same figures as [`Store::backlog`], read the way the overview
+    /// can afford with 100,000 deliveries: pending counts from the partial
+    /// `deliveries_pending_by_webhook` index alone, failed counts from the
+    /// (state, id) index, and the oldest pending delivery as the lowest id
+    /// (ids grow with creation), looked up once per webhook. Three times
+    /// faster than one `GROUP BY` over every pending and failed row.
+    pub fn webhook_backlog(&self) -> Result<std::collections::BTreeMap<String, super::Backlog>, StoreError> {
+        let conn = self.conn();
+        let mut out: std::collections::BTreeMap<String, super::Backlog> = std::collections::BTreeMap::new();
+        let mut pending = conn.prepare_cached(
+            "SELECT webhook, COUNT(*), MIN(id) FROM deliveries INDEXED BY deliveries_pending_by_webhook
+             WHERE state = 'pending' GROUP BY webhook",
+        )?;
+        let rows = pending.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+        let mut oldest = Vec::new();
+        for row in rows {
+            let (webhook, count, first) = row?;
+            out.entry(webhook.clone()).or_default().pending = count;
+            oldest.push((webhook, first));
+        }
+        let mut created = conn.prepare_cached("SELECT created_at FROM deliveries WHERE id = ?1")?;
+        for (webhook, id) in oldest {
+            let at: i64 = created.query_row([id], |r| r.get(0))?;
+            out.entry(webhook).or_default().oldest_pending = Some(at);
+        }
+        let mut failed =
+            conn.prepare_cached("SELECT webhook, COUNT(*) FROM deliveries WHERE state = 'failed' GROUP BY webhook")?;
+        let rows = failed.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (webhook, count) = row?;
+            out.entry(webhook).or_default().failed = count;
+        }
+        Ok(out)
+    }
+
     /// Per webhook, its most recent attempt that was not a 2xx, among the
     /// newest [`LAST_ERROR_WINDOW`] attempts.
     pub fn last_errors(&self) -> Result<std::collections::BTreeMap<String, LastError>, StoreError> {
@@ -262,9 +304,8 @@ impl Store {
         // (state, id) index for `state = 'delivered'` and then reads every
         // delivered row to filter on `finished_at` (three times slower with
         // 100,000 deliveries); the partial index holds exactly these rows.
-        let mut notifications = conn.prepare_cached(
-            "SELECT COUNT(*) FROM notifications WHERE created_at >= ?1 AND created_at < ?2",
-        )?;
+        let mut notifications =
+            conn.prepare_cached("SELECT COUNT(*) FROM notifications WHERE created_at >= ?1 AND created_at < ?2")?;
         let mut delivered = conn.prepare_cached(
             "SELECT COUNT(*) FROM deliveries INDEXED BY deliveries_finished
              WHERE state = 'delivered' AND finished_at >= ?1 AND finished_at < ?2",
@@ -447,6 +488,34 @@ mod tests {
     }
 
     #[test]
+    fn webhook_backlog_agrees_with_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("r.db")).unwrap();
+        assert!(store.webhook_backlog().unwrap().is_empty());
+        store
+            .seed_outbox_for_bench("550e8400-e29b-41d4-a716-446655440000", 997, &["a", "b", "c"], 1_800_000_000_000)
+            .unwrap();
+        let fast = store.webhook_backlog().unwrap();
+        assert_eq!(fast, store.backlog().unwrap());
+        assert!(fast.values().all(|b| b.pending > 0 && b.failed > 0 && b.oldest_pending.is_some()));
+        let now = 1_800_000_000_000;
+        let activity = store.activity(now, 60).unwrap();
+        // The 60 buckets end with the minute holding `now`, so the seeds of
+        // the hour's first minute fall before them.
+        let start = now - 59 * 60_000;
+        let expected = (0..997).filter(|i| now - HOUR + i * HOUR / 997 >= start).count() as u64;
+        assert_eq!(activity.notifications.iter().map(|m| m.1).sum::<u64>(), expected);
+        assert_eq!(activity.notifications.len(), 60);
+        let delivered = store.search_deliveries(&DeliverySearch {
+            state: Some(DeliveryState::Delivered),
+            limit: 10_000,
+            ..DeliverySearch::default()
+        });
+        let delivered = delivered.unwrap().into_iter().filter(|d| d.finished_at.unwrap() >= start).count();
+        assert_eq!(activity.delivered.iter().map(|m| m.1 as usize).sum::<usize>(), delivered);
+    }
+
+    #[test]
     fn watch_search_filters_and_pages() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("r.db")).unwrap();
@@ -464,8 +533,7 @@ mod tests {
         assert_eq!(all(WatchSearch::default()).len(), 5);
         let by_portal = all(WatchSearch { portal_id: Some("acme/form".into()), ..Default::default() });
         assert_eq!(by_portal.iter().map(|w| w.job_id.as_str()).collect::<Vec<_>>(), [&jobs[0], &jobs[2], &jobs[4]]);
-        let by_label =
-            all(WatchSearch { label: Some(("customer".into(), "a.b\"c".into())), ..Default::default() });
+        let by_label = all(WatchSearch { label: Some(("customer".into(), "a.b\"c".into())), ..Default::default() });
         assert_eq!(by_label.len(), 1);
         assert_eq!(by_label[0].job_id, jobs[3]);
         assert!(all(WatchSearch { label: Some(("customer".into(), "x".into())), ..Default::default() }).is_empty());

@@ -75,8 +75,7 @@ fn minutes(activity: &Activity, now_ms: i64) -> Vec<Minute> {
 pub fn summary(activity: &Activity, now_ms: i64) -> Summary {
     let per_minute = minutes(activity, now_ms);
     let since = now_ms - MINUTES as i64 * 60_000;
-    let mut all: Vec<i64> =
-        activity.latencies.iter().filter(|(at, _)| *at > since).map(|&(_, l)| l.max(0)).collect();
+    let mut all: Vec<i64> = activity.latencies.iter().filter(|(at, _)| *at > since).map(|&(_, l)| l.max(0)).collect();
     all.sort_unstable();
     Summary {
         notifications: per_minute.iter().map(|m| m.0).sum(),
@@ -107,8 +106,9 @@ pub fn short_ms(ms: f64) -> String {
     }
 }
 
-/// A polyline over the minutes, skipping minutes without a value.
-fn line(out: &mut String, values: &[Option<f64>], top: f64, max: f64, class: &str) {
+/// A polyline over the minutes, skipping minutes without a value; with
+/// `dots`, each value also gets a dot (a lone minute is then still seen).
+fn line(out: &mut String, values: &[Option<f64>], top: f64, max: f64, class: &str, dots: bool) {
     let step = (WIDTH - LEFT - 8.0) / (MINUTES as f64 - 1.0);
     let mut points = String::new();
     for (i, v) in values.iter().enumerate() {
@@ -116,6 +116,9 @@ fn line(out: &mut String, values: &[Option<f64>], top: f64, max: f64, class: &st
             let x = LEFT + i as f64 * step;
             let y = top + PANEL - (v / max).min(1.0) * PANEL;
             let _ = write!(points, "{x:.1},{y:.1} ");
+            if dots {
+                let _ = write!(out, r#"<circle class="{class}" cx="{x:.1}" cy="{y:.1}" r="2.5"/>"#);
+            }
         }
     }
     if !points.is_empty() {
@@ -151,12 +154,12 @@ pub fn svg(activity: &Activity, now_ms: i64) -> String {
     );
     panel(&mut out, TOP, "per minute: notifications, deliveries", &format!("{counts_max}"));
     let as_f = |f: fn(&Minute) -> Option<f64>| per_minute.iter().map(f).collect::<Vec<_>>();
-    line(&mut out, &as_f(|m| Some(m.0 as f64)), TOP, counts_max, "s1");
-    line(&mut out, &as_f(|m| Some(m.1 as f64)), TOP, counts_max, "s2");
+    line(&mut out, &as_f(|m| Some(m.0 as f64)), TOP, counts_max, "s1", false);
+    line(&mut out, &as_f(|m| Some(m.1 as f64)), TOP, counts_max, "s2", false);
     let second = TOP + PANEL + GAP;
     panel(&mut out, second, "delivery latency: p50, p99", &short_ms(latency_max));
-    line(&mut out, &as_f(|m| m.2.map(|v| v as f64)), second, latency_max, "s3");
-    line(&mut out, &as_f(|m| m.3.map(|v| v as f64)), second, latency_max, "s4");
+    line(&mut out, &as_f(|m| m.2.map(|v| v as f64)), second, latency_max, "s3", true);
+    line(&mut out, &as_f(|m| m.3.map(|v| v as f64)), second, latency_max, "s4", true);
     let axis = second + PANEL + 16.0;
     let _ = write!(
         out,

@@ -319,7 +319,10 @@ fn check_csrf(session: &Session, form: &HashMap<String, String>) -> Result<(), U
         Ok(())
     } else {
         warn!("status page: refused a POST without its CSRF token");
-        Err(UiError::new(StatusCode::FORBIDDEN, "the form's CSRF token is missing or stale: reload the page and try again"))
+        Err(UiError::new(
+            StatusCode::FORBIDDEN,
+            "the form's CSRF token is missing or stale: reload the page and try again",
+        ))
     }
 }
 
@@ -408,7 +411,7 @@ async fn overview(
         .call(move |s| {
             Ok((
                 s.watch_counts()?,
-                s.backlog()?,
+                s.webhook_backlog()?,
                 s.paused_webhooks()?,
                 s.last_errors()?,
                 s.activity(now, chart::MINUTES)?,
@@ -535,11 +538,16 @@ async fn watches(
     let more = rows.len() > PAGE;
     rows.truncate(PAGE);
     let next = more.then(|| {
-        let mut query = format!("{}&{}", serde_urlencoded_pair("q", &text), serde_urlencoded_pair("state", state.as_deref().unwrap_or("")));
+        let mut query = format!(
+            "{}&{}",
+            serde_urlencoded_pair("q", &text),
+            serde_urlencoded_pair("state", state.as_deref().unwrap_or(""))
+        );
         query.push_str(&format!("&after={}", rows.last().map_or(0, |w| w.seq)));
         format!("/ui/watches?{query}")
     });
-    let context = json!({"page": "watches", "notice": notice(&q), "q": text, "state": state, "rows": rows, "next": next});
+    let context =
+        json!({"page": "watches", "notice": notice(&q), "q": text, "state": state, "rows": rows, "next": next});
     ui.render("watches.html", &session, context)
 }
 
@@ -576,7 +584,8 @@ async fn job(
         .admin
         .store
         .call(move |s| {
-            let watch = s.search_watches(&WatchSearch { job_id: Some(id.clone()), limit: 1, ..WatchSearch::default() })?;
+            let watch =
+                s.search_watches(&WatchSearch { job_id: Some(id.clone()), limit: 1, ..WatchSearch::default() })?;
             Ok((watch.into_iter().next(), s.job_timeline(&id, after, TIMELINE + 1)?, s.notification_count(&id)?))
         })
         .await?;
@@ -671,7 +680,7 @@ async fn deliveries(
     let (mut rows, paused, backlog) = ui
         .admin
         .store
-        .call(move |s| Ok((s.search_deliveries(&search)?, s.paused_webhooks()?, s.backlog()?)))
+        .call(move |s| Ok((s.search_deliveries(&search)?, s.paused_webhooks()?, s.webhook_backlog()?)))
         .await?;
     let more = rows.len() > PAGE;
     rows.truncate(PAGE);
@@ -779,7 +788,8 @@ mod tests {
     #[test]
     fn redirects_stay_on_the_status_page() {
         assert_eq!(local_page(Some("/ui/jobs/x?notice=1")), "/ui/jobs/x?notice=1");
-        for bad in ["https://evil.example/", "//evil.example/ui/", "/ui//evil", "/ui/../v1/watches", "/v1/x", "/ui\\x"] {
+        for bad in ["https://evil.example/", "//evil.example/ui/", "/ui//evil", "/ui/../v1/watches", "/v1/x", "/ui\\x"]
+        {
             assert_eq!(local_page(Some(bad)), "/ui/", "{bad}");
         }
         assert_eq!(local_page(None), "/ui/");

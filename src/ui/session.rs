@@ -114,11 +114,9 @@ pub fn cookie_value(headers: &axum::http::HeaderMap) -> Option<String> {
 pub fn set_cookie(session: Option<&Session>, secure: bool) -> String {
     let secure = if secure { "; Secure" } else { "" };
     match session {
-        Some(s) => format!(
-            "{COOKIE}={}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
-            s.id,
-            SESSION_TTL.as_secs()
-        ),
+        Some(s) => {
+            format!("{COOKIE}={}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}{secure}", s.id, SESSION_TTL.as_secs())
+        }
         None => format!("{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0{secure}"),
     }
 }

@@ -99,7 +99,8 @@ async fn browser() -> (Driver, Client) {
     caps.insert("browserName".into(), "chrome".into());
     caps.insert("goog:chromeOptions".into(), json!({"binary": CHROMIUM, "args": args}));
     let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    let client = ClientBuilder::new(connector).capabilities(caps).connect(&driver.url).await.expect("a WebDriver session");
+    let client =
+        ClientBuilder::new(connector).capabilities(caps).connect(&driver.url).await.expect("a WebDriver session");
     (driver, client)
 }
 
@@ -269,6 +270,8 @@ async fn browser_login_watches_job_and_retry() {
         assert!(overview.contains(needle), "the overview shows {needle:?}:\n{overview}");
     }
     assert!(client.find(Locator::Css("svg.chart polyline")).await.is_ok(), "the chart is drawn");
+    // Tall enough for the whole page (docs/img/ shows this one).
+    client.set_window_size(1280, 1900).await.unwrap();
     screenshot(&client, "overview").await;
 
     // The watches, searched by label, then one job's page.
@@ -296,6 +299,7 @@ async fn browser_login_watches_job_and_retry() {
     let events = page.find("Opened the contact form").unwrap();
     assert!(events < page.find("Submitted the form").unwrap(), "the timeline is in order");
     screenshot(&client, "job").await;
+    client.set_window_size(1280, 1000).await.unwrap();
 
     // The dead letter, retried from the page.
     client.find(Locator::LinkText("Dead letters")).await.unwrap().click().await.unwrap();
@@ -314,6 +318,13 @@ async fn browser_login_watches_job_and_retry() {
         assert!(job.contains(&format!("{status} ")), "every attempt is listed ({status}):\n{job}");
     }
     screenshot(&client, "retried").await;
+    // On a phone-sized window the page still fits its width (tables scroll
+    // inside their own box).
+    client.set_window_size(390, 844).await.unwrap();
+    client.goto(&format!("{base}/ui/")).await.unwrap();
+    let width = client.execute("return document.documentElement.scrollWidth;", vec![]).await.unwrap();
+    assert!(width.as_u64().unwrap() <= 400, "the overview is {width} px wide on a phone");
+    screenshot(&client, "phone").await;
     client.close().await.unwrap();
     relay.stop().await;
 }
@@ -344,7 +355,10 @@ async fn browser_resume_and_refusals() {
 
     // A forged CSRF token is refused, and nothing changes.
     client
-        .execute("document.querySelector(\"form[action='/ui/webhooks/chat/resume'] input[name=csrf]\").value = 'forged';", vec![])
+        .execute(
+            "document.querySelector(\"form[action='/ui/webhooks/chat/resume'] input[name=csrf]\").value = 'forged';",
+            vec![],
+        )
         .await
         .unwrap();
     client.find(Locator::Css("form[action='/ui/webhooks/chat/resume'] button")).await.unwrap().click().await.unwrap();
@@ -412,12 +426,7 @@ async fn status_page_refusals_and_secrets() {
         assert!(cookie.contains(attribute), "{cookie}");
     }
     let session = cookie.split(';').next().unwrap().to_owned();
-    let plain = http
-        .post(format!("{base}/ui/login"))
-        .form(&[("token", ADMIN_TOKEN)])
-        .send()
-        .await
-        .unwrap();
+    let plain = http.post(format!("{base}/ui/login")).form(&[("token", ADMIN_TOKEN)]).send().await.unwrap();
     assert!(!plain.headers()["set-cookie"].to_str().unwrap().contains("Secure"), "no TLS, no Secure");
 
     // With the session: every page, and none shows a secret.
@@ -457,7 +466,8 @@ async fn status_page_refusals_and_secrets() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    let r = http.get(format!("{base}/ui/")).header("host", "evil.example").header("cookie", &session).send().await.unwrap();
+    let r =
+        http.get(format!("{base}/ui/")).header("host", "evil.example").header("cookie", &session).send().await.unwrap();
     assert_eq!(r.status(), 403, "the Host check applies to the page");
     // The admin API itself still refuses forms.
     let r = http
@@ -480,7 +490,13 @@ async fn status_page_refusals_and_secrets() {
     assert_eq!(r.headers()["location"], format!("/ui/jobs/{FORM_JOB}?notice=removed"));
     assert_eq!(relay.store.list_watches(true).unwrap()[0].state, "removed");
     // Logging out ends the session.
-    let r = http.post(format!("{base}/ui/logout")).header("cookie", &session).form(&[("csrf", csrf.as_str())]).send().await.unwrap();
+    let r = http
+        .post(format!("{base}/ui/logout"))
+        .header("cookie", &session)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 303);
     let r = http.get(format!("{base}/ui/")).header("cookie", &session).send().await.unwrap();
     assert_eq!(r.status(), 303);
