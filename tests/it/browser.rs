@@ -52,16 +52,30 @@ impl Drop for Driver {
 /// line) when they are skipped. With `DARI_RELAY_BROWSER_TESTS=required`
 /// a missing browser is a failure instead.
 fn browsers_present() -> bool {
-    let present = Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists();
+    let required = std::env::var("DARI_RELAY_BROWSER_TESTS").as_deref() == Ok("required");
+    browsers_at(Path::new(CHROMIUM), Path::new(CHROMEDRIVER), required)
+}
+
+fn browsers_at(chromium: &Path, chromedriver: &Path, required: bool) -> bool {
+    let present = chromium.exists() && chromedriver.exists();
     if !present {
         assert!(
-            std::env::var("DARI_RELAY_BROWSER_TESTS").as_deref() != Ok("required"),
-            "DARI_RELAY_BROWSER_TESTS=required, but {CHROMIUM} or {CHROMEDRIVER} is missing \
-             (apt-get install -y chromium chromium-driver)"
+            !required,
+            "DARI_RELAY_BROWSER_TESTS=required, but {} or {} is missing (apt-get install -y chromium chromium-driver)",
+            chromium.display(),
+            chromedriver.display()
         );
         println!("browser tests skipped: chromium/chromedriver not found");
     }
     present
+}
+
+#[test]
+fn missing_browsers_skip_unless_required() {
+    let missing = Path::new("/nonexistent/chromium");
+    assert!(!browsers_at(missing, missing, false));
+    let required = std::panic::catch_unwind(|| browsers_at(missing, missing, true));
+    assert!(required.is_err(), "with DARI_RELAY_BROWSER_TESTS=required a missing browser fails");
 }
 
 /// Starts chromedriver on a free port and opens a headless Chromium session.
@@ -416,7 +430,10 @@ async fn status_page_refusals_and_secrets() {
     let dari = FakeDari::start().await;
     dari.script(FORM_JOB, vec![job_answer("completed", &["Done"], true)]);
     let (relay, base, mut receivers, _dir) = relay_with_page(&dari).await;
-    relay.store.add_watches(&[watch(FORM_JOB, "acme/contact_form", "backend", &[])]).unwrap();
+    relay
+        .store
+        .add_watches(&[watch(FORM_JOB, "acme/contact_form", "backend", &[("note", "<script>alert(1)</script>")])])
+        .unwrap();
     receivers[0].until_delivered("job.completed").await;
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
 
@@ -464,6 +481,10 @@ async fn status_page_refusals_and_secrets() {
             assert!(!page.contains(secret), "a page shows a secret ({secret})");
         }
     }
+    // What Dari or a label says is text, never markup.
+    let label = pages[2].split("note=").nth(1).map(|rest| &rest[..40]);
+    assert!(!pages[2].contains("<script>alert"), "escaped: {label:?}");
+    assert!(label.is_some_and(|l| l.starts_with("&lt;script&gt;alert(1)&lt;")), "escaped: {label:?}");
     let csrf = pages[0].split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
 
     // A POST with the session but without (or with another) CSRF token: 403.
