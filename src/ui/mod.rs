@@ -209,7 +209,8 @@ impl Ui {
         Ok(([(header::CACHE_CONTROL, "no-store")], Html(html)).into_response())
     }
 
-    /// The per-org poll outcomes since about an hour ago, and since when.
+    /// The per-org poll outcomes since the baseline sample (the newest one
+    /// at least an hour old, else the first), and the baseline's time.
     fn polls_last_hour(&self, now: i64) -> (i64, BTreeMap<String, BTreeMap<&'static str, u64>>) {
         let current = self.admin.metrics.polls_by_org();
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
@@ -234,7 +235,10 @@ impl Ui {
                 (org, outcomes)
             })
             .collect();
-        (since.max(now - HOUR_MS), delta)
+        // Normally about an hour; longer when nobody looked at the page
+        // for a while (no sample was taken in between), shorter after a
+        // start. The page says which.
+        (since, delta)
     }
 }
 

@@ -8,7 +8,9 @@
   var every = main && Number(main.dataset.refresh) * 1000;
   function busy() {
     var a = document.activeElement;
-    return document.hidden || (a && /^(INPUT|SELECT|TEXTAREA)$/.test(a.tagName)) ||
+    // Anything focused inside the page (a field being typed in, a link or
+    // button reached with the keyboard) would lose its focus: wait.
+    return document.hidden || (a && a !== document.body && main.contains(a)) ||
       document.querySelector("details[open]") !== null;
   }
   function refresh() {

@@ -532,6 +532,20 @@ async fn status_page_refusals_and_secrets() {
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], format!("/ui/jobs/{FORM_JOB}?notice=removed"));
     assert_eq!(relay.store.list_watches(true).unwrap()[0].state, "removed");
+    // Retry all failed of one webhook.
+    dari.script(CRM_JOB, vec![job_answer("completed", &[], false)]);
+    receivers[1].answer_with(&[500, 500, 500, 500]);
+    relay.store.add_watches(&[watch(CRM_JOB, "acme/crm_sync", "crm", &[])]).unwrap();
+    until_delivery(&relay, CRM_JOB, "failed").await;
+    let r = http
+        .post(format!("{base}/ui/webhooks/crm/retry"))
+        .header("cookie", &session)
+        .form(&[("csrf", csrf.as_str()), ("back", "/ui/deliveries?status=failed")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["location"], "/ui/deliveries?status=failed&notice=retried-all");
+    until_delivery(&relay, CRM_JOB, "delivered").await;
     // Logging out ends the session.
     let r = http
         .post(format!("{base}/ui/logout"))
