@@ -4,9 +4,15 @@
 //! They live here, in the store, because only the store runs SQL; they
 //! return plain rows and the page (`crate::ui`) decides how to show them.
 
+use std::collections::BTreeMap;
+
 use rusqlite::params;
 
-use super::{DeliveryState, Store, StoreError, read_body, sql_limit};
+// The store's own helpers (`super`) and its public vocabulary (`crate::store`),
+// named apart so that moving this file next to the SQLite implementation
+// changes only the second line.
+use super::{BODY_COLUMNS, Store, read_body, sql_limit};
+use crate::store::{Backlog, DeliveryState, StoreError, now_ms};
 
 /// How many of the newest attempts the "last error" of each webhook is
 /// looked for in: a webhook that has not failed in that many attempts shows
@@ -233,7 +239,7 @@ impl Store {
         Ok(self.conn().execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?2, finished_at = NULL
              WHERE state = 'failed' AND webhook = ?1",
-            params![webhook, super::now_ms()],
+            params![webhook, now_ms()],
         )?)
     }
 
@@ -243,9 +249,9 @@ impl Store {
     /// (state, id) index, and the oldest pending delivery as the lowest id
     /// (ids grow with creation), looked up once per webhook. Three times
     /// faster than one `GROUP BY` over every pending and failed row.
-    pub fn webhook_backlog(&self) -> Result<std::collections::BTreeMap<String, super::Backlog>, StoreError> {
+    pub fn webhook_backlog(&self) -> Result<BTreeMap<String, Backlog>, StoreError> {
         let conn = self.conn();
-        let mut out: std::collections::BTreeMap<String, super::Backlog> = std::collections::BTreeMap::new();
+        let mut out: BTreeMap<String, Backlog> = BTreeMap::new();
         let mut pending = conn.prepare_cached(
             "SELECT webhook, COUNT(*), MIN(id) FROM deliveries INDEXED BY deliveries_pending_by_webhook
              WHERE state = 'pending' GROUP BY webhook",
@@ -274,7 +280,7 @@ impl Store {
 
     /// Per webhook, its most recent attempt that was not a 2xx, among the
     /// newest [`LAST_ERROR_WINDOW`] attempts.
-    pub fn last_errors(&self) -> Result<std::collections::BTreeMap<String, LastError>, StoreError> {
+    pub fn last_errors(&self) -> Result<BTreeMap<String, LastError>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT d.webhook, a.attempted_at, a.http_status, a.error
@@ -286,7 +292,7 @@ impl Store {
         let rows = stmt.query_map([LAST_ERROR_WINDOW], |r| {
             Ok((r.get::<_, String>(0)?, LastError { at: r.get(1)?, http_status: r.get(2)?, error: r.get(3)? }))
         })?;
-        let mut out = std::collections::BTreeMap::new();
+        let mut out = BTreeMap::new();
         for row in rows {
             let (webhook, error) = row?;
             out.entry(webhook).or_insert(error);
@@ -340,7 +346,7 @@ impl Store {
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT n.id, n.type, {}, n.created_at FROM notifications n LEFT JOIN answers a ON a.id = n.answer_id
              WHERE n.job_id = ?1 AND n.id > ?2 ORDER BY n.id LIMIT ?3",
-            super::BODY_COLUMNS
+            BODY_COLUMNS
         ))?;
         let rows = stmt.query_map(params![job_id, after, sql_limit(limit)], |r| {
             Ok(JobNotification {
