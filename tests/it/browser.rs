@@ -42,7 +42,21 @@ struct Driver {
 }
 
 impl Drop for Driver {
+    /// Asks chromedriver to shut down first (it then quits the browsers of
+    /// its sessions: a test that panicked before closing its session would
+    /// otherwise leave Chromium running, orphaned), and kills it after 3 s.
     fn drop(&mut self) {
+        use std::io::Write as _;
+        let address = self.url.trim_start_matches("http://");
+        if let Ok(mut stream) = std::net::TcpStream::connect(address) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+            let _ = write!(stream, "GET /shutdown HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+            let _ = std::io::Read::read(&mut stream, &mut [0u8; 256]);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
