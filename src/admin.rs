@@ -9,6 +9,9 @@
 //!   the org's key and watches it in the same call.
 //! - `GET /healthz` (alive), `GET /readyz` (database writable, loops making
 //!   progress), `GET /metrics` (Prometheus text).
+//! - `/ui/...`: the status page (`ui`, merged in by `app`), which checks its own
+//!   session and CSRF token instead of the bearer token; the browser checks
+//!   below apply to it too, but for the JSON-body rule (its POSTs are forms).
 //!
 //! Every request needs `Authorization: Bearer <token>` when a token is
 //! configured; config loading refuses a non-local listener without one.
@@ -122,15 +125,24 @@ impl Listener {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: Listener, mut state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+/// Serves the API on `listener` until `shutdown` is cancelled, with the
+/// routes `pages` makes (the status page, which `app` supplies: the admin
+/// API does not import it) merged in behind the browser checks but not the
+/// bearer token: they check their own session.
+pub async fn serve(
+    listener: Listener,
+    mut state: AdminState,
+    pages: impl FnOnce(AdminState) -> Router<AdminState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     info!(listen = %listener.describe(), "admin API listening");
     state.startup_token = listener.token;
     let bound = match &listener.socket {
         Socket::Tcp(l) => Some(l.local_addr()?),
         Socket::Unix(_) => None,
     };
-    let app = router(state, bound);
+    let pages = pages(state.clone());
+    let app = router(state, bound, pages);
     match listener.socket {
         Socket::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
         Socket::Unix(l) => axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await,
@@ -140,7 +152,7 @@ pub async fn serve(listener: Listener, mut state: AdminState, shutdown: Cancella
 /// The routes, with the browser checks, auth and the body limit. `bound` is
 /// the TCP address the listener is bound to (its port is what `Host` must
 /// name), `None` on a Unix socket.
-pub fn router(state: AdminState, bound: Option<SocketAddr>) -> Router {
+pub fn router(state: AdminState, bound: Option<SocketAddr>, pages: Router<AdminState>) -> Router {
     Router::new()
         .route("/v1/watches", post(create_watch).get(list_watches))
         .route("/v1/watches/{job_id}", get(get_watch).delete(delete_watch))
@@ -151,6 +163,9 @@ pub fn router(state: AdminState, bound: Option<SocketAddr>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // The status page checks its own session (and CSRF token) instead
+        // of the bearer token; the browser checks below still apply to it.
+        .merge(pages)
         // Added last, so it runs first: a browser's request is refused
         // before anything else looks at it.
         .layer(middleware::from_fn_with_state((state.clone(), bound), refuse_browsers))
@@ -282,7 +297,10 @@ async fn refuse_browsers(
         warn!(sec_fetch_site = ?site, "admin API: refused a cross-site request");
         return ApiError::new(StatusCode::FORBIDDEN, "cross-site requests are refused").into_response();
     }
-    if has_body(&request) && !is_json(headers.get(header::CONTENT_TYPE)) {
+    // The status page's POSTs are forms; its CSRF token and SameSite=Strict
+    // session cookie refuse what another site's page could send there.
+    let status_page = request.uri().path().starts_with("/ui/");
+    if !status_page && has_body(&request) && !is_json(headers.get(header::CONTENT_TYPE)) {
         return ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "a request body must be sent as content-type: application/json",
@@ -351,7 +369,7 @@ fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
 
 /// Compares without stopping at the first difference, so response timing
 /// says nothing about how much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

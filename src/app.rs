@@ -118,8 +118,9 @@ pub async fn serve(
     if let Some(listener) = admin {
         let state = AdminState { config, store: Arc::clone(&store), metrics, health, startup_token: None };
         let token = shutdown.clone();
-        tasks
-            .spawn(async move { ("admin API", admin::serve(listener, state, token).await.map_err(|e| e.to_string())) });
+        tasks.spawn(async move {
+            ("admin API", admin::serve(listener, state, crate::ui::router, token).await.map_err(|e| e.to_string()))
+        });
     }
 
     // The database is open and migrated and the loops are running. STOPPING

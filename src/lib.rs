@@ -30,6 +30,7 @@ pub mod poller;
 pub mod retry;
 pub mod signature;
 pub mod store;
+pub mod ui;
 pub mod upstream;
 pub mod vocab;
 

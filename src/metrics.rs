@@ -159,6 +159,12 @@ impl Metrics {
         polls.get(org).and_then(|by_outcome| by_outcome.get(outcome)).copied().unwrap_or(0)
     }
 
+    /// Every org's polls so far, by outcome (for the status page, which
+    /// keeps its own per-minute samples of it).
+    pub fn polls_by_org(&self) -> BTreeMap<String, BTreeMap<&'static str, u64>> {
+        self.polls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Delivery attempts to `webhook` with `outcome` so far.
     pub fn deliveries(&self, webhook: &str, outcome: &'static str) -> u64 {
         get(&self.deliveries, &(webhook.to_owned(), outcome))

@@ -135,10 +135,27 @@ pub fn follow_up(body: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notification::sample;
 
+    /// A standard body of `kind` (the fields the chat formats read).
     fn body(kind: &str) -> Value {
-        serde_json::from_str(&sample(kind, &Default::default(), "2026-11-30T10:30:15.123Z").body.compose()).unwrap()
+        let status = match kind {
+            "job.event" | "watch.failed" => "running",
+            other => other.trim_start_matches("job."),
+        };
+        let mut data = json!({
+            "job_id": "00000000-0000-4000-8000-000000000000", "portal_id": "acme/form", "status": status,
+            "current_step": "Submit the contact form", "labels": {},
+        });
+        match kind {
+            "job.event" => data["event"] = json!({"event_type": "step_completed", "message": "Filled in the form"}),
+            "job.failed" => data["error"] = "Timed out after 30s waiting for the Submit button".into(),
+            "job.waiting_for_input" => {
+                data["latest_question"] = json!({"message": "Which plan: Basic or Pro?", "data": {"question_id": "q"}})
+            }
+            "watch.failed" => data["reason"] = "job_not_found".into(),
+            _ => {}
+        }
+        json!({"type": kind, "timestamp": "2026-11-30T10:30:15.123Z", "data": data})
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod admin;
 mod admin_guard;
+mod browser;
 mod cli;
 mod config_bounds;
 mod crash;

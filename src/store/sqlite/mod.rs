@@ -5,6 +5,7 @@ mod prune;
 mod schema;
 #[cfg(test)]
 mod tests;
+pub mod ui;
 mod watches;
 mod writer;
 
