@@ -94,6 +94,11 @@ impl Poller {
             watch.again = true;
             return Triggered::AfterFlight;
         }
+        if watch.triggered_at.is_some_and(|at| at >= now) {
+            // A triggered poll is already waiting (due now or at the end of
+            // the window): this trigger is folded into it.
+            return Triggered::Scheduled;
+        }
         self.next_generation += 1;
         let generation = self.next_generation;
         let due = watch.triggered_at.map_or(now, |at| later(at, COALESCE).max(now));

@@ -13,6 +13,7 @@ mod diff_props;
 mod fakes;
 mod faults;
 mod formats;
+mod inbound;
 mod lifecycle;
 mod robustness;
 mod stress;
