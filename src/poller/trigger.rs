@@ -125,3 +125,90 @@ impl Poller {
         due
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The trigger's bookkeeping on scripted times and outcomes (the tasks
+    //! a step spawns never run: these tests do not yield).
+
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use tokio::sync::{Notify, watch};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::health::Health;
+    use crate::poller::{Finished, PollOutcome};
+    use crate::store::{ScheduledWatch, Store, WatchState, now_ms};
+
+    const A: &str = "00000000-0000-4000-8000-0000000000a1";
+
+    fn poller(dir: &Path) -> Poller {
+        let text = format!(
+            "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\npoll_interval = \"60s\"\n\
+             max_poll_interval = \"60s\"\n[orgs.acme]\napi_key_env = \"KEY\"\n",
+            dir.join("r.db").display()
+        );
+        let env = |name: &str| (name == "KEY").then(|| "k".to_owned());
+        let config = Arc::new(Config::from_toml(&text, Path::new("t.toml"), &env).unwrap());
+        let store = Arc::new(Store::open(&config.database).unwrap());
+        let (_, config_rx) = watch::channel(config);
+        Poller::new(config_rx, store, Arc::default(), Arc::new(Health::default()), Arc::new(Notify::new())).unwrap()
+    }
+
+    fn watch_a() -> ScheduledWatch {
+        ScheduledWatch {
+            job_id: A.into(),
+            portal: "acme/form".parse().unwrap(),
+            state: WatchState::Active,
+            body_hash: None,
+            created_at: now_ms(),
+        }
+    }
+
+    /// Live heap entries of A (stale generations are skipped by the step).
+    fn live(p: &Poller) -> Vec<Instant> {
+        let generation = p.watches[A].generation;
+        p.queue.iter().filter(|Reverse((_, g, j))| j == A && *g == generation).map(|Reverse((d, _, _))| *d).collect()
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_triggers_makes_one_poll_now_and_at_most_one_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = poller(dir.path());
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        p.schedule_new(watch_a(), t0 + Duration::from_secs(60));
+        assert_eq!(p.trigger("00000000-0000-4000-8000-0000000000ff".into(), t0), Triggered::Unknown);
+
+        // The first trigger moves the 60 s poll to now; the old entry is stale.
+        assert_eq!(p.trigger(A.into(), t0), Triggered::Scheduled);
+        assert_eq!(live(&p), [t0]);
+        // More triggers at the same moment fold into it.
+        for _ in 0..3 {
+            assert_eq!(p.trigger(A.into(), t0), Triggered::Scheduled);
+        }
+        assert_eq!(live(&p), [t0]);
+        assert_eq!(p.poll_due_once(t0), 1, "one poll starts");
+        assert!(p.watches[A].in_flight);
+
+        // Triggers during the poll ask for one more, after the window.
+        for i in 1..5 {
+            assert_eq!(p.trigger(A.into(), t0 + ms(10 * i)), Triggered::AfterFlight);
+        }
+        p.handle(Finished { job_id: A.into(), outcome: PollOutcome::Unchanged, _permit: None }, t0 + ms(100));
+        assert_eq!(live(&p), [t0 + COALESCE], "one more poll, a window after the first");
+        for i in 2..10 {
+            assert_eq!(p.trigger(A.into(), t0 + ms(100 * i)), Triggered::Scheduled);
+        }
+        assert_eq!(live(&p), [t0 + COALESCE], "the rest of the second folds into it");
+        assert_eq!(p.poll_due_once(t0 + ms(900)), 0);
+
+        // The org's 429 pause still holds a triggered poll back.
+        p.paused_orgs.insert("acme".into(), t0 + Duration::from_secs(5));
+        assert_eq!(p.poll_due_once(t0 + COALESCE), 0, "paused: not polled");
+        assert_eq!(live(&p), [t0 + Duration::from_secs(5)]);
+        assert_eq!(p.poll_due_once(t0 + Duration::from_secs(5)), 1);
+    }
+}
