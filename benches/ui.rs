@@ -122,6 +122,8 @@ async fn main() {
         store: Arc::clone(&store),
         metrics: Arc::new(Metrics::default()),
         health: Arc::new(Health::default()),
+        // No poller here: "poll now" requests go nowhere.
+        poll_now: dari_relay::poller::PollNow::channel().0,
         startup_token: None,
     };
     let shutdown = CancellationToken::new();

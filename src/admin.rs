@@ -5,6 +5,8 @@
 //!   `DELETE /v1/watches/{job_id}`: the same watches as `dari-relay watch`,
 //!   with the same rules ([`Config::check_watch`]).
 //! - `GET /v1/deliveries`, `POST /v1/deliveries/{id}/retry`.
+//! - `POST /v1/watches/{job_id}/poll`: polls an active watch now (the
+//!   same trigger as Dari's webhook on the inbound listener).
 //! - `POST /v1/jobs/{org_id}/{endpoint_name}/start`: starts a Dari job with
 //!   the org's key and watches it in the same call.
 //! - `GET /healthz` (alive), `GET /readyz` (database writable, loops making
@@ -65,6 +67,8 @@ pub struct AdminState {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// Asks the poller to poll a watch now (`POST /v1/watches/{job_id}/poll`).
+    pub poll_now: crate::poller::PollNow,
     /// The token in force when the listener was bound (see [`Listener`]);
     /// set by [`serve`].
     pub startup_token: Option<secrecy::SecretString>,
@@ -156,6 +160,7 @@ pub fn router(state: AdminState, bound: Option<SocketAddr>, pages: Router<AdminS
     Router::new()
         .route("/v1/watches", post(create_watch).get(list_watches))
         .route("/v1/watches/{job_id}", get(get_watch).delete(delete_watch))
+        .route("/v1/watches/{job_id}/poll", post(poll_watch))
         .route("/v1/deliveries", get(list_deliveries))
         .route("/v1/deliveries/{id}/retry", post(retry_delivery))
         .route("/v1/jobs/{org_id}/{endpoint_name}/start", post(start_job))
@@ -547,6 +552,33 @@ async fn delete_watch(State(state): State<AdminState>, Path(job_id): Path<String
     } else {
         Err(ApiError::new(StatusCode::NOT_FOUND, "no such watch"))
     }
+}
+
+/// Polls an active watch now: 202 once the poll is scheduled (it still
+/// waits for its org's 429 pause, rate and `max_in_flight`), 404 for no such
+/// watch, 409 for a watch that is no longer polled.
+async fn poll_watch(State(state): State<AdminState>, Path(job_id): Path<String>) -> Result<Response, ApiError> {
+    let job_id = parse_job_id(&job_id).map_err(|e| ApiError::bad("job_id", e))?;
+    let id = job_id.clone();
+    let rows = state
+        .store
+        .call(move |s| s.query_watches(&WatchQuery { job_id: Some(id), limit: Some(1), ..WatchQuery::default() }))
+        .await?;
+    let Some(watch) = rows.into_iter().next() else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no such watch"));
+    };
+    if watch.state != WatchState::Active.as_str() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("the watch is {}; only active watches are polled", watch.state),
+        ));
+    }
+    state.poll_now.request(&job_id).map_err(|e| match e {
+        crate::poller::PollNowError::Busy => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+        crate::poller::PollNowError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    })?;
+    info!(job_id = %job_id, "admin API: poll now");
+    Ok((StatusCode::ACCEPTED, Json(json!({"job_id": job_id, "poll": "scheduled"}))).into_response())
 }
 
 async fn list_deliveries(

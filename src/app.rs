@@ -20,6 +20,7 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::deliver::Deliverer;
 use crate::health::{self, Health};
+use crate::inbound;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
 use crate::store::{PollerStore, PruneSummary, Sqlite, Store, StoreError};
@@ -34,6 +35,9 @@ pub enum AppError {
     /// An HTTP client could not be built (TLS setup).
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// The inbound listener (Dari's webhook) could not listen.
+    #[error("cannot listen on {listen} for Dari's webhook ([inbound]): {source}")]
+    Inbound { listen: String, source: std::io::Error },
     /// The admin API could not listen.
     #[error("cannot listen on {listen} for the admin API: {source}")]
     Admin { listen: String, source: std::io::Error },
@@ -60,7 +64,24 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         ),
         None => None,
     };
-    serve(config, Arc::new(store), Arc::new(Metrics::default()), admin, shutdown).await
+    let inbound = match config.borrow().inbound.as_ref().map(|i| i.listen) {
+        Some(listen) => Some(
+            inbound::Listener::bind(listen)
+                .await
+                .map_err(|source| AppError::Inbound { listen: listen.to_string(), source })?,
+        ),
+        None => None,
+    };
+    serve_with(config, Arc::new(store), Arc::new(Metrics::default()), Listeners { admin, inbound }, shutdown).await
+}
+
+/// The listeners bound before the relay starts, each optional.
+#[derive(Default)]
+pub struct Listeners {
+    /// The admin API (`[admin] listen`).
+    pub admin: Option<admin::Listener>,
+    /// Dari's webhook (`[inbound] listen`), never the admin API's listener.
+    pub inbound: Option<inbound::Listener>,
 }
 
 /// Runs the poller, the deliverer, the pruner, the systemd watchdog and (with
@@ -73,6 +94,19 @@ pub async fn serve(
     admin: Option<admin::Listener>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    serve_with(config, store, metrics, Listeners { admin, inbound: None }, shutdown).await
+}
+
+/// [`serve`] with every listener: also the inbound listener for Dari's
+/// webhook, which shares the poller's "poll now" handle with the admin API.
+pub async fn serve_with(
+    config: watch::Receiver<Arc<Config>>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let Listeners { admin, inbound } = listeners;
     let wake_delivery = Arc::new(Notify::new());
     let health = Arc::new(Health::default());
     // The loops see the store only through the storage traits.
@@ -84,6 +118,7 @@ pub async fn serve(
         Arc::clone(&health),
         Arc::clone(&wake_delivery),
     )?;
+    let poll_now = poller.poll_now_handle();
     let deliverer = Deliverer::new(config.clone(), loops, Arc::clone(&metrics), Arc::clone(&health), wake_delivery)?;
 
     // Every long-lived task goes into this one set, named, so the app can say
@@ -115,8 +150,21 @@ pub async fn serve(
     tasks.spawn(async move { ("pruner", prune_loop(reloads, pruning, token).await.map_err(|e| e.to_string())) });
     let (token, watched, watched_store) = (shutdown.clone(), Arc::clone(&health), Arc::clone(&store));
     tasks.spawn(async move { ("watchdog", watchdog_loop(watched, watched_store, token).await) });
+    if let Some(listener) = inbound {
+        let state = inbound::InboundState {
+            config: config.clone(),
+            store: Arc::clone(&store),
+            metrics: Arc::clone(&metrics),
+            poll_now: poll_now.clone(),
+            limiter: Arc::default(),
+        };
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            ("inbound listener", inbound::serve(listener, state, token).await.map_err(|e| e.to_string()))
+        });
+    }
     if let Some(listener) = admin {
-        let state = AdminState { config, store: Arc::clone(&store), metrics, health, startup_token: None };
+        let state = AdminState { config, store: Arc::clone(&store), metrics, health, poll_now, startup_token: None };
         let token = shutdown.clone();
         tasks.spawn(async move {
             ("admin API", admin::serve(listener, state, crate::ui::router, token).await.map_err(|e| e.to_string()))

@@ -11,7 +11,7 @@
 //! transitions into the bodies receivers get; [`poller`] schedules the polls and
 //! commits each diff with its deliveries in one transaction; [`deliver`] sends
 //! the outbox to webhooks in order per job and webhook; [`app`] wires the loops
-//! together; [`cli`] implements the commands and [`demo`] runs the whole
+//! together; [`inbound`] turns Dari's own webhook into "poll now"; [`cli`] implements the commands and [`demo`] runs the whole
 //! pipeline against a simulated portal.
 
 pub mod admin;
@@ -24,6 +24,7 @@ pub mod diff;
 pub mod format;
 pub mod glob;
 pub mod health;
+pub mod inbound;
 pub mod metrics;
 pub mod notification;
 pub mod poller;

@@ -83,6 +83,8 @@ pub struct Metrics {
     /// `unknown_webhook` (a delivery stored for a webhook no longer in the
     /// config).
     delivery_faults: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Requests to the inbound listener (Dari's webhook), by outcome.
+    inbound: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
@@ -95,6 +97,7 @@ impl Default for Metrics {
             poll_duration: Mutex::new(Histogram::new(&POLL_BUCKETS)),
             delivery_latency: Mutex::default(),
             delivery_faults: Mutex::default(),
+            inbound: Mutex::default(),
         }
     }
 }
@@ -146,6 +149,16 @@ impl Metrics {
     pub fn delivery_latency(&self, webhook: &str, seconds: f64) {
         let mut map = self.delivery_latency.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(webhook.to_owned()).or_insert_with(|| Histogram::new(&LATENCY_BUCKETS)).observe(seconds);
+    }
+
+    /// Counts one request to the inbound listener with its outcome label.
+    pub fn inbound(&self, outcome: &'static str) {
+        bump(&self.inbound, outcome);
+    }
+
+    /// Inbound requests with `outcome` so far.
+    pub fn inbound_count(&self, outcome: &'static str) -> u64 {
+        get(&self.inbound, &outcome)
     }
 
     /// Notifications stored so far, all types.
@@ -272,6 +285,14 @@ impl Metrics {
                 "dari_relay_delivery_faults_total{{webhook=\"{}\",fault=\"{fault}\"}} {n}",
                 escape(webhook)
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dari_relay_inbound_total Requests to the inbound listener (Dari's webhook), by outcome."
+        );
+        let _ = writeln!(out, "# TYPE dari_relay_inbound_total counter");
+        for (outcome, n) in self.inbound.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "dari_relay_inbound_total{{outcome=\"{outcome}\"}} {n}");
         }
         out
     }

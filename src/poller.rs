@@ -40,6 +40,9 @@ use crate::store::{
 use crate::upstream::{StatusAnswer, UpstreamClient, UpstreamError};
 use crate::vocab::{NotificationKind, PortalId, SeenState, WatchState, normalize_status, now_ms};
 
+mod trigger;
+pub use trigger::{COALESCE, PollNow, PollNowError, Triggered};
+
 /// How often the scheduler checks the database for watches added or removed
 /// by the CLI. A quarter second keeps "polled within 1 second of `watch add`"
 /// with room to spare, for one indexed single-row read.
@@ -159,6 +162,11 @@ struct Scheduled {
     /// removal and re-add.
     generation: u64,
     in_flight: bool,
+    /// When the last poll asked by a trigger ("poll now") was due, for
+    /// coalescing (see `trigger`).
+    triggered_at: Option<Instant>,
+    /// A trigger came while the poll was in flight: poll again when it ends.
+    again: bool,
 }
 
 /// Why the scheduler's loop woke up.
@@ -167,6 +175,8 @@ enum Wake {
     Finished(usize),
     /// The timer: a watch is due (and a permit free), or the scan is.
     Timer,
+    /// This many "poll now" triggers arrived (in the trigger buffer).
+    Triggered(usize),
 }
 
 /// Results sent back by poll tasks.
@@ -246,6 +256,11 @@ pub struct Poller {
     turns: Arc<AtomicU64>,
     results_tx: mpsc::UnboundedSender<Finished>,
     results_rx: mpsc::UnboundedReceiver<Finished>,
+    /// "Poll now" triggers: the handle is cloned out by
+    /// [`Poller::poll_now_handle`]; the poller keeps one, so the channel
+    /// stays open for its whole life.
+    poll_now: PollNow,
+    triggers_rx: mpsc::Receiver<String>,
 }
 
 impl Poller {
@@ -262,6 +277,7 @@ impl Poller {
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let epoch = Instant::now();
         let rate_limits = rate_limits(&config, Duration::ZERO);
+        let (poll_now, triggers_rx) = PollNow::channel();
         Ok(Poller {
             config_rx,
             permits: Arc::new(Semaphore::new(config.upstream.max_in_flight)),
@@ -284,6 +300,8 @@ impl Poller {
             turns: Arc::new(AtomicU64::new(0)),
             results_tx,
             results_rx,
+            poll_now,
+            triggers_rx,
         })
     }
 
@@ -358,6 +376,7 @@ impl Poller {
         let timer = tokio::time::sleep_until(later(Instant::now(), SCAN_INTERVAL));
         tokio::pin!(timer);
         let mut batch = Vec::with_capacity(256);
+        let mut triggered = Vec::with_capacity(64);
         // One clock reading per turn, taken when the loop wakes; it serves
         // the finished polls of this turn and the due check of the next.
         let mut now = Instant::now();
@@ -393,10 +412,21 @@ impl Poller {
                 biased;
                 _ = &mut cancelled => return Ok(()),
                 // Every poll that finished meanwhile, handled in one turn.
+                // Triggers before results: each is one heap push, at most
+                // 64 a turn, and a steady stream of results must not keep
+                // a "poll now" waiting.
+                n = self.triggers_rx.recv_many(&mut triggered, 64) => Wake::Triggered(n),
                 n = self.results_rx.recv_many(&mut batch, 256) => Wake::Finished(n),
                 _ = &mut timer => Wake::Timer,
             };
             now = Instant::now();
+            if let Wake::Triggered(n) = woke_by {
+                for job_id in triggered.drain(..n) {
+                    if self.trigger(job_id, now) == Triggered::Unknown {
+                        next_scan = now;
+                    }
+                }
+            }
             if let Wake::Finished(n) = woke_by {
                 // One wake-up of the deliverer (on its own thread) for all
                 // the deliveries this turn stored, not one per poll.
@@ -490,6 +520,8 @@ impl Poller {
                 not_found_since: None,
                 generation,
                 in_flight: false,
+                triggered_at: None,
+                again: false,
             },
         );
     }
@@ -677,7 +709,8 @@ impl Poller {
                 wait
             }
         };
-        self.reschedule(job_id, later(now, delay));
+        let due = self.due_after_flight(&job_id, later(now, delay), now);
+        self.reschedule(job_id, due);
     }
 }
 

@@ -145,3 +145,16 @@ pub const MAX_TEMPLATE_BYTES: usize = 1024 * 1024;
 
 /// The largest secret file (`*_file`) read.
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
+
+/// `[inbound]`: the largest body of `POST /v1/dari/webhook`; a longer one
+/// is answered 413 (from its `Content-Length` before reading, else once the
+/// read passes this).
+pub const INBOUND_MAX_BODY: usize = 256 * 1024;
+
+/// `[inbound]`: requests a second one source address may send before the
+/// listener answers 429 (a burst of one second's worth is allowed).
+pub const INBOUND_RATE_PER_SOURCE: f64 = 50.0;
+
+/// `[inbound]`: the most source addresses whose rate is tracked at once. A
+/// source idle for a second has a full bucket and is forgotten first.
+pub const INBOUND_MAX_SOURCES: usize = 4096;

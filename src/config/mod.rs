@@ -23,7 +23,7 @@ mod webhook;
 use std::path::{Path, PathBuf};
 
 pub use raw::parse_duration;
-pub use resolved::{Admin, Config, Delivery, ListenAddr, LogFormat, Org, SecretSource, Upstream};
+pub use resolved::{Admin, Config, Delivery, Inbound, ListenAddr, LogFormat, Org, SecretSource, Upstream};
 pub use webhook::{ExtraHeader, Webhook};
 
 /// Where the config file is looked for when neither `--config` nor

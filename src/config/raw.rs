@@ -27,6 +27,7 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) webhooks: Vec<Spanned<RawWebhook>>,
     pub(super) admin: Option<Spanned<RawAdmin>>,
+    pub(super) inbound: Option<Spanned<RawInbound>>,
     pub(super) log_format: Option<LogFormat>,
 }
 
@@ -40,6 +41,19 @@ pub(super) struct RawAdmin {
     /// own address and localhost, for a reverse proxy or a DNS name.
     #[serde(default)]
     pub(super) allowed_hosts: Vec<Spanned<String>>,
+}
+
+/// `[inbound]`: the listener for Dari's own webhook (push assist).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawInbound {
+    pub(super) listen: Spanned<String>,
+    pub(super) dari_webhook_key_env: Option<Spanned<String>>,
+    pub(super) dari_webhook_key_file: Option<Spanned<String>>,
+    /// Portal patterns (`my-org/*`) whose announced jobs are watched when
+    /// nobody added them.
+    #[serde(default)]
+    pub(super) auto_watch: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

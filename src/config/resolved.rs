@@ -15,7 +15,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::defaults::{self, CountBounds, DurationBounds, MAX_LIST_LEN, MAX_NAME_LEN};
-use super::raw::{DurationValue, RawAdmin, RawConfig, RawDelivery, RawUpstream};
+use super::raw::{DurationValue, RawAdmin, RawConfig, RawDelivery, RawInbound, RawUpstream};
 use super::{ConfigError, Webhook};
 
 /// The resolved configuration. Built by [`Config::load`] (or
@@ -38,6 +38,8 @@ pub struct Config {
     pub webhooks: Vec<Webhook>,
     /// The admin HTTP API, when `[admin] listen` is set.
     pub admin: Option<Admin>,
+    /// The listener for Dari's own webhook, when `[inbound] listen` is set.
+    pub inbound: Option<Inbound>,
     /// Log format of `run`, unless `--log-format` says otherwise.
     pub log_format: Option<LogFormat>,
 }
@@ -72,6 +74,31 @@ impl fmt::Debug for Admin {
             .field("listen", &self.listen)
             .field("token", &self.token_source)
             .field("allowed_hosts", &self.allowed_hosts)
+            .finish()
+    }
+}
+
+/// `[inbound]`: the listener for Dari's own webhook (push assist), apart
+/// from the admin API because it faces the internet.
+#[derive(Clone)]
+pub struct Inbound {
+    /// Where it listens (TCP; TLS is a reverse proxy's job).
+    pub listen: std::net::SocketAddr,
+    /// The key of `X-Webhook-Signature` (HMAC-SHA256 of the body), if set;
+    /// without it the signature is not checked.
+    pub webhook_key: Option<SecretString>,
+    /// Where the key came from.
+    pub webhook_key_source: Option<SecretSource>,
+    /// Portal patterns whose announced, unwatched jobs are watched.
+    pub auto_watch: Vec<crate::glob::Glob>,
+}
+
+impl fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inbound")
+            .field("listen", &self.listen)
+            .field("webhook_key", &self.webhook_key_source)
+            .field("auto_watch", &self.auto_watch)
             .finish()
     }
 }
@@ -261,6 +288,7 @@ impl Resolver<'_> {
         }
         let retention = self.duration("retention", raw.retention, defaults::RETENTION)?;
         let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
+        let inbound = raw.inbound.map(|i| self.inbound(i)).transpose()?;
         Ok(Config {
             path: self.path.to_owned(),
             database,
@@ -270,6 +298,7 @@ impl Resolver<'_> {
             orgs,
             webhooks,
             admin,
+            inbound,
             log_format: raw.log_format,
         })
     }
@@ -469,6 +498,38 @@ impl Resolver<'_> {
             allowed_hosts.push(name);
         }
         Ok(Admin { listen, token: token.map(SecretString::from), token_source, allowed_hosts })
+    }
+
+    fn inbound(&self, raw: Spanned<RawInbound>) -> Result<Inbound, ConfigError> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let text = raw.listen.get_ref().trim();
+        let listen = text.parse().map_err(|_| {
+            self.error(
+                Some(raw.listen.span()),
+                "inbound.listen",
+                format!("{text:?} is not a TCP address such as \"0.0.0.0:8443\" or \"127.0.0.1:8443\""),
+            )
+        })?;
+        let (key, webhook_key_source) = self.secret(
+            "inbound",
+            Some(span),
+            ("dari_webhook_key_env", raw.dari_webhook_key_env),
+            ("dari_webhook_key_file", raw.dari_webhook_key_file),
+        )?;
+        let mut auto_watch = Vec::new();
+        for (i, pattern) in raw.auto_watch.into_iter().enumerate() {
+            let too_long = pattern.get_ref().len() > defaults::MAX_VALUE_LEN;
+            if i == MAX_LIST_LEN || too_long {
+                let message =
+                    format!("at most {MAX_LIST_LEN} patterns, each at most {} bytes", defaults::MAX_VALUE_LEN);
+                return Err(self.error(Some(pattern.span()), "inbound.auto_watch", message));
+            }
+            let glob = crate::glob::Glob::new(pattern.get_ref())
+                .ok_or_else(|| self.error(Some(pattern.span()), "inbound.auto_watch", "a pattern must not be empty"))?;
+            auto_watch.push(glob);
+        }
+        Ok(Inbound { listen, webhook_key: key.map(SecretString::from), webhook_key_source, auto_watch })
     }
 
     /// A rate (per second) within [`MIN_RATE`](defaults::MIN_RATE) and

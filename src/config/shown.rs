@@ -55,6 +55,16 @@ impl Config {
                 );
             }
         }
+        if let Some(inbound) = &self.inbound {
+            let _ = writeln!(out, "\n[inbound]\nlisten = {:?}", inbound.listen.to_string());
+            if let Some(source) = &inbound.webhook_key_source {
+                let _ = writeln!(out, "dari_webhook_key = {:?}", source.to_string());
+            }
+            if !inbound.auto_watch.is_empty() {
+                let patterns = inbound.auto_watch.iter().map(|g| format!("{:?}", g.as_str())).collect();
+                let _ = writeln!(out, "auto_watch = {}", list(patterns));
+            }
+        }
         for org in self.orgs.values() {
             let _ = writeln!(out, "\n[orgs.{:?}]", org.id);
             let _ = writeln!(out, "api_key = {:?}", org.api_key_source.to_string());

@@ -462,6 +462,14 @@ fn example_documents_the_bounds() {
         ("terminal_statuses", format!("Bounds: at most {} statuses", defaults::MAX_TERMINAL_STATUSES)),
         ("allowed_hosts", format!("Bounds: at most {} names", defaults::MAX_LIST_LEN)),
         (
+            "auto_watch",
+            format!(
+                "Bounds: at most {} patterns, each at most {} bytes",
+                defaults::MAX_LIST_LEN,
+                defaults::MAX_VALUE_LEN
+            ),
+        ),
+        (
             "types",
             format!(
                 "Bounds: at most {} patterns, each at most {} bytes",
@@ -479,5 +487,41 @@ fn example_documents_the_bounds() {
                 && (w[1].starts_with(&format!("{key} = ")) || w[1].starts_with(&format!("# {key} = ")))
         });
         assert!(documented, "config.example.toml does not say \"{bounds}\" right above {key}");
+    }
+}
+
+/// `[inbound]`: resolved with its key redacted; a bad address, an empty
+/// pattern, too many patterns or both key sources are refused naming the key.
+#[test]
+fn inbound_resolves_and_refuses_bad_values() {
+    let c =
+        load("[inbound]\nlisten = \"0.0.0.0:8443\"\ndari_webhook_key_env = \"SECRET\"\nauto_watch = [\"acme/*\"]\n")
+            .unwrap();
+    let inbound = c.inbound.as_ref().unwrap();
+    assert_eq!(inbound.listen, "0.0.0.0:8443".parse().unwrap());
+    assert!(inbound.auto_watch[0].matches("acme/form"));
+    let shown = format!("{}\n{:?}", c.redacted_toml(), c);
+    assert!(!shown.contains("MfKQ9r8"), "{shown}");
+    assert!(shown.contains("[inbound]") && shown.contains("<redacted, from $SECRET>"), "{shown}");
+    assert!(load("").unwrap().inbound.is_none());
+    let many = format!("[inbound]\nlisten = \"127.0.0.1:1\"\nauto_watch = [{}]\n", vec!["\"a/*\""; 257].join(", "));
+    let cases = [
+        ("[inbound]\nlisten = \"unix:/x\"\n".to_owned(), "relay.toml:2: inbound.listen"),
+        ("[inbound]\nlisten = \"127.0.0.1:1\"\nauto_watch = [\"\"]\n".to_owned(), "relay.toml:3: inbound.auto_watch"),
+        (many, "inbound.auto_watch: at most 256 patterns"),
+        (
+            "[inbound]\nlisten = \"127.0.0.1:1\"\ndari_webhook_key_env = \"NOPE\"\n".to_owned(),
+            "inbound.dari_webhook_key_env: environment variable NOPE is not set",
+        ),
+        (
+            "[inbound]\nlisten = \"127.0.0.1:1\"\ndari_webhook_key_env = \"SECRET\"\ndari_webhook_key_file = \"/k\"\n"
+                .to_owned(),
+            "set either dari_webhook_key_env or dari_webhook_key_file",
+        ),
+        ("[inbound]\nlisten = \"127.0.0.1:1\"\nkey = \"x\"\n".to_owned(), "unknown field `key`"),
+    ];
+    for (text, want) in cases {
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains(want), "{text:?}: {err}");
     }
 }

@@ -76,6 +76,8 @@ pub(super) fn notice(q: &HashMap<String, String>) -> Option<&'static str> {
         "resumed" => "The webhook was resumed; its waiting deliveries go out now.",
         "removed" => "The watch was removed; nothing more is polled or announced for it.",
         "nothing" => "Nothing to do: it had changed meanwhile.",
+        "polled" => "The job is polled now; what it finds appears here shortly.",
+        "busy" => "The relay has too many polls waiting; try again in a moment.",
         _ => return None,
     })
 }
@@ -135,4 +137,28 @@ pub(super) async fn remove_watch(
     let removed = ui.admin.store.call(move |s| s.remove_watch(&id)).await?;
     info!(job_id = %job_id, removed, "status page: remove pressed");
     Ok(back(&form, if removed { "removed" } else { "nothing" }))
+}
+
+/// "Poll now": the same request as `POST /v1/watches/{job_id}/poll`, for an
+/// active watch; it jumps the schedule but not the org's limits.
+pub(super) async fn poll_now(
+    State(ui): State<Arc<Ui>>,
+    axum::Extension(session): axum::Extension<Session>,
+    Path(job_id): Path<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Result<Response, UiError> {
+    check_csrf(&session, &form)?;
+    let job_id = parse_job_id(&job_id).map_err(|e| UiError::new(StatusCode::BAD_REQUEST, e))?;
+    let id = job_id.clone();
+    let query = crate::store::WatchQuery { job_id: Some(id), limit: Some(1), ..Default::default() };
+    let rows = ui.admin.store.call(move |s| s.query_watches(&query)).await?;
+    if rows.first().is_none_or(|w| w.state != crate::vocab::WatchState::Active.as_str()) {
+        return Ok(back(&form, "nothing"));
+    }
+    let notice = match ui.admin.poll_now.request(&job_id) {
+        Ok(()) => "polled",
+        Err(_) => "busy",
+    };
+    info!(job_id = %job_id, notice, "status page: poll now pressed");
+    Ok(back(&form, notice))
 }

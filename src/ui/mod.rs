@@ -100,11 +100,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(admin: AdminState) -> Router<S> 
         .route("/ui/watches", get(watches))
         .route("/ui/jobs/{job_id}", get(job))
         .route("/ui/jobs/{job_id}/remove", post(remove_watch))
-        // TODO(coordinator): "Poll now". When `POST /v1/watches/{job_id}/poll`
-        // lands in the admin API, add `.route("/ui/jobs/{job_id}/poll",
-        // post(poll_now))` here, a handler that checks the CSRF token as
-        // `remove_watch` does and calls the same code as that route, and
-        // un-comment the button marked POLL-NOW in templates/job.html.
+        .route("/ui/jobs/{job_id}/poll", post(poll_now))
         .route("/ui/deliveries", get(deliveries))
         .route("/ui/deliveries/{id}/retry", post(retry_delivery))
         .route("/ui/webhooks/{name}/retry", post(retry_webhook))

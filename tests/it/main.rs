@@ -14,6 +14,7 @@ mod diff_props;
 mod fakes;
 mod faults;
 mod formats;
+mod inbound;
 mod layers;
 mod lifecycle;
 mod robustness;
