@@ -48,6 +48,16 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// enabled, and runs the relay until `shutdown` is cancelled, following
 /// config reloads sent on `config`.
 pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) -> Result<(), AppError> {
+    run_with_reload(config, None, shutdown).await
+}
+
+/// [`run`], with what the admin API's `POST /v1/reload` runs (the command
+/// line's `run` passes the same reload as SIGHUP's).
+pub async fn run_with_reload(
+    config: watch::Receiver<Arc<Config>>,
+    reload: Option<admin::Reload>,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
     let path = config.borrow().database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path))
         .await
@@ -61,6 +71,10 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         ),
         None => None,
     };
+    let admin = admin.map(|l| match reload {
+        Some(reload) => l.with_reload(reload),
+        None => l,
+    });
     serve(config, Arc::new(store), Arc::new(Metrics::default()), admin, shutdown).await
 }
 
@@ -116,7 +130,8 @@ pub async fn serve(
     let (token, watched, watched_store) = (shutdown.clone(), Arc::clone(&health), Arc::clone(&store));
     tasks.spawn(async move { ("watchdog", watchdog_loop(watched, watched_store, token).await) });
     if let Some(listener) = admin {
-        let state = AdminState { config, store: Arc::clone(&store), metrics, health, startup_token: None };
+        let state =
+            AdminState { config, store: Arc::clone(&store), metrics, health, startup_token: None, reload: None };
         let token = shutdown.clone();
         tasks
             .spawn(async move { ("admin API", admin::serve(listener, state, token).await.map_err(|e| e.to_string())) });

@@ -31,6 +31,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
+
+mod ops;
+pub use ops::{DeliveryDetail, DeliveryFilter};
 use serde_json::{Map, Value};
 
 use crate::diff::SeenState;
