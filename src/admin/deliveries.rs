@@ -1,6 +1,7 @@
 //! The delivery and webhook routes: `GET /v1/deliveries` (filtered),
 //! `GET /v1/deliveries/{id}` (what was sent, and every attempt),
-//! `POST /v1/deliveries/{id}/retry`, `GET /v1/webhooks`.
+//! `POST /v1/deliveries/{id}/retry`, `GET /v1/webhooks`,
+//! `POST /v1/webhooks/{name}/resume`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -142,7 +143,23 @@ pub(super) async fn list_deliveries(
             other => return Err(ApiError::bad("query", format!("unknown query parameter {other:?}"))),
         }
     }
-    let rows = state.store.call(move |s| s.query_deliveries(&filter)).await?;
+    // Failed deliveries come with every attempt: that is what a dead
+    // letter is for (as in `deliveries list`).
+    let rows = state
+        .store
+        .call(move |s| {
+            let rows = s.query_deliveries(&filter)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for d in rows {
+                let mut v = serde_json::to_value(&d).expect("rows serialise");
+                if d.state == DeliveryState::Failed.as_str() {
+                    v["attempts_log"] = s.attempts(d.id)?.iter().map(attempt_json).collect();
+                }
+                out.push(v);
+            }
+            Ok(out)
+        })
+        .await?;
     Ok(Json(json!({"deliveries": rows})))
 }
 
@@ -162,6 +179,20 @@ pub(super) async fn list_webhooks(State(state): State<AdminState>) -> Result<Jso
     let names: Vec<String> = config.webhooks.iter().map(|w| w.name.clone()).collect();
     let rows = state.store.call(move |s| webhook_rows(&names, s)).await?;
     Ok(Json(json!({"webhooks": rows})))
+}
+
+/// `POST /v1/webhooks/{name}/resume`: resumes a webhook paused by a 410
+/// Gone; 409 when it is not paused.
+pub(super) async fn resume_webhook(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json, ApiError> {
+    let webhook = name.clone();
+    if !state.store.call(move |s| s.resume_webhook(&webhook)).await? {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("webhook {name:?} is not paused")));
+    }
+    info!(webhook = %name, "admin API: webhook resumed");
+    Ok(Json(json!({"resumed": name})))
 }
 
 fn parse_id(id: &str) -> Result<i64, ApiError> {

@@ -7,7 +7,8 @@
 //! - `GET /v1/deliveries` (`?webhook=&job=&state=&limit=`),
 //!   `GET /v1/deliveries/{id}` (the body as rendered for its webhook, the
 //!   headers with secrets redacted, every attempt),
-//!   `POST /v1/deliveries/{id}/retry`, `GET /v1/webhooks` ([`deliveries`]).
+//!   `POST /v1/deliveries/{id}/retry`, `GET /v1/webhooks`,
+//!   `POST /v1/webhooks/{name}/resume` ([`deliveries`]).
 //! - `POST /v1/jobs/{org_id}/{endpoint_name}/start`: starts a Dari job with
 //!   the org's key and watches it in the same call.
 //! - `POST /v1/reload`: reads the config file again, as SIGHUP does.
@@ -174,6 +175,7 @@ pub fn router(state: AdminState, bound: Option<SocketAddr>) -> Router {
         .route("/v1/deliveries/{id}", get(deliveries::get_delivery))
         .route("/v1/deliveries/{id}/retry", post(deliveries::retry_delivery))
         .route("/v1/webhooks", get(deliveries::list_webhooks))
+        .route("/v1/webhooks/{name}/resume", post(deliveries::resume_webhook))
         .route("/v1/jobs/{org_id}/{endpoint_name}/start", post(watches::start_job))
         .route("/v1/reload", post(reload))
         .route("/healthz", get(|| async { Json(json!({"status": "alive"})) }))

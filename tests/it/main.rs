@@ -14,6 +14,7 @@ mod fakes;
 mod faults;
 mod formats;
 mod lifecycle;
+mod ops;
 mod robustness;
 mod stress;
 mod stress_poller;
