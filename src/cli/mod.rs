@@ -19,6 +19,7 @@ use crate::config::{Config, DEFAULT_CONFIG_PATH, LogFormat};
 use crate::store::Store;
 use crate::upstream::PortalId;
 
+mod check;
 mod daemon;
 mod logging;
 mod operate;
@@ -328,11 +329,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         Command::Run => daemon::run(path, cli.log_format),
         Command::Start { portal, body, webhooks, labels } => watch::start(path, portal, &body, webhooks, labels),
         Command::Demo => block_on(crate::demo::run(std::io::stdout())).map_err(runtime),
-        Command::CheckConfig => {
-            let config = load_config(path)?;
-            print!("{}", config.redacted_toml());
-            Ok(())
-        }
+        Command::CheckConfig => check::check_config(path),
         Command::Watch(w) => operate::watch(path, target()?, w),
         Command::Deliveries(d) => operate::deliveries(target()?, d),
         Command::Webhooks(w) => operate::webhooks(target()?, w),

@@ -4,6 +4,7 @@
 
 mod admin;
 mod admin_guard;
+mod check_config;
 mod cli;
 mod config_bounds;
 mod crash;

@@ -28,7 +28,13 @@ async fn listener(reload: Option<dari_relay::admin::Reload>) -> (Listener, Strin
     let token = Some(secrecy::SecretString::from(ADMIN_TOKEN));
     let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()), token).await.unwrap();
     let base = format!("http://{}", listener.describe());
-    (match reload { Some(r) => listener.with_reload(r), None => listener }, base)
+    (
+        match reload {
+            Some(r) => listener.with_reload(r),
+            None => listener,
+        },
+        base,
+    )
 }
 
 /// A request with the token (`token: false` for none); the status and the
@@ -88,7 +94,10 @@ async fn deliveries_show_what_was_sent_and_filter_by_webhook_job_and_state() {
     assert_eq!(status, 200);
     let names: Vec<&str> = hooks["webhooks"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["h", "chat"]);
-    assert_eq!((hooks["webhooks"][0]["state"].as_str(), hooks["webhooks"][0]["pending"].as_i64()), (Some("active"), Some(0)));
+    assert_eq!(
+        (hooks["webhooks"][0]["state"].as_str(), hooks["webhooks"][0]["pending"].as_i64()),
+        (Some("active"), Some(0))
+    );
 
     // Filters, alone and together; bad values are JSON 400s naming the field.
     let list = |q: &str| {
@@ -102,7 +111,10 @@ async fn deliveries_show_what_was_sent_and_filter_by_webhook_job_and_state() {
     let to_chat = list("webhook=chat").await;
     assert!(to_chat.len() == 3 && to_chat.iter().all(|d| d["webhook"] == "chat"), "{to_chat:?}");
     let all = list(&format!("job={JOB}&state=delivered&webhook=h")).await;
-    assert_eq!(all.iter().map(|d| d["type"].as_str().unwrap()).collect::<Vec<_>>(), ["job.completed", "job.running", "job.event"]);
+    assert_eq!(
+        all.iter().map(|d| d["type"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["job.completed", "job.running", "job.event"]
+    );
     assert!(list(&format!("job={JOB2}")).await.is_empty());
     assert!(list("state=failed").await.is_empty());
     assert_eq!(list("status=delivered").await.len(), 6);
@@ -151,7 +163,8 @@ async fn reload_route_runs_the_reload_and_reports_a_refused_config() {
         _ => Err("t.toml:3: upstream.poll_interval: not a duration".to_owned()),
     });
     let (listener, api) = listener(Some(reload)).await;
-    let relay = Relay::start_with_admin(&config_text(&dir.path().join("r.db"), &dari, &[], ADMIN), Some(listener)).await;
+    let relay =
+        Relay::start_with_admin(&config_text(&dir.path().join("r.db"), &dari, &[], ADMIN), Some(listener)).await;
     assert_eq!(call(reqwest::Method::POST, format!("{api}/v1/reload"), false).await.0, 401);
     assert_eq!(calls.load(Ordering::SeqCst), 0, "no reload without the token");
     let (status, body, _) = call(reqwest::Method::POST, format!("{api}/v1/reload"), true).await;
@@ -216,10 +229,7 @@ async fn the_cli_works_through_the_running_daemon_without_the_org_secrets() {
         .unwrap();
     let api = format!("http://127.0.0.1:{port}");
     let health = format!("{api}/healthz");
-    wait_until("the daemon answers", async || {
-        reqwest::get(&health).await.is_ok_and(|r| r.status().is_success())
-    })
-    .await;
+    wait_until("the daemon answers", async || reqwest::get(&health).await.is_ok_and(|r| r.status().is_success())).await;
     let addr = format!("127.0.0.1:{port}");
     let cfg = config.to_str().unwrap();
     // `--admin` alone before the subcommand is not read as an address.
