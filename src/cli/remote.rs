@@ -56,7 +56,7 @@ impl Admin {
         let listen = listen.trim();
         let addr = match listen.strip_prefix("unix:") {
             Some(path) if !path.is_empty() => Addr::Unix(PathBuf::from(path)),
-            _ if listen.contains(':') && !listen.contains('/') => Addr::Tcp(listen.to_owned()),
+            None if listen.contains(':') && !listen.contains('/') => Addr::Tcp(listen.to_owned()),
             _ => {
                 bail!("--admin {listen:?} is not an address such as 127.0.0.1:9187 or unix:/run/dari-relay/admin.sock")
             }
