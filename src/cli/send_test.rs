@@ -8,11 +8,6 @@ use anyhow::anyhow;
 
 use super::{Failure, block_on, load_config, runtime, usage};
 
-/// Longest `Retry-After` that `send-test` waits out on a 429 before trying
-/// again; Discord allows only a few messages per second to a webhook, and
-/// one run sends up to eight.
-const SEND_TEST_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
 pub(super) fn send_test(path: &Path, name: &str, kind: Option<&str>) -> Result<(), Failure> {
     use crate::notification::{SAMPLE_KINDS, now_timestamp, sample};
     let config = load_config(path)?;
@@ -40,7 +35,9 @@ pub(super) fn send_test(path: &Path, name: &str, kind: Option<&str>) -> Result<(
     // The sample job carries the labels the webhook follows, as a real one would.
     let mut labels: serde_json::Map<String, serde_json::Value> =
         webhook.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
-    labels.insert("sent_by".into(), "dari-relay send-test".into());
+    // The label also marks the chat messages as tests (`🧪 Test:`).
+    let (key, value) = crate::format::TEST_LABEL;
+    labels.insert(key.into(), value.into());
     let timestamp = now_timestamp();
     let mut out = std::io::stdout().lock();
     let mut failed = 0;
@@ -57,14 +54,13 @@ pub(super) fn send_test(path: &Path, name: &str, kind: Option<&str>) -> Result<(
             };
             let msg_id = crate::poller::new_msg_id();
             let mut response = crate::deliver::send(&http, &webhook, &msg_id, body.clone()).await;
-            for _ in 0..3 {
-                let wait = response.retry_after.unwrap_or(std::time::Duration::from_secs(1));
-                if response.status != Some(429) || wait > SEND_TEST_MAX_WAIT {
-                    break;
-                }
+            // The named policy: crate::retry::send_test_retry.
+            let mut retry = 1;
+            while let Some(wait) = crate::retry::send_test_retry(retry, response.status, response.retry_after) {
                 let _ = writeln!(out, "{kind}: HTTP 429, trying again in {:.1}s", wait.as_secs_f64());
                 tokio::time::sleep(wait).await;
                 response = crate::deliver::send(&http, &webhook, &msg_id, body.clone()).await;
+                retry += 1;
             }
             match response.status {
                 Some(status) => {
