@@ -115,6 +115,12 @@ pub fn attempt_json(a: &AttemptRecord) -> Value {
     })
 }
 
+#[utoipa::path(get, path = "/v1/deliveries", tag = "deliveries",
+    params(("state" = Option<String>, Query, description = "pending, delivered or failed (also `status`)"),
+        ("webhook" = Option<String>, Query, description = "A webhook's name"),
+        ("job" = Option<String>, Query, description = "A job's UUID (also `job_id`)"),
+        ("limit" = Option<usize>, Query, description = "1 to 1000; default 1000")),
+    responses((status = 200, description = "`{deliveries}`, newest first; failed ones with `attempts_log`"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn list_deliveries(
     State(state): State<AdminState>,
     q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
@@ -164,6 +170,9 @@ pub(super) async fn list_deliveries(
 }
 
 /// `GET /v1/deliveries/{id}`: what was sent, as [`delivery_json`] shows it.
+#[utoipa::path(get, path = "/v1/deliveries/{id}", tag = "deliveries",
+    params(("id" = i64, Path, description = "The delivery's id")),
+    responses((status = 200, description = "The row, `body` as rendered for its webhook, `headers` (secrets redacted), `attempts_log`"), (status = 404, description = "No such delivery"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn get_delivery(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json, ApiError> {
     let id = parse_id(&id)?;
     let Some(detail) = state.store.call(move |s| s.delivery(id)).await? else {
@@ -174,6 +183,8 @@ pub(super) async fn get_delivery(State(state): State<AdminState>, Path(id): Path
 }
 
 /// `GET /v1/webhooks`: every webhook's state and backlog ([`webhook_rows`]).
+#[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks",
+    responses((status = 200, description = "`{webhooks}`: name, state, paused_reason, in_config, pending, failed, oldest_pending_age_seconds"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn list_webhooks(State(state): State<AdminState>) -> Result<Json, ApiError> {
     let config = Arc::clone(&state.config.borrow());
     let names: Vec<String> = config.webhooks.iter().map(|w| w.name.clone()).collect();
@@ -183,6 +194,9 @@ pub(super) async fn list_webhooks(State(state): State<AdminState>) -> Result<Jso
 
 /// `POST /v1/webhooks/{name}/resume`: resumes a webhook paused by a 410
 /// Gone; 409 when it is not paused.
+#[utoipa::path(post, path = "/v1/webhooks/{name}/resume", tag = "webhooks",
+    params(("name" = String, Path, description = "The webhook's name")),
+    responses((status = 200, description = "`{resumed: name}`"), (status = 409, description = "Not paused"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn resume_webhook(
     State(state): State<AdminState>,
     Path(name): Path<String>,
@@ -199,6 +213,9 @@ fn parse_id(id: &str) -> Result<i64, ApiError> {
     id.parse().ok().filter(|&n| n > 0).ok_or_else(|| ApiError::bad("id", "a delivery id is a positive number"))
 }
 
+#[utoipa::path(post, path = "/v1/deliveries/{id}/retry", tag = "deliveries",
+    params(("id" = i64, Path, description = "The delivery's id")),
+    responses((status = 200, description = "`{requeued: id}`"), (status = 409, description = "Does not exist or is not failed"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn retry_delivery(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json, ApiError> {
     let id = parse_id(&id)?;
     let requeued = state.store.call(move |s| s.retry_failed(Some(id))).await?;

@@ -12,6 +12,8 @@
 //! - `POST /v1/jobs/{org_id}/{endpoint_name}/start`: starts a Dari job with
 //!   the org's key and watches it in the same call.
 //! - `POST /v1/reload`: reads the config file again, as SIGHUP does.
+//! - `GET /v1/openapi.json`: this API described as OpenAPI 3.1 ([`openapi`]),
+//!   generated from the handlers' `#[utoipa::path]` attributes.
 //! - `GET /healthz` (alive; the one route answered without the token, and
 //!   it says nothing else), `GET /readyz` (database writable, loops making
 //!   progress), `GET /metrics` (Prometheus text).
@@ -29,6 +31,7 @@
 
 mod deliveries;
 mod guard;
+mod openapi;
 mod watches;
 
 pub use deliveries::{WebhookRow, attempt_json, delivery_json, webhook_rows};
@@ -178,7 +181,8 @@ pub fn router(state: AdminState, bound: Option<SocketAddr>) -> Router {
         .route("/v1/webhooks/{name}/resume", post(deliveries::resume_webhook))
         .route("/v1/jobs/{org_id}/{endpoint_name}/start", post(watches::start_job))
         .route("/v1/reload", post(reload))
-        .route("/healthz", get(|| async { Json(json!({"status": "alive"})) }))
+        .route("/v1/openapi.json", get(openapi::document))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -261,6 +265,8 @@ pub(crate) fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
 /// `health::problems`) and the database takes writes. The write check costs
 /// nothing while the writer commits; otherwise one real check is made at
 /// most every [`WRITABLE_CHECK_EVERY`]: probes never queue on the write lock.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "`{status: ready}`"), (status = 503, description = "`{status: not ready, reasons}`"), (status = 401, description = "No valid bearer token")))]
 async fn readyz(State(state): State<AdminState>) -> Response {
     let mut reasons = crate::health::problems(&state.health, &state.store, std::time::Instant::now());
     let writable = state.store.call(|s| Ok(s.writable(WRITABLE_CHECK_EVERY))).await;
@@ -274,6 +280,8 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"), (status = 401, description = "No valid bearer token")))]
 async fn metrics(State(state): State<AdminState>) -> Result<Response, ApiError> {
     let (watches, backlog) = state.store.call(|s| Ok((s.watch_counts()?, s.backlog()?))).await?;
     let now = now_ms();
@@ -288,15 +296,27 @@ async fn metrics(State(state): State<AdminState>) -> Result<Response, ApiError> 
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 
+/// `GET /healthz`: liveness only, answered without the token; it says
+/// nothing but that the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "`{status: alive}`")))]
+async fn healthz() -> Json {
+    Json(json!({"status": "alive"}))
+}
+
 /// Any route not in the table: a JSON 404 like every other error, naming
 /// what was asked for (never an empty body a script cannot read).
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no route {}; see docs/admin-api.md", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route {}; see GET /v1/openapi.json or docs/admin-api.md", uri.path()),
+    )
 }
 
 /// `POST /v1/reload`: what SIGHUP does, answered: 200 with the config file
 /// read again, 422 with the reason when the new file is invalid (the running
 /// config is kept), 501 when this relay was started without a file to read.
+#[utoipa::path(post, path = "/v1/reload", tag = "operations",
+    responses((status = 200, description = "`{reloaded: true, config}`"), (status = 422, description = "The new file is invalid; the running config is kept"), (status = 501, description = "Started without a config file"), (status = 401, description = "No valid bearer token")))]
 async fn reload(State(state): State<AdminState>) -> Result<Json, ApiError> {
     let Some(reload) = state.reload.clone() else {
         return Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, "this relay was not started from a config file"));

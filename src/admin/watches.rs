@@ -86,6 +86,9 @@ async fn add_watch(state: &AdminState, watch: NewWatch) -> Result<(StatusCode, V
     Ok((if added { StatusCode::CREATED } else { StatusCode::OK }, watch))
 }
 
+#[utoipa::path(post, path = "/v1/watches", tag = "watches",
+    request_body(description = "`{portal_id, job_id, webhooks?, labels?, from_now?}`", content_type = "application/json"),
+    responses((status = 201, description = "Watch added; the watch"), (status = 200, description = "Already watched; unchanged"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn create_watch(
     State(state): State<AdminState>,
     given: Result<Bytes, BytesRejection>,
@@ -97,6 +100,12 @@ pub(super) async fn create_watch(
     Ok((status, Json(watch)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/watches", tag = "watches",
+    params(("state" = Option<String>, Query, description = "active, finished, failed or removed"),
+        ("portal_id" = Option<String>, Query, description = "<org_id>/<endpoint_name>"),
+        ("after" = Option<String>, Query, description = "The job id of the last watch of the previous page"),
+        ("limit" = Option<usize>, Query, description = "1 to 1000; default 100")),
+    responses((status = 200, description = "`{watches, next_after}`"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn list_watches(
     State(state): State<AdminState>,
     q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
@@ -127,6 +136,9 @@ pub(super) async fn list_watches(
     Ok(Json(json!({"watches": rows, "next_after": next})))
 }
 
+#[utoipa::path(get, path = "/v1/watches/{job_id}", tag = "watches",
+    params(("job_id" = String, Path, description = "The job's UUID")),
+    responses((status = 200, description = "The watch with its notifications and their deliveries"), (status = 404, description = "No such watch"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn get_watch(State(state): State<AdminState>, Path(job_id): Path<String>) -> Result<Json, ApiError> {
     let job_id = parse_job_id(&job_id).map_err(|e| ApiError::bad("job_id", e))?;
     let (rows, notifications) = state
@@ -158,6 +170,9 @@ pub(super) async fn get_watch(State(state): State<AdminState>, Path(job_id): Pat
     Ok(Json(body))
 }
 
+#[utoipa::path(delete, path = "/v1/watches/{job_id}", tag = "watches",
+    params(("job_id" = String, Path, description = "The job's UUID")),
+    responses((status = 204, description = "Stopped watching (pending deliveries are still sent)"), (status = 404, description = "No such watch"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn delete_watch(
     State(state): State<AdminState>,
     Path(job_id): Path<String>,
@@ -174,6 +189,13 @@ pub(super) async fn delete_watch(
 
 /// Starts a Dari job and watches it. The body goes to Dari unchanged; the
 /// query may name `webhook`s, `label`s (`key=value`) and `from_now`.
+#[utoipa::path(post, path = "/v1/jobs/{org_id}/{endpoint_name}/start", tag = "watches",
+    params(("org_id" = String, Path), ("endpoint_name" = String, Path),
+        ("webhook" = Option<Vec<String>>, Query, description = "Deliver to this webhook (repeatable)"),
+        ("label" = Option<Vec<String>>, Query, description = "key=value (repeatable)"),
+        ("from_now" = Option<bool>, Query)),
+    request_body(description = "The body for Dari's start endpoint, unchanged", content_type = "application/json"),
+    responses((status = 201, description = "`{job_id, dari, watch}`"), (status = 502, description = "Dari did not start the job"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn start_job(
     State(state): State<AdminState>,
     Path((org, endpoint)): Path<(String, String)>,

@@ -149,6 +149,28 @@ async fn deliveries_show_what_was_sent_and_filter_by_webhook_job_and_state() {
     // No config file to read again here: reload says so.
     let (status, body, _) = call(reqwest::Method::POST, format!("{api}/v1/reload"), true).await;
     assert_eq!(status, 501, "{body}");
+
+    // The OpenAPI document: every path it names is served by the router
+    // (answered by its handler, not by the fallback); the unit test in
+    // admin/openapi.rs checks the route table against it both ways.
+    let (status, doc, _) = get(format!("{api}/v1/openapi.json")).await;
+    assert_eq!((status, doc["openapi"].as_str().map(|v| v.starts_with("3."))), (200, Some(true)), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 13 && paths.contains_key("/v1/deliveries/{id}"), "{:?}", paths.keys());
+    for (path, item) in paths {
+        let concrete = path
+            .replace("{job_id}", JOB2)
+            .replace("{id}", "999999")
+            .replace("{org_id}", "nope")
+            .replace('{', "")
+            .replace('}', "");
+        for method in item.as_object().unwrap().keys() {
+            let method: reqwest::Method = method.to_uppercase().parse().unwrap();
+            let (status, body, _) = call(method.clone(), format!("{api}{concrete}"), true).await;
+            let fallback = status == 404 && body["error"].as_str().is_some_and(|e| e.starts_with("no route"));
+            assert!(!fallback && status != 405, "{method} {path}: {status} {body}");
+        }
+    }
     relay.stop().await;
 }
 
