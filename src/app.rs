@@ -130,8 +130,15 @@ pub async fn serve(
     let (token, watched, watched_store) = (shutdown.clone(), Arc::clone(&health), Arc::clone(&store));
     tasks.spawn(async move { ("watchdog", watchdog_loop(watched, watched_store, token).await) });
     if let Some(listener) = admin {
-        let state =
-            AdminState { config, store: Arc::clone(&store), metrics, health, startup_token: None, reload: None };
+        let state = AdminState {
+            config,
+            store: Arc::clone(&store),
+            metrics,
+            health,
+            startup_token: None,
+            reload: None,
+            stopping: None,
+        };
         let token = shutdown.clone();
         tasks
             .spawn(async move { ("admin API", admin::serve(listener, state, token).await.map_err(|e| e.to_string())) });

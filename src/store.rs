@@ -33,7 +33,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, Transactio
 use rusqlite_migration::{M, Migrations};
 
 mod ops;
-pub use ops::{DeliveryDetail, DeliveryFilter};
+pub use ops::{DeliveryDetail, DeliveryFilter, TailAttempt, TailNotification};
 use serde_json::{Map, Value};
 
 use crate::diff::SeenState;

@@ -12,6 +12,8 @@
 //! - `POST /v1/jobs/{org_id}/{endpoint_name}/start`: starts a Dari job with
 //!   the org's key and watches it in the same call.
 //! - `POST /v1/reload`: reads the config file again, as SIGHUP does.
+//! - `GET /v1/events`: notifications and delivery outcomes, live, as
+//!   server-sent events ([`events`]; `dari-relay tail`).
 //! - `GET /v1/openapi.json`: this API described as OpenAPI 3.1 ([`openapi`]),
 //!   generated from the handlers' `#[utoipa::path]` attributes.
 //! - `GET /healthz` (alive; the one route answered without the token, and
@@ -30,6 +32,7 @@
 //! and the deliverer does the rest.
 
 mod deliveries;
+mod events;
 mod guard;
 mod openapi;
 mod watches;
@@ -80,6 +83,9 @@ pub struct AdminState {
     /// What `POST /v1/reload` runs (see [`Reload`]); set by [`serve`] from
     /// the [`Listener`], `None` when the daemon was started without one.
     pub reload: Option<Reload>,
+    /// The relay's shutdown token, set by [`serve`], so a live stream
+    /// (`GET /v1/events`) ends when the relay stops.
+    pub stopping: Option<CancellationToken>,
 }
 
 /// Reads the config file again and hands it to the loops, as SIGHUP does;
@@ -156,6 +162,7 @@ pub async fn serve(listener: Listener, mut state: AdminState, shutdown: Cancella
     info!(listen = %listener.describe(), "admin API listening");
     state.startup_token = listener.token;
     state.reload = listener.reload;
+    state.stopping = Some(shutdown.clone());
     let bound = match &listener.socket {
         Socket::Tcp(l) => Some(l.local_addr()?),
         Socket::Unix(_) => None,
@@ -181,6 +188,7 @@ pub fn router(state: AdminState, bound: Option<SocketAddr>) -> Router {
         .route("/v1/webhooks/{name}/resume", post(deliveries::resume_webhook))
         .route("/v1/jobs/{org_id}/{endpoint_name}/start", post(watches::start_job))
         .route("/v1/reload", post(reload))
+        .route("/v1/events", get(events::events))
         .route("/v1/openapi.json", get(openapi::document))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -5,7 +5,7 @@
 
 use utoipa::OpenApi;
 
-use super::{Json, deliveries, watches};
+use super::{Json, deliveries, events, watches};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -26,6 +26,7 @@ use super::{Json, deliveries, watches};
         deliveries::list_webhooks,
         deliveries::resume_webhook,
         super::reload,
+        events::events,
         super::healthz,
         super::readyz,
         super::metrics,

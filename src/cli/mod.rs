@@ -85,6 +85,13 @@ pub enum Command {
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// Follow notifications and delivery outcomes live, from the running daemon's admin API
+    /// (`--admin`, else the config's [admin] listen).
+    Tail {
+        /// One JSON object per line (with its "event": notification or delivery) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send a sample notification of each type a webhook accepts and show its answers.
     SendTest {
         /// The webhook's name.
@@ -333,6 +340,14 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
         Command::Watch(w) => operate::watch(path, target()?, w),
         Command::Deliveries(d) => operate::deliveries(target()?, d),
         Command::Webhooks(w) => operate::webhooks(target()?, w),
+        Command::Tail { json } => {
+            // Always through the API: the daemon is what is followed.
+            let admin = Some(admin.clone().unwrap_or(None));
+            match operate::target(path, admin.as_ref(), cli.admin_token_env.as_deref())? {
+                operate::Target::Remote(api) => operate::tail(&api, json),
+                operate::Target::Local(_) => Err(usage(anyhow::anyhow!("tail needs the admin API"))),
+            }
+        }
         Command::SendTest { webhook, kind } => send_test::send_test(path, &webhook, kind.as_deref()),
         Command::Completions { shell } => {
             let shell = match shell {

@@ -559,3 +559,47 @@ pub fn webhooks(target: Target, command: WebhooksCommand) -> Result<(), Failure>
         }
     }
 }
+
+/// `tail`: each event on its own line as it comes, readable or (`json`) as
+/// a JSON object with its `event` name; stops when stdout is closed.
+pub fn tail(admin: &Admin, json: bool) -> Result<(), Failure> {
+    let mut out = std::io::stdout();
+    admin
+        .stream("/v1/events", |name, data| {
+            let Ok(mut v) = serde_json::from_str::<Value>(data) else { return true };
+            let line = if json {
+                v["event"] = name.into();
+                v.to_string()
+            } else if name == "notification" {
+                format!(
+                    "{}  {:<22}  job {} on {}",
+                    text(&v["at"]),
+                    text(&v["type"]),
+                    text(&v["job_id"]),
+                    text(&v["portal_id"])
+                )
+            } else {
+                let answer = match (v["http_status"].as_u64(), v["error"].as_str()) {
+                    (Some(status), _) => format!("HTTP {status}"),
+                    (None, Some(e)) => e.to_owned(),
+                    (None, None) => "-".to_owned(),
+                };
+                let outcome = match text(&v["state"]) {
+                    "pending" => "will retry",
+                    other => other,
+                };
+                format!(
+                    "{}  {:<22}  to {} ({outcome}, {answer}, {}ms)  job {}  delivery {}",
+                    text(&v["at"]),
+                    text(&v["type"]),
+                    text(&v["webhook"]),
+                    v["duration_ms"],
+                    text(&v["job_id"]),
+                    v["delivery_id"]
+                )
+            };
+            // A closed stdout (`tail | head`) ends the stream.
+            writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+        })
+        .map_err(runtime)
+}

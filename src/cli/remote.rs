@@ -102,6 +102,73 @@ impl Admin {
         Ok(answer)
     }
 
+    /// Sends a GET for a server-sent event stream and calls `on_event` with
+    /// each event's name and data until the stream ends or `on_event`
+    /// returns `false`. Comments (keepalives) are skipped.
+    pub fn stream(&self, path: &str, mut on_event: impl FnMut(&str, &str) -> bool) -> anyhow::Result<()> {
+        use std::io::BufRead;
+        let host = match &self.addr {
+            Addr::Tcp(a) => a.as_str(),
+            Addr::Unix(_) => "localhost",
+        };
+        let mut request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: text/event-stream\r\n");
+        if let Some(token) = &self.token {
+            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        request.push_str("\r\n");
+        let context = || {
+            format!("cannot reach the admin API at {} (is the daemon running with [admin] listen?)", self.describe())
+        };
+        // Keepalives come every 15 s; four missed ones mean the relay is gone.
+        let idle = Some(Duration::from_secs(60));
+        let stream: Box<dyn Read> = match &self.addr {
+            Addr::Tcp(addr) => {
+                use std::net::ToSocketAddrs;
+                let target =
+                    addr.to_socket_addrs().with_context(context)?.next().ok_or_else(|| anyhow!("no address"))?;
+                let mut s = std::net::TcpStream::connect_timeout(&target, TIMEOUT).with_context(context)?;
+                s.set_read_timeout(idle)?;
+                s.write_all(request.as_bytes())?;
+                Box::new(s)
+            }
+            Addr::Unix(p) => {
+                let mut s = std::os::unix::net::UnixStream::connect(p).with_context(context)?;
+                s.set_read_timeout(idle)?;
+                s.write_all(request.as_bytes())?;
+                Box::new(s)
+            }
+        };
+        let mut lines = std::io::BufReader::new(stream).lines();
+        let status = lines.next().transpose()?.unwrap_or_default();
+        let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        for line in lines.by_ref() {
+            if line?.is_empty() {
+                break;
+            }
+        }
+        if code != 200 {
+            let rest: Vec<String> = lines.map_while(Result::ok).collect();
+            let answer = Answer { status: code, body: serde_json::from_str(&rest.join("\n")).unwrap_or(Value::Null) };
+            bail!("the admin API answered {code}: {}", answer.error());
+        }
+        let (mut name, mut data) = (String::new(), String::new());
+        for line in lines {
+            let line = line.context("the event stream broke off")?;
+            if line.is_empty() {
+                if !data.is_empty() && !on_event(&name, &data) {
+                    return Ok(());
+                }
+                name.clear();
+                data.clear();
+            } else if let Some(v) = line.strip_prefix("event:") {
+                name = v.trim().to_owned();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.trim_start());
+            }
+        }
+        Ok(())
+    }
+
     fn exchange(&self, request: &[u8]) -> std::io::Result<Vec<u8>> {
         let mut raw = Vec::new();
         match &self.addr {

@@ -1,6 +1,7 @@
 //! Operator queries (issue 17): deliveries filtered by webhook, job and
 //! state, and one delivery with what was sent and every attempt, for
-//! `GET /v1/deliveries[/{id}]` and `dari-relay deliveries list|show`.
+//! `GET /v1/deliveries[/{id}]` and `dari-relay deliveries list|show`; and
+//! what `GET /v1/events` (`dari-relay tail`) streams.
 
 use rusqlite::{OptionalExtension, params};
 
@@ -104,6 +105,100 @@ impl Store {
         let Some((summary, body)) = found else { return Ok(None) };
         let attempts = self.attempts(id)?;
         Ok(Some(DeliveryDetail { summary: summary?, body, attempts }))
+    }
+}
+
+/// A notification as `GET /v1/events` streams it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TailNotification {
+    pub id: i64,
+    pub job_id: String,
+    pub portal_id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub at: String,
+}
+
+/// A delivery attempt's outcome as `GET /v1/events` streams it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TailAttempt {
+    pub id: i64,
+    pub delivery_id: i64,
+    pub webhook: String,
+    pub job_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What the attempt made of its delivery: `delivered` (2xx), `failed`
+    /// (the last attempt of a delivery that gave up), else `pending` (it
+    /// will be tried again).
+    pub state: String,
+    pub http_status: Option<u16>,
+    pub duration_ms: i64,
+    pub error: Option<String>,
+    pub at: String,
+}
+
+impl Store {
+    /// The newest notification and attempt ids, where a live stream starts.
+    pub fn tail_start(&self) -> Result<(i64, i64), StoreError> {
+        let conn = self.conn();
+        let n = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM notifications", [], |r| r.get(0))?;
+        let a = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM attempts", [], |r| r.get(0))?;
+        Ok((n, a))
+    }
+
+    /// Notifications after id `notification` and attempts after id `attempt`,
+    /// oldest first, at most `limit` of each: both by primary key, so a
+    /// stream that polls this costs two index range reads.
+    pub fn tail_after(
+        &self,
+        notification: i64,
+        attempt: i64,
+        limit: usize,
+    ) -> Result<(Vec<TailNotification>, Vec<TailAttempt>), StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT n.id, n.job_id, w.org_id || '/' || w.endpoint_name, n.type, n.created_at FROM notifications n
+             LEFT JOIN watches w ON w.job_id = n.job_id WHERE n.id > ?1 ORDER BY n.id LIMIT ?2",
+        )?;
+        let notifications = stmt
+            .query_map(params![notification, sql_limit(limit)], |r| {
+                Ok(TailNotification {
+                    id: r.get(0)?,
+                    job_id: r.get(1)?,
+                    portal_id: r.get(2)?,
+                    kind: r.get(3)?,
+                    at: ms_to_rfc3339(r.get(4)?),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT a.id, a.delivery_id, d.webhook, d.job_id, n.type,
+                    CASE WHEN a.http_status BETWEEN 200 AND 299 THEN 'delivered'
+                         WHEN d.state = 'failed' AND a.id = (SELECT MAX(id) FROM attempts WHERE delivery_id = d.id)
+                         THEN 'failed' ELSE 'pending' END,
+                    a.http_status, a.duration_ms, a.error,
+                    a.attempted_at
+             FROM attempts a JOIN deliveries d ON d.id = a.delivery_id JOIN notifications n ON n.id = d.notification_id
+             WHERE a.id > ?1 ORDER BY a.id LIMIT ?2",
+        )?;
+        let attempts = stmt
+            .query_map(params![attempt, sql_limit(limit)], |r| {
+                Ok(TailAttempt {
+                    id: r.get(0)?,
+                    delivery_id: r.get(1)?,
+                    webhook: r.get(2)?,
+                    job_id: r.get(3)?,
+                    kind: r.get(4)?,
+                    state: r.get(5)?,
+                    http_status: r.get(6)?,
+                    duration_ms: r.get(7)?,
+                    error: r.get(8)?,
+                    at: ms_to_rfc3339(r.get(9)?),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((notifications, attempts))
     }
 }
 

@@ -162,10 +162,15 @@ async fn deliveries_show_what_was_sent_and_filter_by_webhook_job_and_state() {
             .replace("{job_id}", JOB2)
             .replace("{id}", "999999")
             .replace("{org_id}", "nope")
-            .replace('{', "")
-            .replace('}', "");
+            .replace(['{', '}'], "");
         for method in item.as_object().unwrap().keys() {
             let method: reqwest::Method = method.to_uppercase().parse().unwrap();
+            if path == "/v1/events" {
+                // A live stream never ends: its answer's head is enough.
+                let head = reqwest::Client::new().get(format!("{api}{path}")).bearer_auth(ADMIN_TOKEN).send().await;
+                assert_eq!(head.unwrap().headers()["content-type"], "text/event-stream");
+                continue;
+            }
             let (status, body, _) = call(method.clone(), format!("{api}{concrete}"), true).await;
             let fallback = status == 404 && body["error"].as_str().is_some_and(|e| e.starts_with("no route"));
             assert!(!fallback && status != 405, "{method} {path}: {status} {body}");
@@ -326,4 +331,110 @@ async fn the_cli_works_through_the_running_daemon_without_the_org_secrets() {
     assert_eq!(gone.status.code(), Some(2));
     std::process::Command::new("kill").arg("-TERM").arg(daemon.id().to_string()).status().unwrap();
     assert!(daemon.wait().unwrap().success());
+}
+
+/// Spawns `dari-relay tail` against `addr`, its stdout lines sent on a channel.
+fn spawn_tail(addr: &str, json: bool) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dari-relay"));
+    cmd.arg("tail").arg(format!("--admin={addr}")).args(["--admin-token-env", "ADMIN_TOKEN", "-c", "/nonexistent"]);
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.env("ADMIN_TOKEN", ADMIN_TOKEN).env_remove("DARI_API_KEY").env_remove("RUST_LOG");
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Lines from `rx` until one satisfies `done` (10 s at most).
+fn lines_until(rx: &std::sync::mpsc::Receiver<String>, done: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("no such line in {seen:#?}"));
+        let stop = done(&line);
+        seen.push(line);
+        if stop {
+            return seen;
+        }
+    }
+}
+
+/// Issue 17 item 6: `dari-relay tail` follows a running relay's
+/// notifications and delivery outcomes live (`GET /v1/events`), readable in
+/// a terminal or one JSON object a line with `--json`; and the stream is
+/// behind the token.
+#[tokio::test]
+async fn tail_follows_notifications_and_deliveries_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let dari = FakeDari::start().await;
+    let mut receiver = FakeReceiver::start().await;
+    receiver.answer_with(&[500]);
+    dari.script(JOB, vec![job("running", 1), job("completed", 1)]);
+    let (listener, api) = listener(None).await;
+    let text = config_text(&dir.path().join("r.db"), &dari, &[("h", &receiver.url)], ADMIN);
+    let relay = Relay::start_with_admin(&text, Some(listener)).await;
+    assert_eq!(call(reqwest::Method::GET, format!("{api}/v1/events"), false).await.0, 401);
+    let addr = api.trim_start_matches("http://").to_owned();
+    let (mut json_tail, json_lines) = spawn_tail(&addr, true);
+    let (mut text_tail, text_lines) = spawn_tail(&addr, false);
+    // Both streams are open before anything happens (the stream starts at
+    // "now"): wait until the relay has answered them once.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    relay.store.add_watches(&[watch_on("acme/form", JOB)]).unwrap();
+    receiver.until_delivered("job.completed").await;
+
+    let seen = tokio::task::spawn_blocking(move || {
+        lines_until(&json_lines, |l| l.contains("\"event\":\"delivery\"") && l.contains("job.completed"))
+    })
+    .await
+    .unwrap();
+    let events: Vec<Value> = seen.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let notified: Vec<&str> =
+        events.iter().filter(|e| e["event"] == "notification").map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(notified, ["job.event", "job.running", "job.completed"], "{seen:#?}");
+    assert!(events.iter().all(|e| e["job_id"] == JOB));
+    let first_try = events.iter().find(|e| e["event"] == "delivery").unwrap();
+    assert_eq!((first_try["type"].as_str(), first_try["http_status"].as_u64()), (Some("job.event"), Some(500)));
+    assert_eq!(events.last().unwrap()["state"], "delivered");
+
+    let seen = tokio::task::spawn_blocking(move || {
+        lines_until(&text_lines, |l| l.contains("job.completed") && l.contains("to h"))
+    })
+    .await
+    .unwrap();
+    assert!(
+        seen.iter().any(|l| l.contains("job.completed") && l.contains(&format!("job {JOB} on acme/form"))),
+        "{seen:#?}"
+    );
+    assert!(seen.iter().any(|l| l.contains("to h (will retry, HTTP 500")), "{seen:#?}");
+    assert!(seen.last().unwrap().contains("to h (delivered, HTTP 204"), "{seen:#?}");
+    for child in [&mut json_tail, &mut text_tail] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // The relay stops although a stream may still be open.
+    let (mut open, _lines) = spawn_tail(&addr, true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(10), relay.stop()).await.expect("shutdown is not held by a stream");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = open.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            open.kill().unwrap();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.is_some_and(|s| s.success()), "tail ends cleanly when the relay stops: {status:?}");
 }
