@@ -125,6 +125,8 @@ async fn main() {
         // No poller here: "poll now" requests go nowhere.
         poll_now: dari_relay::poller::PollNow::channel().0,
         startup_token: None,
+        reload: None,
+        stopping: None,
     };
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(admin::serve(listener, state, dari_relay::ui::router, shutdown.clone()));

@@ -53,6 +53,16 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// enabled, and runs the relay until `shutdown` is cancelled, following
 /// config reloads sent on `config`.
 pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) -> Result<(), AppError> {
+    run_with_reload(config, None, shutdown).await
+}
+
+/// [`run`], with what the admin API's `POST /v1/reload` runs (the command
+/// line's `run` passes the same reload as SIGHUP's).
+pub async fn run_with_reload(
+    config: watch::Receiver<Arc<Config>>,
+    reload: Option<admin::Reload>,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
     let path = config.borrow().database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.map_err(StoreError::Task)??;
     let admin_config = config.borrow().admin.clone();
@@ -72,6 +82,10 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         ),
         None => None,
     };
+    let admin = admin.map(|l| match reload {
+        Some(reload) => l.with_reload(reload),
+        None => l,
+    });
     serve_with(config, Arc::new(store), Arc::new(Metrics::default()), Listeners { admin, inbound }, shutdown).await
 }
 
@@ -164,7 +178,16 @@ pub async fn serve_with(
         });
     }
     if let Some(listener) = admin {
-        let state = AdminState { config, store: Arc::clone(&store), metrics, health, poll_now, startup_token: None };
+        let state = AdminState {
+            config,
+            store: Arc::clone(&store),
+            metrics,
+            health,
+            poll_now,
+            startup_token: None,
+            reload: None,
+            stopping: None,
+        };
         let token = shutdown.clone();
         tasks.spawn(async move {
             ("admin API", admin::serve(listener, state, crate::ui::router, token).await.map_err(|e| e.to_string()))

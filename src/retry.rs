@@ -113,9 +113,36 @@ pub mod policy {
     }
 }
 
+/// `send-test`'s policy for a receiver that answers 429 (Discord allows only
+/// a few messages a second to a webhook, and one run sends up to eight): up
+/// to [`SEND_TEST_RETRIES`] more tries, each after the receiver's
+/// `Retry-After` (1 s without one), unless it asks for more than
+/// [`SEND_TEST_MAX_WAIT`], which a person at a terminal should not sit through.
+pub const SEND_TEST_RETRIES: u32 = 3;
+/// The longest `Retry-After` that `send-test` waits out.
+pub const SEND_TEST_MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// The wait before `send-test`'s try number `retry` (1 for the first
+/// retry) after an answer with `status` and `retry_after`, or `None` to stop.
+pub fn send_test_retry(retry: u32, status: Option<u16>, retry_after: Option<Duration>) -> Option<Duration> {
+    let wait = retry_after.unwrap_or(Duration::from_secs(1));
+    (status == Some(429) && retry <= SEND_TEST_RETRIES && wait <= SEND_TEST_MAX_WAIT).then_some(wait)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn send_test_retries_a_429_three_times_within_its_wait() {
+        let s = Duration::from_secs;
+        assert_eq!(send_test_retry(1, Some(429), None), Some(s(1)));
+        assert_eq!(send_test_retry(3, Some(429), Some(s(30))), Some(s(30)));
+        assert_eq!(send_test_retry(4, Some(429), Some(s(1))), None, "three retries at most");
+        assert_eq!(send_test_retry(1, Some(429), Some(s(31))), None, "too long to sit through");
+        assert_eq!(send_test_retry(1, Some(500), None), None, "only a 429 is retried");
+        assert_eq!(send_test_retry(1, None, None), None);
+    }
 
     const S: fn(u64) -> Duration = Duration::from_secs;
 

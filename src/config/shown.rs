@@ -75,11 +75,7 @@ impl Config {
         for w in &self.webhooks {
             let _ = writeln!(out, "\n[[webhooks]]");
             let _ = writeln!(out, "name = {:?}", w.name);
-            let url = match &w.url_source {
-                None => w.url.to_string(),
-                Some(source) => source.to_string(),
-            };
-            let _ = writeln!(out, "url = {url:?}");
+            let _ = writeln!(out, "url = {:?}", w.shown_url());
             let _ = writeln!(out, "format = {:?}", w.format.as_str());
             if let Some(source) = &w.secret_source {
                 let _ = writeln!(out, "secret = {:?}", source.to_string());

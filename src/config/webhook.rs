@@ -96,6 +96,26 @@ impl Webhook {
     pub fn content_type(&self) -> &str {
         self.template.as_ref().map_or("application/json", |t| t.content_type.as_str())
     }
+
+    /// Whether the URL itself is a credential: a Slack or Discord webhook
+    /// (by format or by host), where whoever has the URL can post.
+    pub fn url_is_secret(&self) -> bool {
+        let host = self.url.host_str().unwrap_or_default();
+        matches!(self.format, Format::Slack | Format::Discord)
+            || host == "hooks.slack.com"
+            || ((host == "discord.com" || host == "discordapp.com") && self.url.path().starts_with("/api/webhooks"))
+    }
+
+    /// The URL as it may be shown: in full when written in the config and not
+    /// a credential; its origin only for a Slack or Discord URL written
+    /// there; where it came from when it came from the environment.
+    pub fn shown_url(&self) -> String {
+        match &self.url_source {
+            Some(source) => source.to_string(),
+            None if self.url_is_secret() => format!("{}/<redacted>", self.url.origin().ascii_serialization()),
+            None => self.url.to_string(),
+        }
+    }
 }
 
 /// One of a webhook's extra headers.

@@ -4,8 +4,10 @@
 //!
 //! Layout: the headline as the title (linked to the live browser when there
 //! is one), the detail and what to do next as the description, the portal,
-//! job, status, step, cost and links as fields, the type and labels in the
-//! footer, and the detection time as the embed's timestamp. Prose from the
+//! job, status, step, cost, when (`<t:…:f>`, shown in the reader's time
+//! zone) and links as fields, the type and labels in the footer, and the
+//! detection time as the embed's timestamp. A `send-test` sample's title
+//! starts with `🧪 Test:`. Prose from the
 //! job is Markdown-escaped, results and errors go in code blocks, and every
 //! part is cut to Discord's limits, the description last so the whole embed
 //! stays within 6000 characters.
@@ -53,7 +55,7 @@ pub fn colour(outcome: Outcome) -> u32 {
 /// The Discord message for a standard body.
 pub fn message(body: &Value) -> Value {
     let facts = Facts::from_body(body);
-    let title = truncate(&format!("{} {}", facts.outcome.emoji(), facts.headline), TITLE_MAX);
+    let title = truncate(&facts.title(), TITLE_MAX);
 
     let mut fields = vec![field("Portal", &code(&facts.portal_id), true)];
     if !facts.job_id.is_empty() {
@@ -63,6 +65,10 @@ pub fn message(body: &Value) -> Value {
         if let Some(value) = value {
             fields.push(field(name, &escape(&truncate(value, VALUE_MAX)), true));
         }
+    }
+    // Discord shows `<t:…:f>` as a date and time in each reader's own zone.
+    if let Some(unix) = facts.unix_seconds {
+        fields.push(field("When", &format!("<t:{unix}:f>"), true));
     }
     if !facts.links.is_empty() {
         let links: Vec<String> = facts.links.iter().map(markdown_link).collect();

@@ -222,7 +222,17 @@ pub struct Facts {
     pub labels: Vec<String>,
     /// When the relay detected the transition.
     pub timestamp: String,
+    /// The same instant in Unix seconds, when `timestamp` parses: chat
+    /// clients show it in each reader's own time zone.
+    pub unix_seconds: Option<u64>,
+    /// A sample sent by `send-test` (it carries [`TEST_LABEL`]): the
+    /// headline says so, so nobody takes it for a real alert.
+    pub test: bool,
 }
+
+/// The label `send-test` puts on its samples (`sent_by`), which marks
+/// their chat messages as tests.
+pub const TEST_LABEL: (&str, &str) = ("sent_by", "dari-relay send-test");
 
 /// The longest detail text, before any platform's own limit: enough for an
 /// error's useful part, short enough to read in a channel.
@@ -320,16 +330,27 @@ impl Facts {
             next,
             links: [browser, recording, log, downloads].into_iter().flatten().collect(),
             labels,
+            unix_seconds: text(&body["timestamp"])
+                .and_then(|t| humantime::parse_rfc3339(&t).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+            test: data["labels"][TEST_LABEL.0].as_str() == Some(TEST_LABEL.1),
             timestamp: text(&body["timestamp"]).unwrap_or_default(),
             kind,
         }
+    }
+
+    /// The emoji and the headline, marked `🧪 Test:` for a `send-test` sample.
+    pub fn title(&self) -> String {
+        let marker = if self.test { "🧪 Test: " } else { "" };
+        format!("{marker}{} {}", self.outcome.emoji(), self.headline)
     }
 
     /// One line for notifications and previews: emoji, headline, portal and,
     /// when there is one, the start of the detail (not of a result, whose
     /// first field says little on its own).
     pub fn summary(&self) -> String {
-        let mut line = format!("{} {} · {}", self.outcome.emoji(), self.headline, self.portal_id);
+        let mut line = format!("{} · {}", self.title(), self.portal_id);
         if let Some(detail) = self.detail.as_ref().filter(|d| d.label != "Result") {
             let first = detail.text.lines().next().unwrap_or_default();
             line.push_str(&format!(" · {}", truncate(first, 200)));

@@ -3,7 +3,9 @@
 //!
 //! Layout: a header with the headline, a section of fields (portal, job,
 //! status, step, cost), the detail, what to do next, the links, and a
-//! context line with the type, the time and the labels. Links are mrkdwn
+//! context line with the type, the time (a `<!date^…>` token, shown in the
+//! reader's time zone) and the labels. A `send-test` sample's header starts
+//! with `🧪 Test:`. Links are mrkdwn
 //! links, not buttons: a button makes Slack send an interaction payload to
 //! the app, and an incoming webhook without an interactivity URL shows a
 //! warning next to every click.
@@ -39,7 +41,7 @@ pub fn message(body: &Value) -> Value {
     let facts = Facts::from_body(body);
     let mut blocks = vec![json!({
         "type": "header",
-        "text": {"type": "plain_text", "text": truncate(&format!("{} {}", facts.outcome.emoji(), facts.headline), HEADER_MAX), "emoji": true},
+        "text": {"type": "plain_text", "text": truncate(&facts.title(), HEADER_MAX), "emoji": true},
     })];
 
     let mut fields = vec![field("Portal", &code(&facts.portal_id))];
@@ -79,8 +81,16 @@ pub fn message(body: &Value) -> Value {
         }
     }
     let mut context = vec![escape(&facts.kind)];
-    if !facts.timestamp.is_empty() {
-        context.push(escape(&facts.timestamp));
+    match facts.unix_seconds {
+        // Slack shows the date in each reader's own time zone; the fallback
+        // (for clients that cannot) is the UTC time as received, escaped, and
+        // without the `|` and `>` that would end the token early.
+        Some(unix) => context.push(format!(
+            "<!date^{unix}^{{date_short_pretty}} {{time}}|{}>",
+            escape(&facts.timestamp).replace(['|', '>'], "")
+        )),
+        None if !facts.timestamp.is_empty() => context.push(escape(&facts.timestamp)),
+        None => {}
     }
     if !facts.labels.is_empty() {
         context.push(escape_fit(&facts.labels.join(", "), 1000));

@@ -34,6 +34,7 @@ use serde_json::{Map, Value};
 use crate::notification::Body;
 use crate::vocab::{DeliveryState, NewWatch, NotificationKind, PortalId, SeenState, WatchState};
 
+pub use sqlite::ops::{DeliveryDetail, DeliveryFilter, TailAttempt, TailNotification};
 pub use sqlite::{Sqlite, Store, ui};
 
 /// A store failure. The engine's own error is kept as the source (and

@@ -5,6 +5,7 @@
 mod admin;
 mod admin_guard;
 mod browser;
+mod check_config;
 mod cli;
 mod config_bounds;
 mod crash;
@@ -17,6 +18,7 @@ mod formats;
 mod inbound;
 mod layers;
 mod lifecycle;
+mod ops;
 mod robustness;
 mod store_conformance;
 mod stress;

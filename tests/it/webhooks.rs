@@ -309,10 +309,11 @@ async fn send_test_prints_each_answer_and_exits_by_them() {
     assert_eq!(stdout(&out), "job.waiting_for_input: HTTP 200\njob.completed: HTTP 200\njob.failed: HTTP 200\n");
     let got: Vec<Value> = receiver.drain().iter().map(|r| r.json()).collect();
     assert_eq!(got.len(), 3);
-    assert_eq!(got[0]["blocks"][0]["text"]["text"], "🙋 Job needs a human");
+    // Marked as tests in the headline (issue 17), so nobody takes them for real alerts.
+    assert_eq!(got[0]["blocks"][0]["text"]["text"], "🧪 Test: 🙋 Job needs a human");
     assert!(got[0].to_string().contains("Which plan should the quote be for"));
-    assert_eq!(got[1]["blocks"][0]["text"]["text"], "✅ Job completed");
-    assert_eq!(got[2]["blocks"][0]["text"]["text"], "❌ Job failed");
+    assert_eq!(got[1]["blocks"][0]["text"]["text"], "🧪 Test: ✅ Job completed");
+    assert_eq!(got[2]["blocks"][0]["text"]["text"], "🧪 Test: ❌ Job failed");
 
     receiver.answer_with(&[200, 500, 200]);
     let out = run(&config, &["send-test", "ops"]).await;
@@ -328,7 +329,7 @@ async fn send_test_prints_each_answer_and_exits_by_them() {
     assert!(stderr(&out).contains("the types filter of webhook ops leaves out job.archived; sending it anyway"));
     let got = receiver.drain();
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].json()["blocks"][0]["text"]["text"], "🔄 Job is now archived");
+    assert_eq!(got[0].json()["blocks"][0]["text"]["text"], "🧪 Test: 🔄 Job is now archived");
     assert!(!got[0].header("webhook-signature").is_empty());
 
     for args in [&["send-test", "nope"][..], &["send-test", "ops", "--type", "Job.Done"]] {

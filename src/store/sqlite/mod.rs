@@ -1,5 +1,6 @@
 //! The SQLite implementation of the store.
 
+pub mod ops;
 mod outbox;
 mod prune;
 mod schema;

@@ -1,0 +1,287 @@
+//! The watch routes (`/v1/watches...`) and start-and-watch
+//! (`POST /v1/jobs/{org_id}/{endpoint_name}/start`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use tracing::info;
+
+use super::{AdminState, ApiError, Json, PAGE, body, parse_json, parse_limit, query};
+use crate::config::Config;
+use crate::store::WatchQuery;
+use crate::upstream::UpstreamClient;
+use crate::vocab::{NewWatch, PortalId, WatchState, parse_job_id};
+
+/// Reads a watch from a JSON object, naming the field at fault.
+fn parse_watch(config: &Config, body: &Value, portal: Option<PortalId>) -> Result<NewWatch, ApiError> {
+    let Value::Object(fields) = body else {
+        return Err(ApiError::bad("body", "the body must be a JSON object"));
+    };
+    let allowed = ["portal_id", "job_id", "webhooks", "labels", "from_now"];
+    if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::bad("body", format!("unknown field {unknown:?}")));
+    }
+    let portal = match portal {
+        Some(p) => p,
+        None => match fields.get("portal_id") {
+            Some(Value::String(s)) => s.parse().map_err(|e: String| ApiError::bad("portal_id", e))?,
+            _ => return Err(ApiError::bad("portal_id", "portal_id is required: \"<org_id>/<endpoint_name>\"")),
+        },
+    };
+    let job_id = match fields.get("job_id") {
+        Some(Value::String(s)) => parse_job_id(s).map_err(|e| ApiError::bad("job_id", e))?,
+        _ => return Err(ApiError::bad("job_id", "job_id is required: a UUID")),
+    };
+    let webhooks = match fields.get("webhooks") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(names)) => Some(
+            names
+                .iter()
+                .map(|n| n.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ApiError::bad("webhooks", "webhooks must be a list of webhook names"))?,
+        )
+        .filter(|names: &Vec<String>| !names.is_empty()),
+        Some(_) => return Err(ApiError::bad("webhooks", "webhooks must be a list of webhook names")),
+    };
+    let labels = match fields.get("labels") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+            .collect::<Option<_>>()
+            .ok_or_else(|| ApiError::bad("labels", "labels must be an object of strings"))?,
+        Some(_) => return Err(ApiError::bad("labels", "labels must be an object of strings")),
+    };
+    let from_now = match fields.get("from_now") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad("from_now", "from_now must be true or false")),
+    };
+    let watch = NewWatch { job_id, portal, webhooks, labels, from_now };
+    config.check_watch(&watch).map_err(|e| ApiError::bad(e.field, e.message))?;
+    Ok(watch)
+}
+
+/// Stores a watch; 201 if new, 200 if it already existed.
+async fn add_watch(state: &AdminState, watch: NewWatch) -> Result<(StatusCode, Value), ApiError> {
+    let job_id = watch.job_id.clone();
+    let (added, row) = state
+        .store
+        .call(move |s| {
+            let summary = s.add_watches(std::slice::from_ref(&watch))?;
+            let row = s.query_watches(&WatchQuery { job_id: Some(watch.job_id.clone()), ..WatchQuery::default() })?;
+            Ok((summary.added == 1, row))
+        })
+        .await?;
+    let watch = serde_json::to_value(row.first()).expect("rows serialise");
+    if added {
+        info!(job_id = %job_id, "admin API: watch added");
+    }
+    Ok((if added { StatusCode::CREATED } else { StatusCode::OK }, watch))
+}
+
+#[utoipa::path(post, path = "/v1/watches", tag = "watches",
+    request_body(description = "`{portal_id, job_id, webhooks?, labels?, from_now?}`", content_type = "application/json"),
+    responses((status = 201, description = "Watch added; the watch"), (status = 200, description = "Already watched; unchanged"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
+pub(super) async fn create_watch(
+    State(state): State<AdminState>,
+    given: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body(given)?;
+    let config = Arc::clone(&state.config.borrow());
+    let watch = parse_watch(&config, &parse_json(&body)?, None)?;
+    let (status, watch) = add_watch(&state, watch).await?;
+    Ok((status, Json(watch)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/watches", tag = "watches",
+    params(("state" = Option<String>, Query, description = "active, finished, failed or removed"),
+        ("portal_id" = Option<String>, Query, description = "<org_id>/<endpoint_name>"),
+        ("after" = Option<String>, Query, description = "The job id of the last watch of the previous page"),
+        ("limit" = Option<usize>, Query, description = "1 to 1000; default 100")),
+    responses((status = 200, description = "`{watches, next_after}`"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
+pub(super) async fn list_watches(
+    State(state): State<AdminState>,
+    q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Json, ApiError> {
+    let q = query(q)?;
+    let mut query = WatchQuery::default();
+    for (key, value) in &q {
+        match key.as_str() {
+            "state" => {
+                query.state = Some(
+                    WatchState::from_name(value)
+                        .ok_or_else(|| ApiError::bad("state", "state is one of active, finished, failed, removed"))?,
+                )
+            }
+            "portal_id" => {
+                let portal: PortalId = value.parse().map_err(|e: String| ApiError::bad("portal_id", e))?;
+                query.portal_id = Some(portal.to_string());
+            }
+            // The cursor is the job id of the last watch of the previous page.
+            "after" => query.after = Some(parse_job_id(value).map_err(|e| ApiError::bad("after", e))?),
+            "limit" => query.limit = Some(parse_limit(value)?),
+            other => return Err(ApiError::bad("query", format!("unknown query parameter {other:?}"))),
+        }
+    }
+    let limit = *query.limit.get_or_insert(PAGE);
+    let rows = state.store.call(move |s| s.query_watches(&query)).await?;
+    let next = (rows.len() == limit).then(|| rows.last().map(|w| w.job_id.clone())).flatten();
+    Ok(Json(json!({"watches": rows, "next_after": next})))
+}
+
+#[utoipa::path(get, path = "/v1/watches/{job_id}", tag = "watches",
+    params(("job_id" = String, Path, description = "The job's UUID")),
+    responses((status = 200, description = "The watch with its notifications and their deliveries"), (status = 404, description = "No such watch"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
+pub(super) async fn get_watch(State(state): State<AdminState>, Path(job_id): Path<String>) -> Result<Json, ApiError> {
+    let job_id = parse_job_id(&job_id).map_err(|e| ApiError::bad("job_id", e))?;
+    let (rows, notifications) = state
+        .store
+        .call(move |s| {
+            let rows = s.query_watches(&WatchQuery { job_id: Some(job_id.clone()), ..WatchQuery::default() })?;
+            Ok((rows, s.notifications_of(&job_id)?))
+        })
+        .await?;
+    let Some(watch) = rows.into_iter().next() else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no such watch"));
+    };
+    let notifications: Vec<Value> = notifications
+        .into_iter()
+        .map(|n| {
+            let body: Value = serde_json::from_str(&n.body).unwrap_or(Value::Null);
+            json!({
+                "id": n.id,
+                "type": n.kind,
+                "timestamp": body["timestamp"],
+                "deliveries": n.deliveries.iter().map(|d| json!({
+                    "webhook": d.webhook, "webhook_id": d.msg_id, "state": d.state.as_str(), "attempts": d.attempts,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut body = serde_json::to_value(watch).expect("rows serialise");
+    body["notifications"] = notifications.into();
+    Ok(Json(body))
+}
+
+#[utoipa::path(delete, path = "/v1/watches/{job_id}", tag = "watches",
+    params(("job_id" = String, Path, description = "The job's UUID")),
+    responses((status = 204, description = "Stopped watching (pending deliveries are still sent)"), (status = 404, description = "No such watch"), (status = 401, description = "No valid bearer token")))]
+pub(super) async fn delete_watch(
+    State(state): State<AdminState>,
+    Path(job_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job_id = parse_job_id(&job_id).map_err(|e| ApiError::bad("job_id", e))?;
+    let id = job_id.clone();
+    if state.store.call(move |s| s.remove_watch(&id)).await? {
+        info!(job_id = %job_id, "admin API: watch removed");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, "no such watch"))
+    }
+}
+
+/// Polls an active watch now: 202 once the poll is scheduled (it still
+/// waits for its org's 429 pause, rate and `max_in_flight`), 404 for no such
+/// watch, 409 for a watch that is no longer polled.
+#[utoipa::path(post, path = "/v1/watches/{job_id}/poll", tag = "watches",
+    params(("job_id" = String, Path, description = "The job's UUID")),
+    responses((status = 202, description = "The poll is scheduled"), (status = 404, description = "No such watch"), (status = 409, description = "The watch is not active"), (status = 429, description = "Too many polls waiting"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
+pub(super) async fn poll_watch(
+    State(state): State<AdminState>,
+    Path(job_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job_id = parse_job_id(&job_id).map_err(|e| ApiError::bad("job_id", e))?;
+    let id = job_id.clone();
+    let rows = state
+        .store
+        .call(move |s| s.query_watches(&WatchQuery { job_id: Some(id), limit: Some(1), ..WatchQuery::default() }))
+        .await?;
+    let Some(watch) = rows.into_iter().next() else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no such watch"));
+    };
+    if watch.state != WatchState::Active.as_str() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("the watch is {}; only active watches are polled", watch.state),
+        ));
+    }
+    state.poll_now.request(&job_id).map_err(|e| match e {
+        crate::poller::PollNowError::Busy => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+        crate::poller::PollNowError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    })?;
+    info!(job_id = %job_id, "admin API: poll now");
+    Ok((StatusCode::ACCEPTED, Json(json!({"job_id": job_id, "poll": "scheduled"}))).into_response())
+}
+
+/// Starts a Dari job and watches it. The body goes to Dari unchanged; the
+/// query may name `webhook`s, `label`s (`key=value`) and `from_now`.
+#[utoipa::path(post, path = "/v1/jobs/{org_id}/{endpoint_name}/start", tag = "watches",
+    params(("org_id" = String, Path), ("endpoint_name" = String, Path),
+        ("webhook" = Option<Vec<String>>, Query, description = "Deliver to this webhook (repeatable)"),
+        ("label" = Option<Vec<String>>, Query, description = "key=value (repeatable)"),
+        ("from_now" = Option<bool>, Query)),
+    request_body(description = "The body for Dari's start endpoint, unchanged", content_type = "application/json"),
+    responses((status = 201, description = "`{job_id, dari, watch}`"), (status = 502, description = "Dari did not start the job"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
+pub(super) async fn start_job(
+    State(state): State<AdminState>,
+    Path((org, endpoint)): Path<(String, String)>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    given: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (q, body) = (query(q)?, body(given)?);
+    let config = Arc::clone(&state.config.borrow());
+    let portal: PortalId = format!("{org}/{endpoint}").parse().map_err(|e: String| ApiError::bad("portal_id", e))?;
+    let Some(org) = config.orgs.get(&portal.org) else {
+        return Err(ApiError::bad("portal_id", format!("org {:?} is not configured", portal.org)));
+    };
+    parse_json(&body)?;
+    let mut options = Map::new();
+    let (mut webhooks, mut labels) = (Vec::new(), Map::new());
+    for (key, value) in q {
+        match key.as_str() {
+            "webhook" => webhooks.push(Value::String(value)),
+            "label" => {
+                let (k, v) = value
+                    .split_once('=')
+                    .ok_or_else(|| ApiError::bad("label", format!("{value:?} is not key=value")))?;
+                labels.insert(k.to_owned(), v.into());
+            }
+            "from_now" => {
+                let on = value.parse().map_err(|_| ApiError::bad("from_now", "from_now is true or false"))?;
+                options.insert("from_now".into(), Value::Bool(on));
+            }
+            other => return Err(ApiError::bad("query", format!("unknown query parameter {other:?}"))),
+        }
+    }
+    options.insert("webhooks".into(), webhooks.into());
+    options.insert("labels".into(), labels.into());
+    // Check the watch options before starting a paid job.
+    options.insert("job_id".into(), "00000000-0000-4000-8000-000000000000".into());
+    parse_watch(&config, &Value::Object(options.clone()), Some(portal.clone()))?;
+    let client = UpstreamClient::new(&config.upstream)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("HTTP client: {e}")))?;
+    let (job_id, answer) = client
+        .start_job(&portal, body.to_vec(), &org.api_key)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("Dari did not start the job: {e}")))?;
+    options.insert("job_id".into(), job_id.clone().into());
+    let watch = parse_watch(&config, &Value::Object(options), Some(portal))?;
+    // The job is running and paid for: if it cannot be watched, say which it is.
+    let (_, watch) = add_watch(&state, watch).await.map_err(|e| ApiError {
+        message: format!(
+            "Dari started job {job_id}, but it could not be watched ({}); add it with POST /v1/watches",
+            e.message
+        ),
+        ..e
+    })?;
+    info!(job_id = %job_id, "admin API: job started and watched");
+    Ok((StatusCode::CREATED, Json(json!({"job_id": job_id, "dari": answer, "watch": watch}))).into_response())
+}

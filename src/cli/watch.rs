@@ -1,0 +1,148 @@
+//! Adding watches from the command line: `start` (start a Dari job and
+//! watch it), `watch import`'s JSON lines, and what a `watch add` of a job
+//! already watched leaves unchanged.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use anyhow::{Context, anyhow};
+
+use super::{Failure, block_on, load_config, open_store, parse_job_id, parse_portal, runtime, usage};
+use crate::config::Config;
+use crate::vocab::{NewWatch, PortalId};
+
+/// The options of a `watch add` that differ from the watch already stored,
+/// as the user wrote them, with what the watch keeps.
+pub(super) fn ignored_options(new: &NewWatch, existing: &serde_json::Value) -> Vec<String> {
+    let mut ignored = Vec::new();
+    let portal_id = existing["portal_id"].as_str().unwrap_or_default();
+    if new.portal.to_string() != portal_id {
+        ignored.push(format!("the portal {} (it stays on {portal_id})", new.portal));
+    }
+    let kept_labels: BTreeMap<&str, &str> = existing["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v.as_str().unwrap_or_default()))
+        .collect();
+    let kept_webhooks: Option<Vec<String>> =
+        existing["webhooks"].as_array().map(|list| list.iter().filter_map(|w| w.as_str().map(str::to_owned)).collect());
+    for (k, v) in &new.labels {
+        match kept_labels.get(k.as_str()) {
+            Some(kept) if kept == v => {}
+            Some(kept) => ignored.push(format!("--label {k}={v} (it keeps {k}={kept})")),
+            None => ignored.push(format!("--label {k}={v}")),
+        }
+    }
+    if let Some(webhooks) = &new.webhooks {
+        let sorted = |w: &[String]| {
+            let mut w = w.to_vec();
+            w.sort();
+            w
+        };
+        if kept_webhooks.as_deref().map(sorted) != Some(sorted(webhooks)) {
+            let kept = kept_webhooks.as_ref().map_or("every matching webhook".to_owned(), |w| w.join(", "));
+            let given: Vec<String> = webhooks.iter().map(|w| format!("--webhook {w}")).collect();
+            ignored.push(format!("{} (it delivers to {kept})", given.join(" ")));
+        }
+    }
+    if new.from_now {
+        ignored.push("--from-now".to_owned());
+    }
+    ignored
+}
+
+/// One line of `watch import`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportLine {
+    portal_id: String,
+    job_id: String,
+    #[serde(default)]
+    webhooks: Option<Vec<String>>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    from_now: bool,
+}
+
+/// Reads and validates every line before anything is imported, so a bad
+/// line imports nothing.
+pub(super) fn read_import(config: &Config, file: &Path) -> Result<Vec<NewWatch>, Failure> {
+    let reader: Box<dyn BufRead> = if file == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display())).map_err(usage)?;
+        Box::new(std::io::BufReader::new(f))
+    };
+    let name = if file == Path::new("-") { "<stdin>".to_owned() } else { file.display().to_string() };
+    let mut watches = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let at = |e: String| usage(anyhow!("{name}:{}: {e}; nothing was imported", i + 1));
+        let line = line.map_err(|e| at(e.to_string()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let raw: ImportLine = serde_json::from_str(&line).map_err(|e| at(e.to_string()))?;
+        let watch = NewWatch {
+            job_id: parse_job_id(&raw.job_id).map_err(at)?,
+            portal: parse_portal(&raw.portal_id).map_err(at)?,
+            webhooks: raw.webhooks.filter(|w| !w.is_empty()),
+            labels: raw.labels,
+            from_now: raw.from_now,
+        };
+        config.check_watch(&watch).map_err(|e| at(e.to_string()))?;
+        watches.push(watch);
+    }
+    Ok(watches)
+}
+
+/// `start`: asks Dari to start a job with the org's key, then watches it.
+/// The watch options are checked first, so a bad `--webhook` never starts a
+/// paid job.
+pub(super) fn start(
+    path: &Path,
+    portal: PortalId,
+    body: &Path,
+    webhooks: Vec<String>,
+    labels: Vec<(String, String)>,
+) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let body = if body == Path::new("-") {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut text).map_err(usage)?;
+        text
+    } else {
+        std::fs::read(body).with_context(|| format!("cannot read {}", body.display())).map_err(usage)?
+    };
+    serde_json::from_slice::<serde_json::Value>(&body).context("--body is not JSON").map_err(usage)?;
+    let mut watch = NewWatch {
+        job_id: String::new(),
+        portal,
+        webhooks: (!webhooks.is_empty()).then_some(webhooks),
+        labels: labels.into_iter().collect(),
+        from_now: false,
+    };
+    config.check_watch(&watch).map_err(usage)?;
+    let org = &config.orgs[&watch.portal.org];
+    let client = crate::upstream::UpstreamClient::new(&config.upstream).map_err(runtime)?;
+    let (job_id, _) = block_on(client.start_job(&watch.portal, body, &org.api_key))
+        .context("Dari did not start the job")
+        .map_err(runtime)?;
+    watch.job_id = job_id;
+    // The job is running and paid for: if it cannot be watched, say which it is.
+    open_store(&config).and_then(|store| store.add_watches(std::slice::from_ref(&watch)).map_err(runtime)).map_err(
+        |f| {
+            runtime(anyhow!(
+                "Dari started job {}, but it could not be watched: {:#}; add it with `dari-relay watch add {} {}`",
+                watch.job_id,
+                f.error(),
+                watch.portal,
+                watch.job_id
+            ))
+        },
+    )?;
+    let _ = writeln!(std::io::stdout().lock(), "started job {} on {}; watching it", watch.job_id, watch.portal);
+    Ok(())
+}
