@@ -15,6 +15,7 @@ mod faults;
 mod formats;
 mod layers;
 mod lifecycle;
+mod pg;
 mod robustness;
 mod store_conformance;
 mod stress;
