@@ -22,7 +22,9 @@ use crate::deliver::Deliverer;
 use crate::health::{self, Health};
 use crate::metrics::Metrics;
 use crate::poller::Poller;
-use crate::store::{PollerStore, PruneSummary, Sqlite, Store, StoreError};
+use crate::store::{
+    DelivererStore, OperatorStore, PollerStore, Postgres, PruneSummary, Sqlite, Storage, Store, StoreError,
+};
 use crate::vocab::now_ms;
 
 /// Why the relay stopped other than by request.
@@ -37,6 +39,10 @@ pub enum AppError {
     /// The admin API could not listen.
     #[error("cannot listen on {listen} for the admin API: {source}")]
     Admin { listen: String, source: std::io::Error },
+    /// The admin API needs the SQLite store (it reads it directly); on
+    /// PostgreSQL it cannot be served yet.
+    #[error("the admin API ([admin] listen) does not run on a PostgreSQL database yet; remove [admin] or use SQLite")]
+    AdminOnPostgres,
     /// A loop ended on its own.
     #[error("the {task} loop stopped unexpectedly: {reason}")]
     TaskEnded { task: &'static str, reason: String },
@@ -49,6 +55,15 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// enabled, and runs the relay until `shutdown` is cancelled, following
 /// config reloads sent on `config`.
 pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) -> Result<(), AppError> {
+    let postgres = config.borrow().postgres.clone();
+    if let Some(pg) = postgres {
+        if config.borrow().admin.is_some() {
+            return Err(AppError::AdminOnPostgres);
+        }
+        let store = Postgres::open(pg.url()).await?;
+        info!(database = %pg.shown, "opened the PostgreSQL database");
+        return serve_postgres(config, Arc::new(store), Arc::new(Metrics::default()), shutdown).await;
+    }
     let path = config.borrow().database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.map_err(StoreError::Task)??;
     let admin_config = config.borrow().admin.clone();
@@ -73,10 +88,60 @@ pub async fn serve(
     admin: Option<admin::Listener>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    serve_engine(config, Engine::Sqlite(store), metrics, admin, shutdown).await
+}
+
+/// [`serve`] on a PostgreSQL database (without the admin API, which reads
+/// the SQLite store directly for now).
+pub async fn serve_postgres(
+    config: watch::Receiver<Arc<Config>>,
+    store: Arc<Postgres>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    serve_engine(config, Engine::Postgres(store), metrics, None, shutdown).await
+}
+
+/// The open database, by engine: the loops get it through the storage
+/// traits; the watchdog asks it for its problems; the admin API (SQLite
+/// only, for now) gets the store itself.
+#[derive(Clone)]
+enum Engine {
+    Sqlite(Arc<Store>),
+    Postgres(Arc<Postgres>),
+}
+
+impl Engine {
+    /// Every storage role, for the loops.
+    fn storage(&self) -> Arc<dyn Storage> {
+        match self {
+            Engine::Sqlite(store) => Arc::new(Sqlite(Arc::clone(store))),
+            Engine::Postgres(store) => Arc::clone(store) as Arc<dyn Storage>,
+        }
+    }
+
+    /// What keeps the relay from being live at `now`. PostgreSQL has no
+    /// writer thread; its failing calls show as stale loops, since a loop
+    /// whose store calls fail does not beat.
+    fn problems(&self, health: &Health, now: std::time::Instant) -> Vec<String> {
+        match self {
+            Engine::Sqlite(store) => health::problems(health, store, now),
+            Engine::Postgres(_) => health.stale_at(now),
+        }
+    }
+}
+
+async fn serve_engine(
+    config: watch::Receiver<Arc<Config>>,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    admin: Option<admin::Listener>,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
     let wake_delivery = Arc::new(Notify::new());
     let health = Arc::new(Health::default());
     // The loops see the store only through the storage traits.
-    let loops = Arc::new(Sqlite(Arc::clone(&store)));
+    let loops = engine.storage();
     let poller = Poller::new(
         config.clone(),
         Arc::clone(&loops) as Arc<dyn PollerStore>,
@@ -84,7 +149,13 @@ pub async fn serve(
         Arc::clone(&health),
         Arc::clone(&wake_delivery),
     )?;
-    let deliverer = Deliverer::new(config.clone(), loops, Arc::clone(&metrics), Arc::clone(&health), wake_delivery)?;
+    let deliverer = Deliverer::new(
+        config.clone(),
+        Arc::clone(&loops) as Arc<dyn DelivererStore>,
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+        wake_delivery,
+    )?;
 
     // Every long-lived task goes into this one set, named, so the app can say
     // which ended and why.
@@ -110,12 +181,12 @@ pub async fn serve(
     tasks.spawn(async move {
         ("deliverer", delivery_ended.await.unwrap_or_else(|_| Err("the delivery thread panicked".to_owned())))
     });
-    let (token, pruning) = (shutdown.clone(), Arc::clone(&store));
+    let (token, pruning) = (shutdown.clone(), Arc::clone(&loops) as Arc<dyn OperatorStore>);
     let reloads = config.clone();
     tasks.spawn(async move { ("pruner", prune_loop(reloads, pruning, token).await.map_err(|e| e.to_string())) });
-    let (token, watched, watched_store) = (shutdown.clone(), Arc::clone(&health), Arc::clone(&store));
+    let (token, watched, watched_store) = (shutdown.clone(), Arc::clone(&health), engine.clone());
     tasks.spawn(async move { ("watchdog", watchdog_loop(watched, watched_store, token).await) });
-    if let Some(listener) = admin {
+    if let (Some(listener), Engine::Sqlite(store)) = (admin, &engine) {
         let state = AdminState { config, store: Arc::clone(&store), metrics, health, startup_token: None };
         let token = shutdown.clone();
         tasks
@@ -158,7 +229,7 @@ pub async fn serve(
 /// calls not all failing; see [`health::problems`]): a wedged relay stops
 /// pinging and systemd restarts it. Without `WATCHDOG_USEC` (not under
 /// systemd, or no `WatchdogSec=`) it just waits for shutdown.
-async fn watchdog_loop(health: Arc<Health>, store: Arc<Store>, shutdown: CancellationToken) -> Result<(), String> {
+async fn watchdog_loop(health: Arc<Health>, store: Engine, shutdown: CancellationToken) -> Result<(), String> {
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         shutdown.cancelled().await;
@@ -170,7 +241,7 @@ async fn watchdog_loop(health: Arc<Health>, store: Arc<Store>, shutdown: Cancell
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let problems = health::problems(&health, &store, std::time::Instant::now());
+        let problems = store.problems(&health, std::time::Instant::now());
         if problems.is_empty() {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         } else {
@@ -183,7 +254,7 @@ async fn watchdog_loop(health: Arc<Health>, store: Arc<Store>, shutdown: Cancell
 /// failed prune is logged and tried again next time: it only costs space.
 async fn prune_loop(
     config: watch::Receiver<Arc<Config>>,
-    store: Arc<Store>,
+    store: Arc<dyn OperatorStore>,
     shutdown: CancellationToken,
 ) -> Result<(), StoreError> {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
@@ -193,7 +264,7 @@ async fn prune_loop(
             _ = tick.tick() => {}
         }
         let cutoff = now_ms() - config.borrow().retention.as_millis() as i64;
-        match store.call(move |s| s.prune(cutoff)).await {
+        match store.prune(cutoff).await {
             Ok(pruned) if pruned != PruneSummary::default() => info!(?pruned, "pruned past retention"),
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot prune; will retry"),
