@@ -61,8 +61,30 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
             return Err(AppError::AdminOnPostgres);
         }
         let store = Postgres::open(pg.url()).await?;
-        info!(database = %pg.shown, "opened the PostgreSQL database");
-        return serve_postgres(config, Arc::new(store), Arc::new(Metrics::default()), shutdown).await;
+        let cluster = config.borrow().cluster.clone();
+        let instance = cluster.as_ref().map_or_else(crate::config::default_instance, |c| c.instance.clone());
+        let lease_ttl = cluster.as_ref().map_or(crate::config::defaults::LEASE_TTL.default, |c| c.lease_ttl);
+        info!(database = %pg.shown, %instance, "opened the PostgreSQL database");
+        // One active instance per database for now (store::postgres's
+        // standby module): the others wait here, and take over when the
+        // active one's session ends.
+        let standby = || info!(%instance, "another instance is active on this database: waiting as a standby");
+        let Some(lock) = crate::store::postgres::acquire_active(pg.url(), &shutdown, standby).await? else {
+            return Ok(());
+        };
+        info!(%instance, "this instance is the active one on the database");
+        let serving = serve_postgres(config, Arc::new(store), Arc::new(Metrics::default()), shutdown.clone());
+        tokio::pin!(serving);
+        return tokio::select! {
+            result = &mut serving => result,
+            reason = lock.lost(lease_ttl / 3, lease_ttl) => {
+                // Stop before more writes: another instance may take over.
+                error!(%reason, "lost the active lock; stopping the relay");
+                shutdown.cancel();
+                let _ = serving.await;
+                Err(AppError::TaskEnded { task: "active lock", reason })
+            }
+        };
     }
     let path = config.borrow().database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.map_err(StoreError::Task)??;
@@ -187,7 +209,7 @@ async fn serve_engine(
     let (token, watched, watched_store) = (shutdown.clone(), Arc::clone(&health), engine.clone());
     tasks.spawn(async move { ("watchdog", watchdog_loop(watched, watched_store, token).await) });
     if let (Some(listener), Engine::Sqlite(store)) = (admin, &engine) {
-        let state = AdminState { config, store: Arc::clone(&store), metrics, health, startup_token: None };
+        let state = AdminState { config, store: Arc::clone(store), metrics, health, startup_token: None };
         let token = shutdown.clone();
         tasks
             .spawn(async move { ("admin API", admin::serve(listener, state, token).await.map_err(|e| e.to_string())) });

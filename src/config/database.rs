@@ -17,7 +17,7 @@ use super::ConfigError;
 use super::defaults;
 use super::raw::RawCluster;
 use super::resolved::Resolver;
-use crate::store::postgres::{is_postgres_url, parse_url};
+use crate::vocab::is_postgres_url;
 
 /// A PostgreSQL database to store in.
 #[derive(Clone)]
@@ -79,6 +79,16 @@ fn without_password(url: &str) -> String {
     format!("{}{shown}{rest}", &url[..scheme_end])
 }
 
+/// Parses a PostgreSQL URL; the error never repeats the URL (it may hold
+/// a password).
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    let config: tokio_postgres::Config = url.parse().map_err(|e| format!("not a valid PostgreSQL URL ({e})"))?;
+    if config.get_hosts().is_empty() {
+        return Err("the PostgreSQL URL names no host".into());
+    }
+    Ok(config)
+}
+
 impl Resolver<'_> {
     /// The SQLite path, and the PostgreSQL database when one is named.
     pub(super) fn database(
@@ -96,7 +106,7 @@ impl Resolver<'_> {
             }
             (Some(db), None) if is_postgres_url(db.get_ref().trim()) => {
                 let url = db.get_ref().trim();
-                let parsed = parse_url(url).map_err(|e| self.error(Some(db.span()), "database", e.to_string()))?;
+                let parsed = parse_url(url).map_err(|e| self.error(Some(db.span()), "database", e))?;
                 if parsed.get_password().is_some() {
                     return Err(self.error(
                         Some(db.span()),

@@ -23,7 +23,7 @@ mod webhook;
 
 use std::path::{Path, PathBuf};
 
-pub use database::{Cluster, PostgresDatabase};
+pub use database::{Cluster, PostgresDatabase, default_instance};
 pub use raw::parse_duration;
 pub use resolved::{Admin, Config, Delivery, ListenAddr, LogFormat, Org, SecretSource, Upstream};
 pub use webhook::{ExtraHeader, Webhook};

@@ -201,3 +201,40 @@ async fn run_refuses_the_admin_api_on_postgres() {
     let e = dari_relay::app::run(rx, CancellationToken::new()).await.expect_err("refused");
     assert!(e.to_string().contains("admin API"), "{e}");
 }
+
+/// One active instance per database: a second waits as a standby (and
+/// says so once), gives up cleanly on shutdown, and takes over within a
+/// couple of seconds when the active one's session ends.
+#[tokio::test]
+async fn a_standby_waits_and_takes_over_when_the_active_one_goes() {
+    let Some(db) = TestDatabase::create() else { return };
+    Postgres::open(&db.url).await.unwrap();
+    let never = CancellationToken::new();
+    let active = dari_relay::store::postgres::acquire_active(&db.url, &never, || panic!("the first is not a standby"))
+        .await
+        .unwrap()
+        .expect("the first instance is active");
+
+    let stop = CancellationToken::new();
+    let said = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (url, token, counter) = (db.url.clone(), stop.clone(), Arc::clone(&said));
+    let waited = tokio::spawn(async move {
+        dari_relay::store::postgres::acquire_active(&url, &token, move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.cancel();
+    assert!(waited.await.unwrap().unwrap().is_none(), "a standby stops waiting on shutdown");
+    assert_eq!(said.load(std::sync::atomic::Ordering::Relaxed), 1, "it said it was a standby once");
+
+    let (url, token) = (db.url.clone(), never.clone());
+    let takeover = tokio::spawn(async move { dari_relay::store::postgres::acquire_active(&url, &token, || {}).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gone = Instant::now();
+    drop(active);
+    let taken = tokio::time::timeout(Duration::from_secs(5), takeover).await.expect("taken over").unwrap().unwrap();
+    assert!(taken.is_some());
+    assert!(gone.elapsed() < Duration::from_secs(3), "took over in {:?}", gone.elapsed());
+}

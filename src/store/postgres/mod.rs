@@ -11,11 +11,13 @@
 //!
 //! Files by role: [`schema`] (migrations under an advisory lock),
 //! [`watches`] (adds, removals, the schedule and the poll's commit),
-//! [`outbox`] (heads, sends, attempts, listings, pauses), [`prune`].
+//! [`outbox`] (heads, sends, attempts, listings, pauses), [`prune`], and
+//! [`standby`] (one active instance per database, the others waiting).
 
 mod outbox;
 mod prune;
 mod schema;
+mod standby;
 mod watches;
 
 use std::collections::BTreeMap;
@@ -27,6 +29,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde_json::{Map, Value};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
+
+pub use standby::{ActiveLock, acquire_active};
 
 use crate::store::*;
 use crate::vocab::{DeliveryState, NewWatch, WatchState};
@@ -57,10 +61,7 @@ impl std::fmt::Debug for Postgres {
     }
 }
 
-/// Whether `database` names a PostgreSQL database rather than a SQLite path.
-pub fn is_postgres_url(database: &str) -> bool {
-    database.starts_with("postgres://") || database.starts_with("postgresql://")
-}
+pub use crate::vocab::is_postgres_url;
 
 /// Parses a PostgreSQL URL into the driver's settings. The error names
 /// what is wrong without repeating the URL (it may hold a password).

@@ -233,7 +233,7 @@ impl Postgres {
 /// A watch row's [`DiffContext`].
 fn diff_context_of(r: &Row, job_id: &str) -> Result<DiffContext, StoreError> {
     let fps: Vec<u8> = r.get(7);
-    if fps.len() % 8 != 0 {
+    if !fps.len().is_multiple_of(8) {
         return Err(StoreError::Corrupt(format!("event fingerprints of job {job_id}")));
     }
     let event_fingerprints = fps.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect();
