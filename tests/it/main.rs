@@ -16,6 +16,7 @@ mod formats;
 mod layers;
 mod lifecycle;
 mod pg;
+mod pg_failover;
 mod pg_relay;
 mod robustness;
 mod store_conformance;
