@@ -67,24 +67,34 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         info!(database = %pg.shown, %instance, "opened the PostgreSQL database");
         // One active instance per database for now (store::postgres's
         // standby module): the others wait here, and take over when the
-        // active one's session ends.
+        // active one's lease ends.
+        let store = Arc::new(store);
         let standby = || info!(%instance, "another instance is active on this database: waiting as a standby");
-        let Some(lock) = crate::store::postgres::acquire_active(pg.url(), &shutdown, standby).await? else {
+        let Some(lease) =
+            crate::store::postgres::acquire_active(&store, &instance, lease_ttl, &shutdown, standby).await?
+        else {
             return Ok(());
         };
-        info!(%instance, "this instance is the active one on the database");
-        let serving = serve_postgres(config, Arc::new(store), Arc::new(Metrics::default()), shutdown.clone());
+        info!(%instance, epoch = lease.epoch, "this instance is the active one on the database");
+        let serving = serve_postgres(config, Arc::clone(&store), Arc::new(Metrics::default()), shutdown.clone());
         tokio::pin!(serving);
-        return tokio::select! {
+        let result = tokio::select! {
             result = &mut serving => result,
-            reason = lock.lost(lease_ttl / 3, lease_ttl) => {
-                // Stop before more writes: another instance may take over.
-                error!(%reason, "lost the active lock; stopping the relay");
+            reason = lease.lost(&store) => {
+                // Stop before more writes (the store's fence refuses them
+                // already): another instance takes over.
+                error!(%reason, "lost the lease; stopping the relay");
                 shutdown.cancel();
                 let _ = serving.await;
-                Err(AppError::TaskEnded { task: "active lock", reason })
+                return Err(AppError::TaskEnded { task: "lease", reason });
             }
         };
+        // Stopped on request: hand the watches over at once.
+        match lease.release(&store).await {
+            Ok(()) => info!(%instance, "released the lease"),
+            Err(e) => warn!(error = %e, "cannot release the lease; another instance takes over when it expires"),
+        }
+        return result;
     }
     let path = config.borrow().database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.map_err(StoreError::Task)??;

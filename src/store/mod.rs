@@ -77,6 +77,10 @@ pub enum StoreError {
     /// No PostgreSQL connection could be had from the pool in time.
     #[error("cannot get a database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// This instance's lease on the PostgreSQL database expired or was
+    /// taken over: the write was refused (another instance works on now).
+    #[error("this instance no longer holds the database lease: another instance took over")]
+    Fenced,
     /// The PostgreSQL URL or its TLS setup is unusable (the URL itself is
     /// never repeated: it may hold a password).
     #[error("{0}")]

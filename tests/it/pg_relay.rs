@@ -184,7 +184,7 @@ async fn instances_starting_together_migrate_once() {
     let driver = tokio::spawn(connection);
     let rows = client.query("SELECT version FROM schema_migrations ORDER BY version", &[]).await.unwrap();
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, [1], "each migration applied once");
+    assert_eq!(versions, [1, 2], "each migration applied once");
     drop(client);
     driver.await.unwrap().unwrap();
 }
@@ -203,38 +203,60 @@ async fn run_refuses_the_admin_api_on_postgres() {
 }
 
 /// One active instance per database: a second waits as a standby (and
-/// says so once), gives up cleanly on shutdown, and takes over within a
-/// couple of seconds when the active one's session ends.
+/// says so once) and gives up cleanly on shutdown; it takes over within a
+/// second of a release, and, when the holder goes silent, once the lease
+/// expires on the database's clock, with a new epoch that fences every
+/// write and every send of the old holder.
 #[tokio::test]
-async fn a_standby_waits_and_takes_over_when_the_active_one_goes() {
+async fn a_standby_takes_over_a_released_or_expired_lease_and_fences_the_old_holder() {
+    use dari_relay::store::postgres::acquire_active;
+    use dari_relay::store::{DelivererStore, PollerStore, StoreError};
     let Some(db) = TestDatabase::create() else { return };
-    Postgres::open(&db.url).await.unwrap();
+    let ttl = Duration::from_millis(1500);
+    let (a, b) = (Postgres::open(&db.url).await.unwrap(), Postgres::open(&db.url).await.unwrap());
     let never = CancellationToken::new();
-    let active = dari_relay::store::postgres::acquire_active(&db.url, &never, || panic!("the first is not a standby"))
-        .await
-        .unwrap()
-        .expect("the first instance is active");
+    let lease_a = acquire_active(&a, "a", ttl, &never, || panic!("the first is not a standby")).await.unwrap().unwrap();
+    a.add_watches(vec![watch(JOB)]).await.unwrap();
 
+    // A standby waits, says so once, and stops waiting on shutdown.
     let stop = CancellationToken::new();
-    let said = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (url, token, counter) = (db.url.clone(), stop.clone(), Arc::clone(&said));
-    let waited = tokio::spawn(async move {
-        dari_relay::store::postgres::acquire_active(&url, &token, move || {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        })
-        .await
+    let said = std::sync::atomic::AtomicUsize::new(0);
+    let stopper = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        stopper.cancel();
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.cancel();
-    assert!(waited.await.unwrap().unwrap().is_none(), "a standby stops waiting on shutdown");
+    let waited = acquire_active(&b, "b", ttl, &stop, || {
+        said.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })
+    .await
+    .unwrap();
+    assert!(waited.is_none(), "a standby stops waiting on shutdown");
     assert_eq!(said.load(std::sync::atomic::Ordering::Relaxed), 1, "it said it was a standby once");
 
-    let (url, token) = (db.url.clone(), never.clone());
-    let takeover = tokio::spawn(async move { dari_relay::store::postgres::acquire_active(&url, &token, || {}).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let gone = Instant::now();
-    drop(active);
-    let taken = tokio::time::timeout(Duration::from_secs(5), takeover).await.expect("taken over").unwrap().unwrap();
-    assert!(taken.is_some());
-    assert!(gone.elapsed() < Duration::from_secs(3), "took over in {:?}", gone.elapsed());
+    // A release hands over at the standby's next try.
+    lease_a.release(&a).await.unwrap();
+    let released = Instant::now();
+    let lease_b = acquire_active(&b, "b", ttl, &never, || {}).await.unwrap().unwrap();
+    assert!(released.elapsed() < Duration::from_millis(1200), "taken in {:?}", released.elapsed());
+    assert!(lease_b.epoch > lease_a.epoch);
+    // The old holder is fenced: no poll write, no heads to send.
+    let decide: dari_relay::store::Decide = Box::new(|_| panic!("a fenced instance does not even decide"));
+    assert!(matches!(a.commit_poll(JOB.into(), decide).await, Err(StoreError::Fenced)));
+    assert!(matches!(a.pending_heads("backend".into(), 10).await, Err(StoreError::Fenced)));
+
+    // B goes silent (a freeze: no renewal); A takes over after the lease
+    // expires, not before, and B's writes are refused from then on.
+    let silent = Instant::now();
+    let lease_a = acquire_active(&a, "a", ttl, &never, || {}).await.unwrap().unwrap();
+    let waited = silent.elapsed();
+    assert!(waited >= Duration::from_millis(1000), "not before the lease expired: {waited:?}");
+    assert!(waited < ttl + Duration::from_secs(2), "soon after it expired: {waited:?}");
+    assert!(lease_a.epoch > lease_b.epoch);
+    assert!(matches!(b.pending_heads("backend".into(), 10).await, Err(StoreError::Fenced)));
+    assert!(matches!(lease_b.lost(&b).await.as_str(), s if s.contains("took it over")));
+    // The holder itself works on, and keeps its lease by renewing it.
+    assert!(a.pending_heads("backend".into(), 10).await.unwrap().is_empty());
+    let renewing = tokio::time::timeout(ttl * 2, lease_a.lost(&a)).await;
+    assert!(renewing.is_err(), "a renewing holder keeps its lease: {renewing:?}");
 }

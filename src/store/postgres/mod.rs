@@ -23,14 +23,14 @@ mod watches;
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde_json::{Map, Value};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-pub use standby::{ActiveLock, acquire_active};
+pub use standby::{ActiveLease, acquire_active};
 
 use crate::store::*;
 use crate::vocab::{DeliveryState, NewWatch, WatchState};
@@ -52,6 +52,9 @@ pub struct Postgres {
     pool: Pool,
     /// Write transactions committed through this handle, for the benchmark.
     commits: AtomicU64,
+    /// The lease epoch every write must still hold (0: no lease taken, no
+    /// check); set by [`acquire_active`].
+    fence: AtomicI64,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -127,7 +130,7 @@ impl Postgres {
             .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Url(format!("cannot build the connection pool: {e}")))?;
-        Ok(Postgres { pool, commits: AtomicU64::new(0) })
+        Ok(Postgres { pool, commits: AtomicU64::new(0), fence: AtomicI64::new(0) })
     }
 
     /// Write transactions committed through this handle so far.

@@ -31,6 +31,8 @@ impl Postgres {
     /// wait for its head.
     pub(super) async fn heads(&self, webhook: &str, limit: usize) -> Result<Vec<PendingHead>, StoreError> {
         let client = self.client().await?;
+        // Nothing is handed out to send by an instance that lost its lease.
+        self.check_fence(&client).await?;
         let stmt = client
             .prepare_cached(
                 "SELECT d.id, d.job_id, d.webhook, d.next_attempt_at FROM deliveries d
@@ -97,6 +99,7 @@ impl Postgres {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        self.check_fence(&tx).await?;
         let insert = tx
             .prepare_cached(
                 "INSERT INTO attempts (delivery_id, attempted_at, duration_ms, http_status, response_excerpt, error)

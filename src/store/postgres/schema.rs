@@ -19,7 +19,8 @@ const MIGRATION_LOCK: i64 = 0x6461_7269;
 
 /// Versioned schema migrations, applied in order on open. Append only: a
 /// released migration is never edited.
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BIGINT NOT NULL
@@ -106,7 +107,19 @@ CREATE TABLE webhook_pauses (
     reason    TEXT NOT NULL,
     paused_at BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+-- The active instance's lease (one row): who holds it, its fencing epoch
+-- (bumped by every takeover, checked by every write of the holder), and
+-- until when, on the database's clock.
+CREATE TABLE active_lease (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    instance   TEXT NOT NULL,
+    epoch      BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+"#,
+];
 
 /// Brings the schema to the latest version. The whole run holds a
 /// session-level advisory lock: a second instance starting at the same

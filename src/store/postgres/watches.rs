@@ -166,6 +166,7 @@ impl Postgres {
     pub(super) async fn commit_decided(&self, job_id: String, decide: Decide) -> Result<PollWrite, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        self.check_fence(&tx).await?;
         let stmt =
             tx.prepare_cached(&format!("SELECT {DIFF_COLUMNS} FROM watches WHERE job_id = $1 FOR UPDATE")).await?;
         let Some(row) = tx.query_opt(&stmt, &[&job_id]).await? else { return Ok(PollWrite::Skipped) };
@@ -213,6 +214,7 @@ impl Postgres {
     ) -> Result<CommitOutcome, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        self.check_fence(&tx).await?;
         let now = now_ms();
         let updated = tx
             .execute(
