@@ -1,11 +1,14 @@
-//! Failover with the real binary on PostgreSQL: two `dari-relay run`
-//! processes on one database, one active and one standby. The active one
-//! is killed with SIGKILL while jobs are busy; the standby takes over and
-//! every notification still arrives, in order per job, each re-send with
-//! its first `webhook-id`, and nothing under two ids.
+//! Failover with the real binary on PostgreSQL: three `dari-relay run`
+//! processes on one database, one active and two standbys, while jobs are
+//! busy. The active one is frozen (SIGSTOP) past its lease and resumed (it
+//! must stop, fenced), the next is stopped with SIGTERM (its lease handed
+//! over at once) and restarted, the next killed (SIGKILL). Every
+//! notification still arrives, in order per job, each re-send with its
+//! first `webhook-id`, and nothing under two ids.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::process::Child;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -37,8 +40,28 @@ fn script() -> Vec<Reply> {
     replies
 }
 
+const ACTIVE: &str = "this instance is the active one";
+const TTL: Duration = Duration::from_secs(3);
+
+/// Waits until one of `logs` says it became active once more than
+/// `actives` counted, and returns which.
+async fn wait_new_active(logs: &[std::path::PathBuf], actives: &mut [usize; 3]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        for (i, log) in logs.iter().enumerate() {
+            let said = std::fs::read_to_string(log).unwrap_or_default().matches(ACTIVE).count();
+            if said > actives[i] {
+                actives[i] = said;
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no standby took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
-async fn a_standby_takes_over_a_killed_instance_and_nothing_is_lost_or_reordered() {
+async fn three_instances_survive_a_freeze_a_restart_and_a_kill_and_nothing_is_lost_or_reordered() {
     let Some(db) = TestDatabase::create() else { return };
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -64,22 +87,56 @@ async fn a_standby_takes_over_a_killed_instance_and_nothing_is_lost_or_reordered
     )
     .unwrap();
 
-    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
-    let mut a = spawn_daemon(&config, &log_a);
-    log_says(&log_a, 1, "this instance is the active one").await;
-    let mut b = spawn_daemon(&config, &log_b);
-    log_says(&log_b, 1, "waiting as a standby").await;
-
-    // Kill the active one in the middle of the jobs' lives.
-    let mut got: Vec<Received> = Vec::new();
-    while got.len() < 20 {
-        got.push(tokio::time::timeout(Duration::from_secs(10), receiver.next()).await.expect("deliveries flow"));
+    // Three instances: the first active, two standbys.
+    let logs: Vec<_> = (0..3).map(|i| dir.path().join(format!("{i}.log"))).collect();
+    let mut relays: Vec<Child> = Vec::new();
+    relays.push(spawn_daemon(&config, &logs[0]));
+    log_says(&logs[0], 1, ACTIVE).await;
+    for log in &logs[1..] {
+        relays.push(spawn_daemon(&config, log));
+        log_says(log, 1, "waiting as a standby").await;
     }
-    signal(&a, "KILL");
+    let mut got: Vec<Received> = Vec::new();
+    let mut take = async |got: &mut Vec<Received>, n: usize| {
+        let until = got.len() + n;
+        while got.len() < until {
+            got.push(tokio::time::timeout(Duration::from_secs(10), receiver.next()).await.expect("deliveries flow"));
+        }
+    };
+    take(&mut got, 15).await;
+    let mut actives = [1, 0, 0];
+
+    // 1. SIGSTOP the active one past its lease: a standby takes over within
+    // lease_ttl + 2 s; resumed, the frozen one finds itself fenced and exits.
+    signal(&relays[0], "STOP");
+    let frozen = Instant::now();
+    let next = wait_new_active(&logs, &mut actives).await;
+    assert!(frozen.elapsed() < TTL + Duration::from_secs(2), "taken over in {:?}", frozen.elapsed());
+    assert_ne!(next, 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&relays[0], "CONT");
+    let status = wait_exit(&mut relays[0], Duration::from_secs(10)).await;
+    assert!(!status.success(), "the resumed instance stops: it lost its lease");
+    take(&mut got, 15).await;
+
+    // 2. SIGTERM the active one: it releases, the last standby takes over
+    // within 2 s; the stopped one is restarted and waits as a standby.
+    signal(&relays[next], "TERM");
+    let stopped = Instant::now();
+    assert!(wait_exit(&mut relays[next], Duration::from_secs(15)).await.success());
+    let last = wait_new_active(&logs, &mut actives).await;
+    assert!(stopped.elapsed() < Duration::from_secs(4), "taken over in {:?}", stopped.elapsed());
+    let restarted = dir.path().join("restarted.log");
+    relays[next] = spawn_daemon(&config, &restarted);
+    log_says(&restarted, 1, "waiting as a standby").await;
+    take(&mut got, 15).await;
+
+    // 3. SIGKILL the active one: the restarted standby takes over.
+    signal(&relays[last], "KILL");
     let killed = Instant::now();
-    wait_exit(&mut a, Duration::from_secs(5)).await;
-    log_says(&log_b, 1, "this instance is the active one").await;
-    assert!(killed.elapsed() < Duration::from_secs(5), "the standby took over in {:?}", killed.elapsed());
+    wait_exit(&mut relays[last], Duration::from_secs(5)).await;
+    log_says(&restarted, 1, ACTIVE).await;
+    assert!(killed.elapsed() < TTL + Duration::from_secs(2), "taken over in {:?}", killed.elapsed());
 
     // Every job completes; collect until each one's completion is in.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -96,8 +153,8 @@ async fn a_standby_takes_over_a_killed_instance_and_nothing_is_lost_or_reordered
             got.push(r);
         }
     }
-    signal(&b, "TERM");
-    assert!(wait_exit(&mut b, Duration::from_secs(15)).await.success(), "the standby-turned-active exits 0");
+    signal(&relays[next], "TERM");
+    assert!(wait_exit(&mut relays[next], Duration::from_secs(15)).await.success());
     got.extend(receiver.drain());
 
     // Per job: the distinct notifications in order of first arrival are

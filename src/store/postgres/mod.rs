@@ -43,6 +43,14 @@ const POOL_SIZE: usize = 16;
 /// to be made, before it fails (and is retried by its loop).
 const POOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long the server lets a session sit in an open transaction waiting
+/// for this client before it ends the session. A frozen instance (SIGSTOP)
+/// caught mid-transaction would otherwise hold its row locks (a watch
+/// `FOR UPDATE`, the lease `FOR SHARE`) for as long as it is frozen, and
+/// no other instance could take its watches over. The relay's own
+/// transactions never wait on anything but the database.
+const IDLE_IN_TRANSACTION: &str = "-c idle_in_transaction_session_timeout=2000";
+
 /// Ids read by one statement of [`Postgres::outbound_many`] at most.
 const OUTBOUND_CHUNK: usize = 500;
 
@@ -109,6 +117,11 @@ impl Postgres {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(POOL_TIMEOUT);
         }
+        let options = match config.get_options() {
+            Some(given) => format!("{given} {IDLE_IN_TRANSACTION}"),
+            None => IDLE_IN_TRANSACTION.to_owned(),
+        };
+        config.options(&options);
         let tls = tls()?;
         // The migrations run on a connection of their own, closed right
         // after: the pool starts empty, so its connections are made on the
