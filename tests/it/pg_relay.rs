@@ -260,3 +260,45 @@ async fn a_standby_takes_over_a_released_or_expired_lease_and_fences_the_old_hol
     let renewing = tokio::time::timeout(ttl * 2, lease_a.lost(&a)).await;
     assert!(renewing.is_err(), "a renewing holder keeps its lease: {renewing:?}");
 }
+
+/// Polls of one watch committed at once, from many connections, each read
+/// the state the previous one wrote (the row is read `FOR UPDATE`): none
+/// is lost and none sees the same fingerprints twice.
+#[tokio::test]
+async fn concurrent_commits_of_one_watch_are_serialised() {
+    use dari_relay::notification::Body;
+    use dari_relay::store::{NewDelivery, NewNotification, PollCommit, PollWrite, PollerStore};
+    use dari_relay::vocab::{NotificationKind, SeenState};
+    let Some(db) = TestDatabase::create() else { return };
+    let store = Arc::new(Postgres::open(&db.url).await.unwrap());
+    store.add_watches(vec![watch(JOB)]).await.unwrap();
+    let commits = (0..20).map(|_| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let decide: dari_relay::store::Decide = Box::new(|ctx| {
+                let n = ctx.seen.event_fingerprints.len();
+                let mut fingerprints = ctx.seen.event_fingerprints.clone();
+                fingerprints.push(n as u64);
+                Some(PollCommit {
+                    job_id: JOB.into(),
+                    seen: SeenState { status: Some("running".into()), event_fingerprints: fingerprints },
+                    body_hash: n as u64,
+                    end: None,
+                    notifications: vec![NewNotification {
+                        kind: NotificationKind::Event,
+                        body: Body::Whole(format!("{{\"n\":{n}}}")),
+                        deliveries: vec![NewDelivery { webhook: "backend".into(), msg_id: format!("msg_{n}") }],
+                    }],
+                })
+            });
+            store.commit_poll(JOB.into(), decide).await.unwrap()
+        })
+    });
+    for commit in commits.collect::<Vec<_>>() {
+        assert!(matches!(commit.await.unwrap(), PollWrite::Stored { deliveries: 1, .. }));
+    }
+    let seen = store.diff_context(JOB.into()).await.unwrap().unwrap().seen.event_fingerprints;
+    assert_eq!(seen, (0..20).collect::<Vec<u64>>(), "each commit read the one before it");
+    let bodies: Vec<String> = store.notifications_of(JOB.into()).await.unwrap().into_iter().map(|n| n.body).collect();
+    assert_eq!(bodies, (0..20).map(|n| format!("{{\"n\":{n}}}")).collect::<Vec<_>>());
+}

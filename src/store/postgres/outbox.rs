@@ -153,12 +153,16 @@ impl Postgres {
         limit: usize,
     ) -> Result<Vec<DeliverySummary>, StoreError> {
         let client = self.client().await?;
+        // With a state, `d.state = $1` alone, so the (state, id) index
+        // serves it (as on SQLite: `$1 IS NULL OR ...` would walk every
+        // delivery kept to find the few failed ones).
+        let filter = if state.is_some() { "d.state = $1" } else { "$1::TEXT IS NULL" };
         let stmt = client
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT d.id, d.msg_id, d.job_id, d.webhook, n.type, d.state, d.attempts, d.next_attempt_at, d.created_at, d.last_error
                  FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-                 WHERE ($1::TEXT IS NULL OR d.state = $1) ORDER BY d.id DESC LIMIT $2",
-            )
+                 WHERE {filter} ORDER BY d.id DESC LIMIT $2"
+            ))
             .await?;
         let rows = client.query(&stmt, &[&state.map(DeliveryState::as_str), &sql_limit(limit)]).await?;
         let mut out = Vec::with_capacity(rows.len());
