@@ -23,7 +23,9 @@ use crate::health::{self, Health};
 use crate::inbound;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
-use crate::store::{PollerStore, PruneSummary, Sqlite, Store, StoreError};
+use crate::store::{
+    DelivererStore, OperatorStore, PollerStore, Postgres, PruneSummary, Sqlite, Storage, Store, StoreError,
+};
 use crate::vocab::now_ms;
 
 /// Why the relay stopped other than by request.
@@ -41,6 +43,12 @@ pub enum AppError {
     /// The admin API could not listen.
     #[error("cannot listen on {listen} for the admin API: {source}")]
     Admin { listen: String, source: std::io::Error },
+    /// The admin API and the inbound listener need the SQLite store (they
+    /// read it directly); on PostgreSQL they cannot be served yet.
+    #[error(
+        "the admin API ([admin]) and push assist ([inbound]) do not run on a PostgreSQL database yet; remove them or use SQLite"
+    )]
+    AdminOnPostgres,
     /// A loop ended on its own.
     #[error("the {task} loop stopped unexpectedly: {reason}")]
     TaskEnded { task: &'static str, reason: String },
@@ -63,6 +71,47 @@ pub async fn run_with_reload(
     reload: Option<admin::Reload>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    let postgres = config.borrow().postgres.clone();
+    if let Some(pg) = postgres {
+        if config.borrow().admin.is_some() || config.borrow().inbound.is_some() {
+            return Err(AppError::AdminOnPostgres);
+        }
+        let store = Postgres::open(pg.url()).await?;
+        let cluster = config.borrow().cluster.clone();
+        let instance = cluster.as_ref().map_or_else(crate::config::default_instance, |c| c.instance.clone());
+        let lease_ttl = cluster.as_ref().map_or(crate::config::defaults::LEASE_TTL.default, |c| c.lease_ttl);
+        info!(database = %pg.shown, %instance, "opened the PostgreSQL database");
+        // One active instance per database for now (store::postgres's
+        // standby module): the others wait here, and take over when the
+        // active one's lease ends.
+        let store = Arc::new(store);
+        let standby = || info!(%instance, "another instance is active on this database: waiting as a standby");
+        let Some(lease) =
+            crate::store::postgres::acquire_active(&store, &instance, lease_ttl, &shutdown, standby).await?
+        else {
+            return Ok(());
+        };
+        info!(%instance, epoch = lease.epoch, "this instance is the active one on the database");
+        let serving = serve_postgres(config, Arc::clone(&store), Arc::new(Metrics::default()), shutdown.clone());
+        tokio::pin!(serving);
+        let result = tokio::select! {
+            result = &mut serving => result,
+            reason = lease.lost(&store) => {
+                // Stop before more writes (the store's fence refuses them
+                // already): another instance takes over.
+                error!(%reason, "lost the lease; stopping the relay");
+                shutdown.cancel();
+                let _ = serving.await;
+                return Err(AppError::TaskEnded { task: "lease", reason });
+            }
+        };
+        // Stopped on request: hand the watches over at once.
+        match lease.release(&store).await {
+            Ok(()) => info!(%instance, "released the lease"),
+            Err(e) => warn!(error = %e, "cannot release the lease; another instance takes over when it expires"),
+        }
+        return result;
+    }
     let path = config.borrow().database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.map_err(StoreError::Task)??;
     let admin_config = config.borrow().admin.clone();
@@ -120,11 +169,61 @@ pub async fn serve_with(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    serve_engine(config, Engine::Sqlite(store), metrics, listeners, shutdown).await
+}
+
+/// [`serve`] on a PostgreSQL database (without the admin API, which reads
+/// the SQLite store directly for now).
+pub async fn serve_postgres(
+    config: watch::Receiver<Arc<Config>>,
+    store: Arc<Postgres>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    serve_engine(config, Engine::Postgres(store), metrics, Listeners::default(), shutdown).await
+}
+
+/// The open database, by engine: the loops get it through the storage
+/// traits; the watchdog asks it for its problems; the admin API (SQLite
+/// only, for now) gets the store itself.
+#[derive(Clone)]
+enum Engine {
+    Sqlite(Arc<Store>),
+    Postgres(Arc<Postgres>),
+}
+
+impl Engine {
+    /// Every storage role, for the loops.
+    fn storage(&self) -> Arc<dyn Storage> {
+        match self {
+            Engine::Sqlite(store) => Arc::new(Sqlite(Arc::clone(store))),
+            Engine::Postgres(store) => Arc::clone(store) as Arc<dyn Storage>,
+        }
+    }
+
+    /// What keeps the relay from being live at `now`. PostgreSQL has no
+    /// writer thread; its failing calls show as stale loops, since a loop
+    /// whose store calls fail does not beat.
+    fn problems(&self, health: &Health, now: std::time::Instant) -> Vec<String> {
+        match self {
+            Engine::Sqlite(store) => health::problems(health, store, now),
+            Engine::Postgres(_) => health.stale_at(now),
+        }
+    }
+}
+
+async fn serve_engine(
+    config: watch::Receiver<Arc<Config>>,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
     let Listeners { admin, inbound } = listeners;
     let wake_delivery = Arc::new(Notify::new());
     let health = Arc::new(Health::default());
     // The loops see the store only through the storage traits.
-    let loops = Arc::new(Sqlite(Arc::clone(&store)));
+    let loops = engine.storage();
     let poller = Poller::new(
         config.clone(),
         Arc::clone(&loops) as Arc<dyn PollerStore>,
@@ -133,7 +232,13 @@ pub async fn serve_with(
         Arc::clone(&wake_delivery),
     )?;
     let poll_now = poller.poll_now_handle();
-    let deliverer = Deliverer::new(config.clone(), loops, Arc::clone(&metrics), Arc::clone(&health), wake_delivery)?;
+    let deliverer = Deliverer::new(
+        config.clone(),
+        Arc::clone(&loops) as Arc<dyn DelivererStore>,
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+        wake_delivery,
+    )?;
 
     // Every long-lived task goes into this one set, named, so the app can say
     // which ended and why.
@@ -159,15 +264,17 @@ pub async fn serve_with(
     tasks.spawn(async move {
         ("deliverer", delivery_ended.await.unwrap_or_else(|_| Err("the delivery thread panicked".to_owned())))
     });
-    let (token, pruning) = (shutdown.clone(), Arc::clone(&store));
+    let (token, pruning) = (shutdown.clone(), Arc::clone(&loops) as Arc<dyn OperatorStore>);
     let reloads = config.clone();
     tasks.spawn(async move { ("pruner", prune_loop(reloads, pruning, token).await.map_err(|e| e.to_string())) });
-    let (token, watched, watched_store) = (shutdown.clone(), Arc::clone(&health), Arc::clone(&store));
+    let (token, watched, watched_store) = (shutdown.clone(), Arc::clone(&health), engine.clone());
     tasks.spawn(async move { ("watchdog", watchdog_loop(watched, watched_store, token).await) });
-    if let Some(listener) = inbound {
+    // The inbound listener and the admin API read the SQLite store itself
+    // (`run` refuses them on PostgreSQL).
+    if let (Some(listener), Engine::Sqlite(store)) = (inbound, &engine) {
         let state = inbound::InboundState {
             config: config.clone(),
-            store: Arc::clone(&store),
+            store: Arc::clone(store),
             metrics: Arc::clone(&metrics),
             poll_now: poll_now.clone(),
             limiter: Arc::default(),
@@ -177,10 +284,10 @@ pub async fn serve_with(
             ("inbound listener", inbound::serve(listener, state, token).await.map_err(|e| e.to_string()))
         });
     }
-    if let Some(listener) = admin {
+    if let (Some(listener), Engine::Sqlite(store)) = (admin, &engine) {
         let state = AdminState {
             config,
-            store: Arc::clone(&store),
+            store: Arc::clone(store),
             metrics,
             health,
             poll_now,
@@ -230,7 +337,7 @@ pub async fn serve_with(
 /// calls not all failing; see [`health::problems`]): a wedged relay stops
 /// pinging and systemd restarts it. Without `WATCHDOG_USEC` (not under
 /// systemd, or no `WatchdogSec=`) it just waits for shutdown.
-async fn watchdog_loop(health: Arc<Health>, store: Arc<Store>, shutdown: CancellationToken) -> Result<(), String> {
+async fn watchdog_loop(health: Arc<Health>, store: Engine, shutdown: CancellationToken) -> Result<(), String> {
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         shutdown.cancelled().await;
@@ -242,7 +349,7 @@ async fn watchdog_loop(health: Arc<Health>, store: Arc<Store>, shutdown: Cancell
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let problems = health::problems(&health, &store, std::time::Instant::now());
+        let problems = store.problems(&health, std::time::Instant::now());
         if problems.is_empty() {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         } else {
@@ -255,7 +362,7 @@ async fn watchdog_loop(health: Arc<Health>, store: Arc<Store>, shutdown: Cancell
 /// failed prune is logged and tried again next time: it only costs space.
 async fn prune_loop(
     config: watch::Receiver<Arc<Config>>,
-    store: Arc<Store>,
+    store: Arc<dyn OperatorStore>,
     shutdown: CancellationToken,
 ) -> Result<(), StoreError> {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
@@ -265,7 +372,7 @@ async fn prune_loop(
             _ = tick.tick() => {}
         }
         let cutoff = now_ms() - config.borrow().retention.as_millis() as i64;
-        match store.call(move |s| s.prune(cutoff)).await {
+        match store.prune(cutoff).await {
             Ok(pruned) if pruned != PruneSummary::default() => info!(?pruned, "pruned past retention"),
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot prune; will retry"),

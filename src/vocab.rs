@@ -53,6 +53,15 @@ pub fn is_valid_segment(s: &str) -> bool {
     !s.is_empty() && !s.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control())
 }
 
+// ----- databases -----------------------------------------------------------
+
+/// Whether a `database` value names a PostgreSQL database (a `postgres://`
+/// or `postgresql://` URL) rather than a SQLite path: config and the store
+/// both decide the engine by it.
+pub fn is_postgres_url(database: &str) -> bool {
+    database.starts_with("postgres://") || database.starts_with("postgresql://")
+}
+
 // ----- watches -------------------------------------------------------------
 
 /// The state of a watch.

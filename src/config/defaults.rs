@@ -48,6 +48,10 @@ const DAY: u64 = 24 * HOUR;
 /// `database`: the SQLite file.
 pub const DATABASE: &str = "/var/lib/dari-relay/relay.db";
 
+/// `[cluster] lease_ttl`: how long a silent instance keeps its watches. At
+/// least a second (renewals go every third of it), at most ten minutes.
+pub const LEASE_TTL: DurationBounds = DurationBounds { default: secs(15), min: secs(1), max: secs(10 * MINUTE) };
+
 /// `retention`: at most ten years, so `now - retention` in Unix milliseconds
 /// stays far from `i64` overflow.
 pub const RETENTION: DurationBounds = DurationBounds { default: secs(7 * DAY), min: secs(1), max: secs(3650 * DAY) };

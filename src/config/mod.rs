@@ -12,6 +12,7 @@
 //! exit 2. Secrets are wrapped in `secrecy` types and never printed:
 //! `check-config` shows where each one came from instead.
 
+mod database;
 pub mod defaults;
 mod raw;
 mod resolved;
@@ -22,6 +23,7 @@ mod webhook;
 
 use std::path::{Path, PathBuf};
 
+pub use database::{Cluster, PostgresDatabase, default_instance};
 pub use raw::parse_duration;
 pub use resolved::{Admin, Config, Delivery, Inbound, ListenAddr, LogFormat, Org, SecretSource, Upstream};
 pub use webhook::{ExtraHeader, Webhook};

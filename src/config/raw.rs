@@ -17,6 +17,8 @@ use crate::vocab::Format;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub(super) database: Option<Spanned<String>>,
+    pub(super) database_url_env: Option<Spanned<String>>,
+    pub(super) cluster: Option<Spanned<RawCluster>>,
     pub(super) retention: Option<Spanned<DurationValue>>,
     #[serde(default)]
     pub(super) upstream: RawUpstream,
@@ -29,6 +31,14 @@ pub(super) struct RawConfig {
     pub(super) admin: Option<Spanned<RawAdmin>>,
     pub(super) inbound: Option<Spanned<RawInbound>>,
     pub(super) log_format: Option<LogFormat>,
+}
+
+/// `[cluster]`: several instances on one PostgreSQL database.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) instance: Option<Spanned<String>>,
+    pub(super) lease_ttl: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Deserialize)]

@@ -24,8 +24,14 @@ use super::{ConfigError, Webhook};
 pub struct Config {
     /// The file this came from, for messages.
     pub path: PathBuf,
-    /// The SQLite database file.
+    /// The SQLite database file; with PostgreSQL, the URL without its
+    /// password (for messages and to notice a change on reload).
     pub database: PathBuf,
+    /// The PostgreSQL database, when `database` is a `postgres://` URL or
+    /// `database_url_env` names one; `None`: SQLite at `database`.
+    pub postgres: Option<super::PostgresDatabase>,
+    /// `[cluster]` (PostgreSQL only).
+    pub cluster: Option<super::Cluster>,
     /// How long delivered deliveries and ended watches are kept.
     pub retention: Duration,
     /// How Dari is polled.
@@ -228,13 +234,8 @@ impl Resolver<'_> {
     }
 
     pub(super) fn resolve(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let database = match raw.database {
-            Some(db) if db.get_ref().trim().is_empty() => {
-                return Err(self.error(Some(db.span()), "database", "must not be empty"));
-            }
-            Some(db) => PathBuf::from(db.into_inner()),
-            None => PathBuf::from(defaults::DATABASE),
-        };
+        let (database, postgres) = self.database(raw.database, raw.database_url_env)?;
+        let cluster = self.cluster(raw.cluster, postgres.is_some())?;
         let upstream = self.upstream(raw.upstream)?;
         let delivery = self.delivery(raw.delivery)?;
         let mut orgs = BTreeMap::new();
@@ -292,6 +293,8 @@ impl Resolver<'_> {
         Ok(Config {
             path: self.path.to_owned(),
             database,
+            postgres,
+            cluster,
             retention,
             upstream,
             delivery,

@@ -17,12 +17,24 @@ impl Config {
         let globs = |g: &[Glob]| list(g.iter().map(|g| format!("{:?}", g.as_str())).collect());
         let mut out = String::new();
         let _ = writeln!(out, "# resolved from {}", self.path.display());
-        let _ = writeln!(out, "database = {:?}", self.database.display().to_string());
+        match self.postgres.as_ref().and_then(|pg| pg.env.as_ref()) {
+            Some(var) => {
+                let _ = writeln!(out, "database_url_env = {var:?}  # {}", self.database.display());
+            }
+            None => {
+                let _ = writeln!(out, "database = {:?}", self.database.display().to_string());
+            }
+        }
         let _ = writeln!(out, "retention = {}", dur(self.retention));
         if let Some(format) = self.log_format {
             let _ = writeln!(out, "log_format = {:?}", format!("{format:?}").to_lowercase());
         }
         out.push('\n');
+        if let Some(cluster) = &self.cluster {
+            let _ = writeln!(out, "[cluster]");
+            let _ = writeln!(out, "instance = {:?}", cluster.instance);
+            let _ = writeln!(out, "lease_ttl = {}\n", dur(cluster.lease_ttl));
+        }
         let u = &self.upstream;
         let _ = writeln!(out, "[upstream]");
         let _ = writeln!(out, "base_url = {:?}", u.base_url.as_str());

@@ -1,4 +1,3 @@
-
 //! The scheduler's step and its bookkeeping, driven with scripted times
 //! and outcomes (no request is ever answered: the tasks a step spawns
 //! never get to run, because these tests do not yield).

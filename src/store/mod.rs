@@ -20,6 +20,7 @@
 //! its own `Store` on the same file; WAL mode and a busy timeout let all of
 //! them write.
 
+pub mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,7 @@ use serde_json::{Map, Value};
 use crate::notification::Body;
 use crate::vocab::{DeliveryState, NewWatch, NotificationKind, PortalId, SeenState, WatchState};
 
+pub use postgres::Postgres;
 pub use sqlite::ops::{DeliveryDetail, DeliveryFilter, TailAttempt, TailNotification};
 pub use sqlite::{Sqlite, Store, ui};
 
@@ -69,13 +71,36 @@ pub enum StoreError {
     /// A write panicked; its savepoint was rolled back.
     #[error("a database write panicked: {0}")]
     Panicked(String),
+    /// A PostgreSQL query or connection failed; the server's own message
+    /// (with its detail) is repeated, since the driver's says only "db error".
+    #[error("database error: {}", postgres_message(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No PostgreSQL connection could be had from the pool in time.
+    #[error("cannot get a database connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// This instance's lease on the PostgreSQL database expired or was
+    /// taken over: the write was refused (another instance works on now).
+    #[error("this instance no longer holds the database lease: another instance took over")]
+    Fenced,
+    /// The PostgreSQL URL or its TLS setup is unusable (the URL itself is
+    /// never repeated: it may hold a password).
+    #[error("{0}")]
+    Url(String),
+}
+
+/// A PostgreSQL error as one line: the server's message when it sent one.
+fn postgres_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
 }
 
 impl StoreError {
     /// Whether trying again later may succeed (a lock, a full disk, a
     /// writer that restarts); a corrupt row reads the same next time.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, StoreError::Corrupt(_))
+        !matches!(self, StoreError::Corrupt(_) | StoreError::Url(_))
     }
 }
 

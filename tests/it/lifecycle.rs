@@ -10,9 +10,9 @@ use tokio::time::Instant;
 use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text};
 use dari_relay::vocab::NewWatch;
 
-const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
+pub(crate) const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 
-fn event(i: usize) -> Value {
+pub(crate) fn event(i: usize) -> Value {
     json!({"event_type": "step_completed", "message": format!("step {i}"), "data": {"step": i}, "timestamp": format!("2026-11-30T10:30:{i:02}Z")})
 }
 
@@ -20,7 +20,7 @@ fn question() -> Value {
     json!({"event_type": "question", "message": "Which plan?", "data": {"question_id": "q-7"}, "timestamp": "2026-11-30T10:31:00Z"})
 }
 
-fn answer(status: &str, events: &[Value], extra: Value) -> Value {
+pub(crate) fn answer(status: &str, events: &[Value], extra: Value) -> Value {
     let mut body = json!({
         "status": status, "events": events, "current_step": format!("at {status}"),
         "browser_url": "https://live.example/s/1", "total_cost_usd": 0.05,
@@ -32,7 +32,7 @@ fn answer(status: &str, events: &[Value], extra: Value) -> Value {
 
 /// The job of acceptance 1: pending, running with 3 events, waiting for a
 /// human (with a question event), running, completed.
-fn full_life() -> Vec<Reply> {
+pub(crate) fn full_life() -> Vec<Reply> {
     let e: Vec<Value> = (0..3).map(event).collect();
     let mut with_q = e.clone();
     with_q.push(question());
@@ -48,7 +48,7 @@ fn full_life() -> Vec<Reply> {
     ]
 }
 
-const FULL_LIFE_TYPES: [&str; 10] = [
+pub(crate) const FULL_LIFE_TYPES: [&str; 10] = [
     "job.pending",
     "job.event",
     "job.running",
@@ -61,7 +61,7 @@ const FULL_LIFE_TYPES: [&str; 10] = [
     "job.completed",
 ];
 
-fn watch(job_id: &str) -> NewWatch {
+pub(crate) fn watch(job_id: &str) -> NewWatch {
     NewWatch {
         job_id: job_id.into(),
         portal: "acme/contact_form".parse().unwrap(),

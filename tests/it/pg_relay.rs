@@ -1,0 +1,304 @@
+//! The relay on PostgreSQL: the lifecycle tests' job through the real
+//! `app::serve_postgres` (delivery in order, once, signed; a retry with the
+//! same id holding the chain; a restart that neither repeats nor misses),
+//! migrations racing at start, and what `run` refuses on PostgreSQL.
+//! Each test takes a fresh database (`pg.rs`) and skips without a server.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::fakes::{FakeDari, FakeReceiver, Reply, SECRET, config_text, env};
+use crate::lifecycle::{FULL_LIFE_TYPES, JOB, answer, event, full_life, watch};
+use crate::pg::TestDatabase;
+use dari_relay::config::Config;
+use dari_relay::metrics::Metrics;
+use dari_relay::store::{OperatorStore, Postgres};
+
+/// A relay running on a PostgreSQL database.
+struct PgRelay {
+    store: Arc<Postgres>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), dari_relay::app::AppError>>,
+}
+
+impl PgRelay {
+    async fn start(config_text: &str) -> PgRelay {
+        let config = Arc::new(Config::from_toml(config_text, Path::new("test.toml"), &env).unwrap());
+        let url = config.postgres.as_ref().expect("a PostgreSQL config").url().to_owned();
+        let store = Arc::new(Postgres::open(&url).await.unwrap());
+        let shutdown = CancellationToken::new();
+        let (_tx, config_rx) = tokio::sync::watch::channel(config);
+        let task = tokio::spawn(dari_relay::app::serve_postgres(
+            config_rx,
+            Arc::clone(&store),
+            Arc::new(Metrics::default()),
+            shutdown.clone(),
+        ));
+        PgRelay { store, shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    /// (delivered, pending, failed).
+    async fn counts(&self) -> (i64, i64, i64) {
+        let c = self.store.delivery_counts().await.unwrap();
+        let get = |k: &str| c.get(k).copied().unwrap_or(0);
+        (get("delivered"), get("pending"), get("failed"))
+    }
+
+    /// Waits until no delivery is pending.
+    async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, pending, _) = self.counts().await;
+            if pending == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{pending} deliveries still pending");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The lifecycle's acceptance 1 on PostgreSQL: the exact notifications in
+/// order, each delivered once and signed, distinct webhook-ids, polling
+/// ended by the terminal status.
+#[tokio::test]
+async fn full_life_is_delivered_in_order_once_and_signed() {
+    let Some(db) = TestDatabase::create() else { return };
+    let dari = FakeDari::start().await;
+    let mut receiver = FakeReceiver::start().await;
+    dari.script(JOB, full_life());
+    let relay = PgRelay::start(&config_text(Path::new(&db.url), &dari, &[("backend", &receiver.url)], "")).await;
+    relay.store.add_watches(vec![watch(JOB)]).await.unwrap();
+
+    let got = receiver.until_delivered("job.completed").await;
+    relay.settle().await;
+    let counts = relay.counts().await;
+    relay.stop().await;
+    let got: Vec<_> = got.into_iter().chain(receiver.drain()).collect();
+    let kinds: Vec<String> = got.iter().map(|r| r.kind()).collect();
+    assert_eq!(kinds, FULL_LIFE_TYPES);
+    let verifier = standardwebhooks::Webhook::new(SECRET).unwrap();
+    let mut ids = HashSet::new();
+    for r in &got {
+        verifier.verify(r.body.as_bytes(), &r.headers).expect("signature verifies");
+        assert!(ids.insert(r.header("webhook-id")), "webhook-id reused across notifications");
+    }
+    let done = &got[9].json()["data"];
+    assert_eq!(done["final_result"], json!({"confirmation": "CF-1", "rows": [1, 2]}));
+    assert_eq!(done["labels"], json!({"customer": "acme"}));
+    assert_eq!(counts, (10, 0, 0));
+    let watches = relay_watch_state(&db.url).await;
+    assert_eq!(watches, "finished");
+}
+
+async fn relay_watch_state(url: &str) -> String {
+    let store = Postgres::open(url).await.unwrap();
+    let rows = store.query_watches(&Default::default()).await.unwrap();
+    rows[0].state.to_owned()
+}
+
+/// The lifecycle's acceptance 3: a 500 and a 503, then a 204, all with the
+/// same webhook-id and body; the job's later notifications wait for it.
+#[tokio::test]
+async fn failed_delivery_is_retried_with_the_same_id_and_blocks_later_ones() {
+    let Some(db) = TestDatabase::create() else { return };
+    let dari = FakeDari::start().await;
+    let mut receiver = FakeReceiver::start().await;
+    receiver.answer_with(&[500, 503]);
+    dari.script(JOB, full_life());
+    let relay = PgRelay::start(&config_text(Path::new(&db.url), &dari, &[("backend", &receiver.url)], "")).await;
+    relay.store.add_watches(vec![watch(JOB)]).await.unwrap();
+
+    let got = receiver.until_delivered("job.completed").await;
+    relay.settle().await;
+    relay.stop().await;
+    let first_id = got[0].header("webhook-id");
+    assert_eq!((got[0].kind(), got[0].answered), ("job.pending".into(), 500));
+    assert_eq!((got[1].header("webhook-id"), got[1].answered), (first_id.clone(), 503));
+    assert_eq!((got[2].header("webhook-id"), got[2].answered), (first_id, 204));
+    assert_eq!(got[0].body, got[2].body, "the body is the same on every retry");
+    let after: Vec<String> = got[3..].iter().map(|r| r.kind()).collect();
+    assert_eq!(after, FULL_LIFE_TYPES[1..]);
+}
+
+/// The lifecycle's acceptance 4: a restart re-announces nothing, and what
+/// happened while the relay was down is announced after it.
+#[tokio::test]
+async fn restart_neither_repeats_nor_misses() {
+    let Some(db) = TestDatabase::create() else { return };
+    let dari = FakeDari::start().await;
+    let mut receiver = FakeReceiver::start().await;
+    let e: Vec<_> = (0..3).map(event).collect();
+    dari.script(
+        JOB,
+        vec![Reply::Json(answer("pending", &[], json!({}))), Reply::Json(answer("running", &e[..1], json!({})))],
+    );
+    let config = config_text(Path::new(&db.url), &dari, &[("backend", &receiver.url)], "");
+    let relay = PgRelay::start(&config).await;
+    relay.store.add_watches(vec![watch(JOB)]).await.unwrap();
+    let first: Vec<String> = receiver.until_delivered("job.running").await.iter().map(|r| r.kind()).collect();
+    assert_eq!(first, ["job.pending", "job.event", "job.running"]);
+    relay.settle().await;
+    relay.stop().await;
+
+    dari.script(JOB, vec![Reply::Json(answer("completed", &e, json!({"final_result": {"ok": true}})))]);
+    let relay = PgRelay::start(&config).await;
+    let second = receiver.until_delivered("job.completed").await;
+    relay.settle().await;
+    relay.stop().await;
+    let kinds: Vec<String> = second.iter().chain(receiver.drain().iter()).map(|r| r.kind()).collect();
+    assert_eq!(kinds, ["job.event", "job.event", "job.completed"]);
+
+    let polls_done = dari.polls(JOB);
+    let relay = PgRelay::start(&config).await;
+    relay.settle().await;
+    relay.stop().await;
+    assert!(receiver.drain().is_empty());
+    assert_eq!(dari.polls(JOB), polls_done, "a finished job is not polled again");
+}
+
+/// Several instances opening one fresh database at once migrate it once:
+/// every open succeeds and the schema holds one row per version.
+#[tokio::test]
+async fn instances_starting_together_migrate_once() {
+    let Some(db) = TestDatabase::create() else { return };
+    let opens = (0..6).map(|_| {
+        let url = db.url.clone();
+        tokio::spawn(async move { Postgres::open(&url).await.map(|_| ()) })
+    });
+    for open in opens.collect::<Vec<_>>() {
+        open.await.unwrap().expect("every instance opens the database");
+    }
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let rows = client.query("SELECT version FROM schema_migrations ORDER BY version", &[]).await.unwrap();
+    let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(versions, [1, 2], "each migration applied once");
+    drop(client);
+    driver.await.unwrap().unwrap();
+}
+
+/// `run` on PostgreSQL refuses `[admin]` (not served there yet) with a
+/// clear error instead of starting without it.
+#[tokio::test]
+async fn run_refuses_the_admin_api_on_postgres() {
+    let Some(db) = TestDatabase::create() else { return };
+    let dari = FakeDari::start().await;
+    let text = config_text(Path::new(&db.url), &dari, &[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let config = Arc::new(Config::from_toml(&text, Path::new("test.toml"), &env).unwrap());
+    let (_tx, rx) = tokio::sync::watch::channel(config);
+    let e = dari_relay::app::run(rx, CancellationToken::new()).await.expect_err("refused");
+    assert!(e.to_string().contains("admin API"), "{e}");
+}
+
+/// One active instance per database: a second waits as a standby (and
+/// says so once) and gives up cleanly on shutdown; it takes over within a
+/// second of a release, and, when the holder goes silent, once the lease
+/// expires on the database's clock, with a new epoch that fences every
+/// write and every send of the old holder.
+#[tokio::test]
+async fn a_standby_takes_over_a_released_or_expired_lease_and_fences_the_old_holder() {
+    use dari_relay::store::postgres::acquire_active;
+    use dari_relay::store::{DelivererStore, PollerStore, StoreError};
+    let Some(db) = TestDatabase::create() else { return };
+    let ttl = Duration::from_millis(1500);
+    let (a, b) = (Postgres::open(&db.url).await.unwrap(), Postgres::open(&db.url).await.unwrap());
+    let never = CancellationToken::new();
+    let lease_a = acquire_active(&a, "a", ttl, &never, || panic!("the first is not a standby")).await.unwrap().unwrap();
+    a.add_watches(vec![watch(JOB)]).await.unwrap();
+
+    // A standby waits, says so once, and stops waiting on shutdown.
+    let stop = CancellationToken::new();
+    let said = std::sync::atomic::AtomicUsize::new(0);
+    let stopper = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        stopper.cancel();
+    });
+    let waited = acquire_active(&b, "b", ttl, &stop, || {
+        said.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })
+    .await
+    .unwrap();
+    assert!(waited.is_none(), "a standby stops waiting on shutdown");
+    assert_eq!(said.load(std::sync::atomic::Ordering::Relaxed), 1, "it said it was a standby once");
+
+    // A release hands over at the standby's next try.
+    lease_a.release(&a).await.unwrap();
+    let released = Instant::now();
+    let lease_b = acquire_active(&b, "b", ttl, &never, || {}).await.unwrap().unwrap();
+    assert!(released.elapsed() < Duration::from_millis(1200), "taken in {:?}", released.elapsed());
+    assert!(lease_b.epoch > lease_a.epoch);
+    // The old holder is fenced: no poll write, no heads to send.
+    let decide: dari_relay::store::Decide = Box::new(|_| panic!("a fenced instance does not even decide"));
+    assert!(matches!(a.commit_poll(JOB.into(), decide).await, Err(StoreError::Fenced)));
+    assert!(matches!(a.pending_heads("backend".into(), 10).await, Err(StoreError::Fenced)));
+
+    // B goes silent (a freeze: no renewal); A takes over after the lease
+    // expires, not before, and B's writes are refused from then on.
+    let silent = Instant::now();
+    let lease_a = acquire_active(&a, "a", ttl, &never, || {}).await.unwrap().unwrap();
+    let waited = silent.elapsed();
+    assert!(waited >= Duration::from_millis(1000), "not before the lease expired: {waited:?}");
+    assert!(waited < ttl + Duration::from_secs(2), "soon after it expired: {waited:?}");
+    assert!(lease_a.epoch > lease_b.epoch);
+    assert!(matches!(b.pending_heads("backend".into(), 10).await, Err(StoreError::Fenced)));
+    assert!(matches!(lease_b.lost(&b).await.as_str(), s if s.contains("took it over")));
+    // The holder itself works on, and keeps its lease by renewing it.
+    assert!(a.pending_heads("backend".into(), 10).await.unwrap().is_empty());
+    let renewing = tokio::time::timeout(ttl * 2, lease_a.lost(&a)).await;
+    assert!(renewing.is_err(), "a renewing holder keeps its lease: {renewing:?}");
+}
+
+/// Polls of one watch committed at once, from many connections, each read
+/// the state the previous one wrote (the row is read `FOR UPDATE`): none
+/// is lost and none sees the same fingerprints twice.
+#[tokio::test]
+async fn concurrent_commits_of_one_watch_are_serialised() {
+    use dari_relay::notification::Body;
+    use dari_relay::store::{NewDelivery, NewNotification, PollCommit, PollWrite, PollerStore};
+    use dari_relay::vocab::{NotificationKind, SeenState};
+    let Some(db) = TestDatabase::create() else { return };
+    let store = Arc::new(Postgres::open(&db.url).await.unwrap());
+    store.add_watches(vec![watch(JOB)]).await.unwrap();
+    let commits = (0..20).map(|_| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let decide: dari_relay::store::Decide = Box::new(|ctx| {
+                let n = ctx.seen.event_fingerprints.len();
+                let mut fingerprints = ctx.seen.event_fingerprints.clone();
+                fingerprints.push(n as u64);
+                Some(PollCommit {
+                    job_id: JOB.into(),
+                    seen: SeenState { status: Some("running".into()), event_fingerprints: fingerprints },
+                    body_hash: n as u64,
+                    end: None,
+                    notifications: vec![NewNotification {
+                        kind: NotificationKind::Event,
+                        body: Body::Whole(format!("{{\"n\":{n}}}")),
+                        deliveries: vec![NewDelivery { webhook: "backend".into(), msg_id: format!("msg_{n}") }],
+                    }],
+                })
+            });
+            store.commit_poll(JOB.into(), decide).await.unwrap()
+        })
+    });
+    for commit in commits.collect::<Vec<_>>() {
+        assert!(matches!(commit.await.unwrap(), PollWrite::Stored { deliveries: 1, .. }));
+    }
+    let seen = store.diff_context(JOB.into()).await.unwrap().unwrap().seen.event_fingerprints;
+    assert_eq!(seen, (0..20).collect::<Vec<u64>>(), "each commit read the one before it");
+    let bodies: Vec<String> = store.notifications_of(JOB.into()).await.unwrap().into_iter().map(|n| n.body).collect();
+    assert_eq!(bodies, (0..20).map(|n| format!("{{\"n\":{n}}}")).collect::<Vec<_>>());
+}
