@@ -1,5 +1,6 @@
 //! The SQLite implementation of the store.
 
+mod heads;
 mod outbox;
 mod prune;
 mod schema;
