@@ -93,9 +93,15 @@ mod tests {
                 (0 | 1, _) | (_, None) => {
                     insert(&store, job, webhook, step, rng.i64(0..50));
                 }
-                (2, Some(&head)) => conn_do("UPDATE deliveries SET state = 'delivered', finished_at = ?2 WHERE id = ?1", head, step),
-                (3, Some(&head)) => conn_do("UPDATE deliveries SET state = 'failed', finished_at = ?2 WHERE id = ?1", head, step),
-                (4, Some(&head)) => conn_do("UPDATE deliveries SET next_attempt_at = ?2 WHERE id = ?1", head, rng.i64(0..50)),
+                (2, Some(&head)) => {
+                    conn_do("UPDATE deliveries SET state = 'delivered', finished_at = ?2 WHERE id = ?1", head, step)
+                }
+                (3, Some(&head)) => {
+                    conn_do("UPDATE deliveries SET state = 'failed', finished_at = ?2 WHERE id = ?1", head, step)
+                }
+                (4, Some(&head)) => {
+                    conn_do("UPDATE deliveries SET next_attempt_at = ?2 WHERE id = ?1", head, rng.i64(0..50))
+                }
                 (_, Some(_)) => {
                     if rng.bool() {
                         store.retry_failed(None).unwrap();
@@ -128,7 +134,10 @@ mod tests {
         let plan: Vec<String> =
             stmt.query_map(params!["a", 10], |r| r.get::<_, String>(3)).unwrap().map(Result::unwrap).collect();
         let plan = plan.join("\n");
-        assert!(plan.contains("USING COVERING INDEX chain_heads_due") || plan.contains("USING INDEX chain_heads_due"), "{plan}");
+        assert!(
+            plan.contains("USING COVERING INDEX chain_heads_due") || plan.contains("USING INDEX chain_heads_due"),
+            "{plan}"
+        );
         assert!(!plan.contains("TEMP B-TREE"), "no sort: {plan}");
     }
 }
