@@ -730,6 +730,8 @@ struct WebhookRow {
     pending: i64,
     failed: i64,
     oldest_pending_age_seconds: Option<i64>,
+    /// The adaptive concurrency a running daemon published lately.
+    concurrency: Option<u64>,
 }
 
 fn webhooks(path: &Path, command: WebhooksCommand) -> Result<(), Failure> {
@@ -740,6 +742,8 @@ fn webhooks(path: &Path, command: WebhooksCommand) -> Result<(), Failure> {
             let store = open_store(&config)?;
             let paused = store.paused_webhooks().map_err(runtime)?;
             let backlog = store.backlog().map_err(runtime)?;
+            let concurrency = store.webhook_concurrency().map_err(runtime)?;
+            let stale_ms = crate::deliver::CONCURRENCY_STALE.as_millis() as i64;
             let mut names: Vec<String> = config.webhooks.iter().map(|w| w.name.clone()).collect();
             let gone: std::collections::BTreeSet<&String> =
                 backlog.keys().chain(paused.keys()).filter(|n| config.webhook(n).is_none()).collect();
@@ -756,6 +760,7 @@ fn webhooks(path: &Path, command: WebhooksCommand) -> Result<(), Failure> {
                         pending: b.pending,
                         failed: b.failed,
                         oldest_pending_age_seconds: b.oldest_pending.map(|t| (now - t).max(0) / 1000),
+                        concurrency: concurrency.get(&name).filter(|(_, at)| now - at <= stale_ms).map(|(n, _)| *n),
                         name,
                     }
                 })
@@ -766,11 +771,12 @@ fn webhooks(path: &Path, command: WebhooksCommand) -> Result<(), Failure> {
             }
             let _ = writeln!(
                 out,
-                "{:<20}  {:<7}  {:>8}  {:>7}  {:>12}  NOTE",
-                "NAME", "STATE", "PENDING", "FAILED", "OLDEST_AGE"
+                "{:<20}  {:<7}  {:>8}  {:>7}  {:>12}  {:>11}  NOTE",
+                "NAME", "STATE", "PENDING", "FAILED", "OLDEST_AGE", "CONCURRENCY"
             );
             for r in &rows {
                 let age = r.oldest_pending_age_seconds.map_or("-".to_owned(), |s| format!("{s}s"));
+                let concurrency = r.concurrency.map_or("-".to_owned(), |n| n.to_string());
                 let note = match (&r.paused_reason, r.in_config) {
                     (Some(reason), _) => reason.clone(),
                     (None, false) => "not in the config: its deliveries wait".to_owned(),
@@ -778,8 +784,8 @@ fn webhooks(path: &Path, command: WebhooksCommand) -> Result<(), Failure> {
                 };
                 let _ = writeln!(
                     out,
-                    "{:<20}  {:<7}  {:>8}  {:>7}  {:>12}  {note}",
-                    r.name, r.state, r.pending, r.failed, age
+                    "{:<20}  {:<7}  {:>8}  {:>7}  {:>12}  {:>11}  {note}",
+                    r.name, r.state, r.pending, r.failed, age, concurrency
                 );
             }
             Ok(())

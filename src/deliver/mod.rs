@@ -60,6 +60,12 @@ pub(super) const EXCERPT_BYTES: usize = 4096;
 pub(super) const RECORD_RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between two writes of an unrecorded outcome.
 pub(super) const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often the deliverer publishes its webhooks' concurrency to the store
+/// for `webhooks list`; `webhooks list` shows nothing for a value older than
+/// [`CONCURRENCY_STALE`].
+pub const CONCURRENCY_PUBLISH: Duration = Duration::from_secs(5);
+/// See [`CONCURRENCY_PUBLISH`].
+pub const CONCURRENCY_STALE: Duration = Duration::from_secs(30);
 /// Longest panic message kept with the attempt it ended.
 pub(super) const PANIC_TEXT: usize = 200;
 
@@ -100,6 +106,11 @@ pub struct Deliverer {
     /// across reloads for webhooks that stay (clamped to a new bound);
     /// only for webhooks in the config.
     concurrency: HashMap<String, Controller>,
+    /// When the concurrency was last published to the store, and the
+    /// publishing task: it runs beside the loop, which never waits for it
+    /// (it is advisory), and a new one starts only once it has ended.
+    published_at: Option<Instant>,
+    publishing: Option<tokio::task::JoinHandle<()>>,
     /// Per-webhook `max_per_second` buckets.
     rate_limits: HashMap<String, TokenBucket>,
     /// Webhooks whose receiver answered with a rate limit, and until when
@@ -163,6 +174,8 @@ impl Deliverer {
             in_flight: HashSet::new(),
             per_webhook: HashMap::new(),
             concurrency: HashMap::new(),
+            published_at: None,
+            publishing: None,
             rate_limits: HashMap::new(),
             slowed: HashMap::new(),
             epoch: Instant::now(),
@@ -423,6 +436,18 @@ impl Deliverer {
     /// step; tests call it directly.
     pub async fn deliver_due_once(&mut self) -> Result<Option<i64>, StoreError> {
         let mut next_due: Option<i64> = self.record_outstanding().await;
+        if self.published_at.is_none_or(|at| at.elapsed() >= CONCURRENCY_PUBLISH)
+            && self.publishing.as_ref().is_none_or(|task| task.is_finished())
+        {
+            self.published_at = Some(Instant::now());
+            let limits = self.concurrency.iter().map(|(name, c)| (name.clone(), c.limit())).collect();
+            let store = Arc::clone(&self.store);
+            self.publishing = Some(tokio::spawn(async move {
+                if let Err(e) = store.publish_concurrency(limits).await {
+                    debug!(error = %e, "cannot publish the webhooks' concurrency; `webhooks list` shows none meanwhile");
+                }
+            }));
+        }
         // The pauses change only by a 410 (seen here first) or by
         // `webhooks resume` in another process, so they are read again at
         // most every PAUSES_FRESH, not on each of the many wake-ups a busy

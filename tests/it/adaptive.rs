@@ -180,6 +180,9 @@ async fn thirty_two_chains_to_a_250ms_receiver_run_in_parallel() {
     assert_in_order(&seen, JOBS, EVENTS);
     let gauge = relay.metrics.webhook_concurrency("slow").unwrap();
     assert!(gauge >= 16, "the gauge shows the grown limit: {gauge}");
+    // What `webhooks list` shows: the value the deliverer publishes every 5 s.
+    let published = relay.store.webhook_concurrency().unwrap()["slow"].0;
+    assert!(published >= 16, "published for `webhooks list`: {published}");
     relay.stop().await;
 }
 

@@ -3,10 +3,24 @@
 //! migration in `schema.rs`), so that finding a webhook's next heads costs
 //! one index range, however many deliveries wait behind them.
 
+use std::collections::BTreeMap;
+
 use rusqlite::params;
 
 use super::*;
 use crate::store::*;
+
+/// The writer's part of [`Store::publish_concurrency`]: `rows` is JSON
+/// `[[webhook, concurrency], ...]`.
+pub(super) fn apply_concurrency(conn: &rusqlite::Connection, rows: &str, now: i64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO webhook_concurrency (webhook, concurrency, updated_at)
+         SELECT value ->> 0, value ->> 1, ?2 FROM json_each(?1) WHERE true
+         ON CONFLICT (webhook) DO UPDATE SET concurrency = excluded.concurrency, updated_at = excluded.updated_at",
+    )?
+    .execute(params![rows, now])?;
+    Ok(())
+}
 
 impl Store {
     /// The first pending delivery of each of `webhook`'s (job, webhook)
@@ -22,6 +36,31 @@ impl Store {
         )?;
         let rows = stmt.query_map(params![webhook, sql_limit(limit)], |r| {
             Ok(PendingHead { id: r.get(0)?, job_id: r.get(1)?, webhook: r.get(2)?, next_attempt_at: r.get(3)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores each webhook's current adaptive concurrency, now, through
+    /// the batching writer, in the same transaction as the attempts around
+    /// it. Not on another connection: any second writer makes the batching
+    /// writer wait in SQLite's busy handler, and under load those waits
+    /// stalled every chain for up to seconds at a time.
+    pub async fn publish_concurrency(&self, limits: &[(String, usize)]) -> Result<(), StoreError> {
+        let rows: Vec<(&str, usize)> = limits.iter().map(|(w, n)| (w.as_str(), *n)).collect();
+        let rows = serde_json::to_string(&rows).expect("names and numbers serialise");
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer()?.send(WriteOp::Concurrency(rows, reply)).map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// Each webhook's adaptive concurrency as last published, with when
+    /// (Unix ms): a value much older than the deliverer's publishing
+    /// interval means no daemon is delivering.
+    pub fn webhook_concurrency(&self) -> Result<BTreeMap<String, (u64, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT webhook, concurrency, updated_at FROM webhook_concurrency")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, (r.get::<_, i64>(1)?.max(0) as u64, r.get::<_, i64>(2)?)))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -420,6 +420,11 @@ impl DelivererStore for Sqlite {
         Box::pin(self.0.call(move |s| s.pause_webhook(&webhook, &reason)))
     }
 
+    fn publish_concurrency(&self, limits: Vec<(String, usize)>) -> StoreFuture<'_, ()> {
+        let store = Arc::clone(&self.0);
+        Box::pin(async move { store.publish_concurrency(&limits).await })
+    }
+
     fn pending_heads(&self, webhook: String, limit: usize) -> StoreFuture<'_, Vec<PendingHead>> {
         Box::pin(self.0.call(move |s| s.pending_heads(&webhook, limit)))
     }

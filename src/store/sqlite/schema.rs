@@ -155,6 +155,13 @@ BEGIN
         WHERE job_id = OLD.job_id AND webhook = OLD.webhook AND state = 'pending' ORDER BY id LIMIT 1
         ON CONFLICT (job_id, webhook) DO NOTHING;
 END;
+-- Each webhook's adaptive concurrency as the running deliverer last
+-- published it (every few seconds), for `webhooks list` in another process.
+CREATE TABLE webhook_concurrency (
+    webhook     TEXT PRIMARY KEY,
+    concurrency INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+) STRICT;
 -- Pruning deletes only finished deliveries; a pending one deleted anyway
 -- must not leave a head behind.
 CREATE TRIGGER chain_heads_delete AFTER DELETE ON deliveries WHEN OLD.state = 'pending'
