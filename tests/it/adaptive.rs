@@ -127,6 +127,11 @@ fn assert_in_order(seen: &[Seen], jobs: usize, events: usize) {
 /// fixed 4 in flight this took 8 times as long; now the relay opens at
 /// least 16 requests at once and the backlog drains within 10% of what 32
 /// parallel chains allow (each chain strictly one at a time, in order).
+/// What they allow is one chain's own time: 60 answers of 250 ms plus the
+/// relay's own time per delivery on this host at this moment, measured by a
+/// control chain of the same length to a second webhook, run alongside
+/// (on a loaded CI host the relay's own part moves, and the bar is about
+/// the adaptation, not the host). The strict 60 x 250 ms is printed too.
 #[tokio::test]
 async fn thirty_two_chains_to_a_250ms_receiver_run_in_parallel() {
     const JOBS: usize = 32;
@@ -134,11 +139,16 @@ async fn thirty_two_chains_to_a_250ms_receiver_run_in_parallel() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
     let receiver = CountingReceiver::start(Arc::new(|_, _| (204, Duration::from_millis(250), vec![]))).await;
-    for i in 0..JOBS {
+    let control = CountingReceiver::start(Arc::new(|_, _| (204, Duration::from_millis(250), vec![]))).await;
+    for i in 0..=JOBS {
         dari.script(&job_id(i), vec![busy_job(EVENTS)]);
     }
-    let relay = Relay::start(&config_text(&dir.path().join("r.db"), &dari, &[("slow", &receiver.url)], "")).await;
-    let watches: Vec<_> = (0..JOBS).map(|i| watch_on("acme/form", &job_id(i))).collect();
+    let text = config_text(&dir.path().join("r.db"), &dari, &[], "")
+        + &format!("[[webhooks]]\nname = \"slow\"\nurl = \"{}\"\nportals = [\"acme/form\"]\n", receiver.url)
+        + &format!("[[webhooks]]\nname = \"control\"\nurl = \"{}\"\nportals = [\"acme/control\"]\n", control.url);
+    let relay = Relay::start(&text).await;
+    let mut watches: Vec<_> = (0..JOBS).map(|i| watch_on("acme/form", &job_id(i))).collect();
+    watches.push(watch_on("acme/control", &job_id(JOBS)));
     relay.store.add_watches(&watches).unwrap();
     let total = JOBS * (EVENTS + 1);
     eventually(
@@ -153,8 +163,14 @@ async fn thirty_two_chains_to_a_250ms_receiver_run_in_parallel() {
     let last = seen.iter().map(|s| s.at).max().unwrap() + Duration::from_millis(250);
     let took = last - first;
     let ideal = Duration::from_millis(250) * (EVENTS as u32 + 1);
+    let alone = control.seen();
+    assert_eq!(alone.len(), EVENTS + 1);
+    let one_chain = alone[EVENTS].at - alone[0].at + Duration::from_millis(250);
+    let allowed = one_chain.max(ideal);
     let peak = receiver.peak.load(Ordering::SeqCst);
-    eprintln!("32 chains x 60 at 250 ms: {took:?} (ideal {ideal:?}), peak {peak} open");
+    eprintln!(
+        "32 chains x 60 at 250 ms: {took:?} (strictly {ideal:?}, one chain alone {one_chain:?}), peak {peak} open"
+    );
     let starts: Vec<Duration> =
         (0..JOBS).map(|i| seen.iter().filter(|s| s.job_id == job_id(i)).map(|s| s.at).min().unwrap() - first).collect();
     let mut opens: Vec<usize> = seen.iter().map(|s| s.open).collect();
@@ -176,7 +192,7 @@ async fn thirty_two_chains_to_a_250ms_receiver_run_in_parallel() {
     );
     assert!(peak >= 16, "at least 16 requests open at once, saw {peak}");
     assert!(peak <= JOBS, "never more than one attempt per chain: {peak}");
-    assert!(took <= ideal.mul_f64(1.1), "took {took:?}, 32 parallel chains allow {ideal:?}");
+    assert!(took <= allowed.mul_f64(1.1), "took {took:?}, 32 parallel chains allow {allowed:?} (strictly {ideal:?})");
     assert_in_order(&seen, JOBS, EVENTS);
     let gauge = relay.metrics.webhook_concurrency("slow").unwrap();
     assert!(gauge >= 16, "the gauge shows the grown limit: {gauge}");
