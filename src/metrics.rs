@@ -85,6 +85,9 @@ pub struct Metrics {
     delivery_faults: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Requests to the inbound listener (Dari's webhook), by outcome.
     inbound: Mutex<BTreeMap<&'static str, u64>>,
+    /// Per webhook, its adaptive concurrency limit as the deliverer last
+    /// set it (a gauge the deliverer keeps, not read from the store).
+    webhook_concurrency: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Default for Metrics {
@@ -98,6 +101,7 @@ impl Default for Metrics {
             delivery_latency: Mutex::default(),
             delivery_faults: Mutex::default(),
             inbound: Mutex::default(),
+            webhook_concurrency: Mutex::default(),
         }
     }
 }
@@ -198,6 +202,27 @@ impl Metrics {
         get(&self.delivery_faults, &(webhook.to_owned(), fault))
     }
 
+    /// Sets a webhook's concurrency gauge.
+    pub fn set_webhook_concurrency(&self, webhook: &str, limit: usize) {
+        let mut map = self.webhook_concurrency.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(webhook) {
+            Some(n) => *n = limit as u64,
+            None => {
+                map.insert(webhook.to_owned(), limit as u64);
+            }
+        }
+    }
+
+    /// Drops the gauges of webhooks no longer configured.
+    pub fn retain_webhook_concurrency(&self, keep: impl Fn(&str) -> bool) {
+        self.webhook_concurrency.lock().unwrap_or_else(|e| e.into_inner()).retain(|name, _| keep(name));
+    }
+
+    /// A webhook's concurrency limit, if the deliverer set one.
+    pub fn webhook_concurrency(&self, webhook: &str) -> Option<u64> {
+        self.webhook_concurrency.lock().unwrap_or_else(|e| e.into_inner()).get(webhook).copied()
+    }
+
     /// Everything, in the Prometheus text exposition format, with the
     /// gauges taken from `snapshot`.
     pub fn render(&self, snapshot: &Snapshot) -> String {
@@ -232,6 +257,14 @@ impl Metrics {
                 escape(webhook),
                 age.unwrap_or(0.0)
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dari_relay_webhook_concurrency Attempts allowed in flight to a webhook at once (adaptive, 1 to max_in_flight)."
+        );
+        let _ = writeln!(out, "# TYPE dari_relay_webhook_concurrency gauge");
+        for (webhook, n) in self.webhook_concurrency.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "dari_relay_webhook_concurrency{{webhook=\"{}\"}} {n}", escape(webhook));
         }
         let _ = writeln!(out, "# HELP dari_relay_poll_duration_seconds Duration of status requests.");
         let _ = writeln!(out, "# TYPE dari_relay_poll_duration_seconds histogram");

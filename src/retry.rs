@@ -242,6 +242,8 @@ pub const BUCKET_WAIT_MAX: Duration = Duration::from_secs(86_400);
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     rate: f64,
+    /// The most tokens held: the largest burst.
+    burst: f64,
     tokens: f64,
     updated: std::time::Duration,
 }
@@ -249,13 +251,19 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// A full bucket at time `now` (any monotonic origin).
     pub fn new(rate: f64, now: Duration) -> TokenBucket {
-        TokenBucket { rate, tokens: rate.max(1.0), updated: now }
+        TokenBucket::with_burst(rate, rate.max(1.0), now)
+    }
+
+    /// A full bucket holding at most `burst` tokens (at least one).
+    pub fn with_burst(rate: f64, burst: f64, now: Duration) -> TokenBucket {
+        let burst = burst.max(1.0);
+        TokenBucket { rate, burst, tokens: burst, updated: now }
     }
 
     /// Takes a token at `now`, or says how long until one is available.
     pub fn take(&mut self, now: Duration) -> Result<(), Duration> {
         let elapsed = now.saturating_sub(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.updated = now.max(self.updated);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;

@@ -32,6 +32,10 @@ pub struct WebhookRow {
     pub pending: i64,
     pub failed: i64,
     pub oldest_pending_age_seconds: Option<i64>,
+    /// The adaptive concurrency a running daemon published lately (within
+    /// `deliver::CONCURRENCY_STALE`), if any.
+    #[serde(default)]
+    pub concurrency: Option<u64>,
 }
 
 /// Every webhook of the config (`names`, in order), then any name only the
@@ -39,6 +43,8 @@ pub struct WebhookRow {
 pub fn webhook_rows(names: &[String], store: &Store) -> Result<Vec<WebhookRow>, StoreError> {
     let paused = store.paused_webhooks()?;
     let backlog = store.backlog()?;
+    let concurrency = store.webhook_concurrency()?;
+    let stale_ms = crate::deliver::CONCURRENCY_STALE.as_millis() as i64;
     let configured: BTreeSet<&String> = names.iter().collect();
     let gone: BTreeSet<&String> = backlog.keys().chain(paused.keys()).filter(|n| !configured.contains(n)).collect();
     let now = now_ms();
@@ -54,6 +60,7 @@ pub fn webhook_rows(names: &[String], store: &Store) -> Result<Vec<WebhookRow>, 
                 pending: b.pending,
                 failed: b.failed,
                 oldest_pending_age_seconds: b.oldest_pending.map(|t| (now - t).max(0) / 1000),
+                concurrency: concurrency.get(name).filter(|(_, at)| now - at <= stale_ms).map(|(n, _)| *n),
                 name: name.clone(),
             }
         })

@@ -521,11 +521,12 @@ pub fn webhooks(target: Target, command: WebhooksCommand) -> Result<(), Failure>
             }
             let _ = writeln!(
                 out,
-                "{:<20}  {:<7}  {:>8}  {:>7}  {:>12}  NOTE",
-                "NAME", "STATE", "PENDING", "FAILED", "OLDEST_AGE"
+                "{:<20}  {:<7}  {:>8}  {:>7}  {:>12}  {:>11}  NOTE",
+                "NAME", "STATE", "PENDING", "FAILED", "OLDEST_AGE", "CONCURRENCY"
             );
             for r in &rows {
                 let age = r.oldest_pending_age_seconds.map_or("-".to_owned(), |s| format!("{s}s"));
+                let concurrency = r.concurrency.map_or("-".to_owned(), |n| n.to_string());
                 let note = match (&r.paused_reason, r.in_config) {
                     (Some(reason), _) => reason.clone(),
                     (None, false) => "not in the config: its deliveries wait".to_owned(),
@@ -533,8 +534,8 @@ pub fn webhooks(target: Target, command: WebhooksCommand) -> Result<(), Failure>
                 };
                 let _ = writeln!(
                     out,
-                    "{:<20}  {:<7}  {:>8}  {:>7}  {:>12}  {note}",
-                    r.name, r.state, r.pending, r.failed, age
+                    "{:<20}  {:<7}  {:>8}  {:>7}  {:>12}  {:>11}  {note}",
+                    r.name, r.state, r.pending, r.failed, age, concurrency
                 );
             }
             Ok(())

@@ -126,7 +126,16 @@ pub const MAX_RATE: f64 = 10_000.0;
 pub const WEBHOOK_FORMAT: Format = Format::Standard;
 
 /// `[[webhooks]] max_in_flight`.
-pub const WEBHOOK_MAX_IN_FLIGHT: CountBounds = CountBounds { default: 4, min: 1, max: 1_000 };
+/// The upper bound of the adaptive concurrency: the relay starts lower
+/// and grows only while the receiver keeps up.
+pub const WEBHOOK_MAX_IN_FLIGHT: CountBounds = CountBounds { default: 64, min: 1, max: 1_000 };
+
+/// `[[webhooks]] max_per_second` of a `format = "slack"` webhook that sets
+/// none: Slack accepts about one message a second per incoming webhook.
+pub const SLACK_MAX_PER_SECOND: f64 = 1.0;
+/// The burst such a webhook may send at once before the rate applies
+/// (Slack tolerates short bursts).
+pub const SLACK_BURST: f64 = 3.0;
 
 /// The most `[orgs.*]` tables and `[[webhooks]]` tables.
 pub const MAX_ORGS: usize = 1_000;

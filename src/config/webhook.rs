@@ -92,6 +92,17 @@ impl Webhook {
         self.labels.iter().all(|(k, v)| labels.get(k).and_then(Value::as_str) == Some(v.as_str()))
     }
 
+    /// The rate limit its deliveries keep, as (attempts per second, largest
+    /// burst): `max_per_second` with a burst of one second's worth, or, for
+    /// a Slack webhook that sets none, Slack's own limit with a small burst.
+    pub fn rate_limit(&self) -> Option<(f64, f64)> {
+        match (self.max_per_second, self.format) {
+            (Some(rate), _) => Some((rate, rate.max(1.0))),
+            (None, Format::Slack) => Some((defaults::SLACK_MAX_PER_SECOND, defaults::SLACK_BURST)),
+            (None, _) => None,
+        }
+    }
+
     /// The `content-type` of this webhook's bodies.
     pub fn content_type(&self) -> &str {
         self.template.as_ref().map_or("application/json", |t| t.content_type.as_str())

@@ -17,8 +17,12 @@ use crate::vocab::now_ms;
 pub(super) struct AttemptDone {
     /// The receiver answered 410 Gone: pause the webhook.
     pub(super) gone: bool,
-    /// The receiver asked to slow down for this long.
+    /// The receiver asked to slow down for this long (a rate limit, or
+    /// its rate-limit window used up).
     pub(super) slow_down: Option<Duration>,
+    /// The answer's round trip and what it says of the receiver's load,
+    /// for the webhook's concurrency controller.
+    pub(super) signal: (Duration, Signal),
     /// The outcome the store refused to record, for the loop to keep.
     pub(super) unrecorded: Option<Unrecorded>,
 }
@@ -49,6 +53,18 @@ pub(super) fn record_backoff(tries: u32) -> Duration {
     RECORD_RETRY_MIN.saturating_mul(1u32 << tries.min(16)).min(RECORD_RETRY_MAX)
 }
 
+/// What an answer says of the receiver's load: a 2xx is a latency sample;
+/// a 429, a 5xx or no answer at all (timeout, refused connection) is back
+/// pressure; anything else (a 4xx) says nothing about load.
+pub(super) fn load_signal(response: &Response) -> Signal {
+    match response.status {
+        None => Signal::BackPressure,
+        Some(s) if (200..300).contains(&s) => Signal::Success,
+        Some(s) if s == 429 || s >= 500 => Signal::BackPressure,
+        Some(_) => Signal::Neutral,
+    }
+}
+
 /// One attempt of one delivery, run in its own task.
 pub(super) struct Attempt {
     pub(super) http: reqwest::Client,
@@ -69,9 +85,12 @@ impl Attempt {
         let started_ms = now_ms();
         let clock = Instant::now();
         let id = self.delivery.id;
+        let mut signal = (Duration::ZERO, Signal::Neutral);
         let (response, outcome) = match (self.render)(&self.webhook, &self.delivery.body) {
             Ok(body) => {
+                let sent = Instant::now();
                 let response = send(&self.http, &self.webhook, &self.delivery.msg_id, body).await;
+                signal = (sent.elapsed(), load_signal(&response));
                 // Only a rate-limit answer needs to know how long the
                 // delivery has been trying; an unreadable answer counts as
                 // "from now", which errs on the side of not giving up.
@@ -87,12 +106,17 @@ impl Attempt {
                 // A body that cannot be rendered will not render next time
                 // either (the stored body and the template are both fixed).
                 let error = e.to_string();
-                let response = Response { status: None, retry_after: None, excerpt: None, error: Some(error.clone()) };
+                let response = Response { error: Some(error.clone()), ..Response::default() };
                 (response, DeliveryOutcome::GaveUp { error })
             }
         };
         self.metrics.delivery(&self.webhook.name, outcome.label());
-        let mut slow_down = None;
+        // A receiver that says its window is used up (Discord) is not sent
+        // to again before the window resets: the 429 never comes.
+        let mut slow_down = response.quota.and_then(|q| q.wait());
+        if let Some(wait) = slow_down {
+            debug!(wait_ms = millis(wait), "the receiver's rate-limit window is used up; waiting for its reset");
+        }
         match &outcome {
             DeliveryOutcome::Delivered { status } => {
                 let latency_ms = now_ms().saturating_sub(self.delivery.detected_at);
@@ -108,7 +132,7 @@ impl Attempt {
             DeliveryOutcome::Paused => {}
             DeliveryOutcome::RateLimited { wait, error, .. } => {
                 warn!(%error, kind = %self.delivery.kind, wait_ms = millis(*wait), "rate limited; waiting without spending a retry");
-                slow_down = Some(*wait);
+                slow_down = Some(slow_down.map_or(*wait, |w| w.max(*wait)));
             }
         }
         let error = outcome.error().map(str::to_owned);
@@ -142,6 +166,6 @@ impl Attempt {
                 })
             }
         };
-        AttemptDone { gone, slow_down, unrecorded }
+        AttemptDone { gone, slow_down, signal, unrecorded }
     }
 }

@@ -18,6 +18,7 @@
 //! schedule's total time. An attempt whose task panics is recorded as a
 //! failed attempt and retried per the schedule.
 
+mod adaptive;
 mod attempt;
 mod send;
 #[cfg(test)]
@@ -41,9 +42,10 @@ use crate::retry::{self, TokenBucket};
 use crate::store::{AttemptRecord, DelivererStore, DeliveryOutcome, StoreError};
 use crate::vocab::now_ms;
 
+pub use adaptive::{Controller, Signal};
 use attempt::{Attempt, AttemptDone, Unrecorded, record, record_backoff};
 use send::millis;
-pub use send::{Response, classify, http_client, is_rate_limit, rate_limit_budget, send};
+pub use send::{Quota, Response, classify, http_client, is_rate_limit, rate_limit_budget, send};
 
 /// Longest wait between looks at the outbox, so deliveries requeued by the
 /// CLI (`deliveries retry`) start within about a second.
@@ -58,6 +60,12 @@ pub(super) const EXCERPT_BYTES: usize = 4096;
 pub(super) const RECORD_RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between two writes of an unrecorded outcome.
 pub(super) const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often the deliverer publishes its webhooks' concurrency to the store
+/// for `webhooks list`; `webhooks list` shows nothing for a value older than
+/// [`CONCURRENCY_STALE`].
+pub const CONCURRENCY_PUBLISH: Duration = Duration::from_secs(5);
+/// See [`CONCURRENCY_PUBLISH`].
+pub const CONCURRENCY_STALE: Duration = Duration::from_secs(30);
 /// Longest panic message kept with the attempt it ended.
 pub(super) const PANIC_TEXT: usize = 200;
 
@@ -93,6 +101,16 @@ pub struct Deliverer {
     in_flight: HashSet<(String, String)>,
     /// Attempts out per webhook.
     per_webhook: HashMap<String, usize>,
+    /// Per webhook, its adaptive concurrency: how many of its chains may
+    /// have an attempt out at once, between 1 and `max_in_flight`. Kept
+    /// across reloads for webhooks that stay (clamped to a new bound);
+    /// only for webhooks in the config.
+    concurrency: HashMap<String, Controller>,
+    /// When the concurrency was last published to the store, and the
+    /// publishing task: it runs beside the loop, which never waits for it
+    /// (it is advisory), and a new one starts only once it has ended.
+    published_at: Option<Instant>,
+    publishing: Option<tokio::task::JoinHandle<()>>,
     /// Per-webhook `max_per_second` buckets.
     rate_limits: HashMap<String, TokenBucket>,
     /// Webhooks whose receiver answered with a rate limit, and until when
@@ -155,6 +173,9 @@ impl Deliverer {
             health,
             in_flight: HashSet::new(),
             per_webhook: HashMap::new(),
+            concurrency: HashMap::new(),
+            published_at: None,
+            publishing: None,
             rate_limits: HashMap::new(),
             slowed: HashMap::new(),
             epoch: Instant::now(),
@@ -180,9 +201,20 @@ impl Deliverer {
         self.rate_limits = config
             .webhooks
             .iter()
-            .filter_map(|w| Some((w.name.clone(), TokenBucket::new(w.max_per_second?, now))))
+            .filter_map(|w| {
+                let (rate, burst) = w.rate_limit()?;
+                Some((w.name.clone(), TokenBucket::with_burst(rate, burst, now)))
+            })
             .collect();
         self.slowed.retain(|name, _| config.webhooks.iter().any(|w| &w.name == name));
+        self.concurrency.retain(|name, _| config.webhooks.iter().any(|w| &w.name == name));
+        for w in &config.webhooks {
+            let controller =
+                self.concurrency.entry(w.name.clone()).or_insert_with(|| Controller::new(w.max_in_flight, now));
+            controller.set_max(w.max_in_flight);
+            self.metrics.set_webhook_concurrency(&w.name, controller.limit());
+        }
+        self.metrics.retain_webhook_concurrency(|name| config.webhooks.iter().any(|w| w.name == name));
         self.config = config;
     }
 
@@ -268,6 +300,14 @@ impl Deliverer {
         }
         let unrecorded = match done {
             Ok((_, done)) => {
+                let (rtt, signal) = done.signal;
+                let now = self.epoch.elapsed();
+                if let Some(c) = self.concurrency.get_mut(&webhook)
+                    && c.answered(now, rtt, signal)
+                {
+                    debug!(webhook = %webhook, concurrency = c.limit(), rtt_ms = millis(rtt), ?signal, "webhook concurrency changed");
+                    self.metrics.set_webhook_concurrency(&webhook, c.limit());
+                }
                 if let Some(wait) = done.slow_down {
                     let until = instant_after(Instant::now(), wait);
                     let slowed = self.slowed.entry(webhook.clone()).or_insert(until);
@@ -396,6 +436,18 @@ impl Deliverer {
     /// step; tests call it directly.
     pub async fn deliver_due_once(&mut self) -> Result<Option<i64>, StoreError> {
         let mut next_due: Option<i64> = self.record_outstanding().await;
+        if self.published_at.is_none_or(|at| at.elapsed() >= CONCURRENCY_PUBLISH)
+            && self.publishing.as_ref().is_none_or(|task| task.is_finished())
+        {
+            self.published_at = Some(Instant::now());
+            let limits = self.concurrency.iter().map(|(name, c)| (name.clone(), c.limit())).collect();
+            let store = Arc::clone(&self.store);
+            self.publishing = Some(tokio::spawn(async move {
+                if let Err(e) = store.publish_concurrency(limits).await {
+                    debug!(error = %e, "cannot publish the webhooks' concurrency; `webhooks list` shows none meanwhile");
+                }
+            }));
+        }
         // The pauses change only by a 410 (seen here first) or by
         // `webhooks resume` in another process, so they are read again at
         // most every PAUSES_FRESH, not on each of the many wake-ups a busy
@@ -414,7 +466,8 @@ impl Deliverer {
         let config = Arc::clone(&self.config);
         for webhook in config.webhooks.iter().filter(|w| !self.paused.contains(&w.name)) {
             let busy = self.per_webhook.get(&webhook.name).copied().unwrap_or(0);
-            if busy >= webhook.max_in_flight {
+            let allowed = self.concurrency.get(&webhook.name).map_or(webhook.max_in_flight, Controller::limit);
+            if busy >= allowed {
                 continue;
             }
             // The receiver asked to slow down: none of its deliveries starts
@@ -429,7 +482,7 @@ impl Deliverer {
             // Heads of chains in flight or waiting for a record come back
             // too; ask for enough.
             let held = self.unrecorded.keys().filter(|(_, w)| *w == webhook.name).count();
-            let limit = busy + held + webhook.max_in_flight + 16;
+            let limit = busy + held + allowed + 16;
             let name = webhook.name.clone();
             let heads = self.store.pending_heads(name, limit).await?;
             let now = now_ms();
@@ -443,7 +496,7 @@ impl Deliverer {
                     due_at(head.next_attempt_at, &mut next_due);
                     break; // heads come earliest first
                 }
-                if self.per_webhook.get(&webhook.name).copied().unwrap_or(0) >= webhook.max_in_flight {
+                if self.per_webhook.get(&webhook.name).copied().unwrap_or(0) >= allowed {
                     break;
                 }
                 let elapsed = self.epoch.elapsed();
@@ -451,7 +504,13 @@ impl Deliverer {
                     due_at(now.saturating_add(millis(wait)), &mut next_due);
                     break;
                 }
-                *self.per_webhook.entry(webhook.name.clone()).or_default() += 1;
+                let out = self.per_webhook.entry(webhook.name.clone()).or_default();
+                *out += 1;
+                if *out >= allowed
+                    && let Some(c) = self.concurrency.get_mut(&webhook.name)
+                {
+                    c.reached_limit();
+                }
                 self.in_flight.insert(chain);
                 to_start.push(head.id);
             }

@@ -11,8 +11,38 @@ use crate::retry::{self};
 use crate::store::DeliveryOutcome;
 use crate::vocab::Format;
 
+/// What a receiver said of its own rate limit before enforcing it:
+/// Discord's `X-RateLimit-Remaining` and `X-RateLimit-Reset-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Requests left in the current window.
+    pub remaining: u32,
+    /// When the window resets, bounded to `RETRY_AFTER_MAX`.
+    pub reset_after: Duration,
+}
+
+impl Quota {
+    /// Reads the two headers; `None` unless both are present and valid
+    /// (a negative, fractional-count or non-finite value is ignored, and a
+    /// reset past an hour is taken as an hour).
+    pub fn from_headers(headers: &HeaderMap) -> Option<Quota> {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let remaining = text("x-ratelimit-remaining")?.parse::<u32>().ok()?;
+        let seconds = text("x-ratelimit-reset-after")?.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0)?;
+        let reset_after =
+            Duration::try_from_secs_f64(seconds).unwrap_or(retry::RETRY_AFTER_MAX).min(retry::RETRY_AFTER_MAX);
+        Some(Quota { remaining, reset_after })
+    }
+
+    /// How long the webhook should wait before its next request: the reset
+    /// time once the window is used up, else nothing.
+    pub fn wait(&self) -> Option<Duration> {
+        (self.remaining == 0 && !self.reset_after.is_zero()).then_some(self.reset_after)
+    }
+}
+
 /// The raw result of one HTTP POST to a receiver.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Response {
     /// The receiver's status, when it answered.
     pub status: Option<u16>,
@@ -22,6 +52,8 @@ pub struct Response {
     pub excerpt: Option<String>,
     /// A transport error (timeout, refused, TLS), never containing the URL.
     pub error: Option<String>,
+    /// The receiver's own rate-limit window, when it says.
+    pub quota: Option<Quota>,
 }
 
 impl Response {
@@ -60,7 +92,7 @@ pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body:
     // The id comes from the database: a corrupt row is a failed attempt, not a panic.
     let Ok(id_header) = HeaderValue::from_str(msg_id) else {
         let error = Some("the stored webhook-id is not a valid header value".to_owned());
-        return Response { status: None, retry_after: None, excerpt: None, error };
+        return Response { error, ..Response::default() };
     };
     let text_header = |s: &str| HeaderValue::from_str(s).expect("digits and base64 are valid header values");
     headers.insert("webhook-id", id_header);
@@ -73,7 +105,7 @@ pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body:
         Ok(r) => r,
         // The URL may be a secret (Slack, Discord): never let it into the message.
         Err(e) => {
-            return Response { status: None, retry_after: None, excerpt: None, error: Some(describe(e)) };
+            return Response { error: Some(describe(e)), ..Response::default() };
         }
     };
     let status = response.status().as_u16();
@@ -82,6 +114,7 @@ pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body:
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
+    let quota = Quota::from_headers(response.headers());
     let mut excerpt = Vec::new();
     let mut error = None;
     loop {
@@ -105,7 +138,7 @@ pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body:
         (None, Some(body)) if status == 429 && webhook.format == Format::Discord => retry::retry_after_in_body(body),
         (retry_after, _) => retry_after,
     };
-    Response { status: Some(status), retry_after, excerpt, error }
+    Response { status: Some(status), retry_after, excerpt, error, quota }
 }
 
 pub(super) fn describe(e: reqwest::Error) -> String {

@@ -4,7 +4,7 @@ use crate::store::Store;
 use crate::vocab::NotificationKind;
 
 fn response(status: Option<u16>, retry_after: Option<u64>) -> Response {
-    Response { status, retry_after: retry_after.map(Duration::from_secs), excerpt: None, error: None }
+    Response { status, retry_after: retry_after.map(Duration::from_secs), ..Response::default() }
 }
 
 #[test]
@@ -42,8 +42,7 @@ fn a_rate_limit_waits_without_spending_a_retry_within_the_schedules_time() {
     let limited = |status: u16, retry_after: Option<Duration>| Response {
         status: Some(status),
         retry_after: retry_after.map(retry::clamp_retry_after),
-        excerpt: None,
-        error: None,
+        ..Response::default()
     };
     let zero = limited(429, Some(Duration::ZERO));
     // Retry-After: 0 waits the 1 s minimum, whatever was counted before,

@@ -446,6 +446,14 @@ pub trait DelivererStore: Send + Sync + 'static {
     fn first_attempt_at(&self, id: i64) -> StoreFuture<'_, Option<i64>>;
     /// Records an attempt and moves its delivery on as `outcome` says.
     fn record_attempt(&self, id: i64, attempt: AttemptRecord, outcome: DeliveryOutcome) -> StoreFuture<'_, ()>;
+    /// Keeps each webhook's current adaptive concurrency where other
+    /// processes can read it (`webhooks list`, the status page), with the
+    /// time it was written. Advisory: an engine that keeps nothing (this
+    /// default) only leaves the column empty.
+    fn publish_concurrency(&self, limits: Vec<(String, usize)>) -> StoreFuture<'_, ()> {
+        let _ = limits;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// What operators change and read (the CLI's and the admin API's commands),

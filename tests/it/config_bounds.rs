@@ -56,5 +56,5 @@ fn check_config_accepts_the_example() {
         &[("DARI_API_KEY", "sk-x"), ("BACKEND_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")],
     );
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(stdout.contains("retention = \"7days\"") && stdout.contains("max_in_flight = 4"), "{stdout}");
+    assert!(stdout.contains("retention = \"7days\"") && stdout.contains("max_in_flight = 64"), "{stdout}");
 }

@@ -2,6 +2,7 @@
 //! same `app::serve` as `dari-relay run`) against a fake Dari API and fake
 //! receivers on 127.0.0.1:0, each test on its own temporary database.
 
+mod adaptive;
 mod admin;
 mod admin_guard;
 mod browser;

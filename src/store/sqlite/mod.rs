@@ -1,5 +1,6 @@
 //! The SQLite implementation of the store.
 
+mod heads;
 pub mod ops;
 mod outbox;
 mod prune;
@@ -424,6 +425,11 @@ impl DelivererStore for Sqlite {
 
     fn pause_webhook(&self, webhook: String, reason: String) -> StoreFuture<'_, ()> {
         Box::pin(self.0.call(move |s| s.pause_webhook(&webhook, &reason)))
+    }
+
+    fn publish_concurrency(&self, limits: Vec<(String, usize)>) -> StoreFuture<'_, ()> {
+        let store = Arc::clone(&self.0);
+        Box::pin(async move { store.publish_concurrency(&limits).await })
     }
 
     fn pending_heads(&self, webhook: String, limit: usize) -> StoreFuture<'_, Vec<PendingHead>> {

@@ -11,24 +11,6 @@ use crate::vocab::{DeliveryState, ms_to_rfc3339, now_ms};
 impl Store {
     // ----- deliveries ---------------------------------------------------
 
-    /// The first pending delivery of each of `webhook`'s (job, webhook)
-    /// chains, earliest first, at most `limit`. Later deliveries of a chain
-    /// wait for its head: that is the per-job, per-webhook ordering guarantee.
-    pub fn pending_heads(&self, webhook: &str, limit: usize) -> Result<Vec<PendingHead>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT d.id, d.job_id, d.webhook, d.next_attempt_at FROM deliveries d
-             WHERE d.state = 'pending' AND d.webhook = ?1 AND NOT EXISTS (
-                 SELECT 1 FROM deliveries e
-                 WHERE e.job_id = d.job_id AND e.webhook = d.webhook AND e.state = 'pending' AND e.id < d.id)
-             ORDER BY d.next_attempt_at, d.id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![webhook, sql_limit(limit)], |r| {
-            Ok(PendingHead { id: r.get(0)?, job_id: r.get(1)?, webhook: r.get(2)?, next_attempt_at: r.get(3)? })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
     /// Deliveries with their notifications, for sending, in id order.
     pub fn outbound_many(&self, ids: &[i64]) -> Result<Vec<OutboundDelivery>, StoreError> {
         // In chunks: one statement with more bound ids than SQLite allows

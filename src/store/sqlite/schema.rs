@@ -105,4 +105,76 @@ ALTER TABLE notifications ADD COLUMN answer_id INTEGER REFERENCES answers (id);
 ALTER TABLE notifications ADD COLUMN event TEXT;
 CREATE INDEX notifications_answer ON notifications (answer_id) WHERE answer_id IS NOT NULL;
 "#,
+    r#"
+-- The head of every (job, webhook) chain that has pending deliveries: its
+-- first pending delivery, kept by the triggers below on every insert and
+-- state change, so the deliverer finds a webhook's next heads through one
+-- index (`chain_heads_due`) at a cost that does not grow with the backlog.
+-- Before, `pending_heads` walked the pending deliveries in due order and
+-- skipped every one that had an earlier pending delivery in its chain: with
+-- 100,000 waiting behind 1,000 heads, each wake-up read most of them.
+CREATE TABLE chain_heads (
+    job_id          TEXT NOT NULL,
+    webhook         TEXT NOT NULL,
+    delivery_id     INTEGER NOT NULL,
+    next_attempt_at INTEGER NOT NULL,
+    PRIMARY KEY (job_id, webhook)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX chain_heads_due ON chain_heads (webhook, next_attempt_at, delivery_id);
+-- The old heads query's own index serves no query now; it cost an update
+-- on every delivery's insert, attempt and end. (`deliveries_pending_by_webhook`
+-- stays: the status page counts each webhook's pending deliveries from it.)
+DROP INDEX deliveries_pending;
+-- SQLite takes the bare columns from the row holding the MIN.
+INSERT INTO chain_heads (job_id, webhook, delivery_id, next_attempt_at)
+    SELECT job_id, webhook, MIN(id), next_attempt_at FROM deliveries WHERE state = 'pending' GROUP BY job_id, webhook;
+-- A new pending delivery heads its chain only if the chain has none (ids
+-- grow, so an existing head is earlier).
+CREATE TRIGGER chain_heads_insert AFTER INSERT ON deliveries WHEN NEW.state = 'pending'
+BEGIN
+    INSERT INTO chain_heads (job_id, webhook, delivery_id, next_attempt_at)
+        VALUES (NEW.job_id, NEW.webhook, NEW.id, NEW.next_attempt_at)
+        ON CONFLICT (job_id, webhook) DO UPDATE SET delivery_id = excluded.delivery_id,
+            next_attempt_at = excluded.next_attempt_at
+        WHERE excluded.delivery_id < chain_heads.delivery_id;
+END;
+-- A pending delivery rescheduled (the head's retry time) or made pending
+-- again (`deliveries retry`: an earlier id may become the head).
+CREATE TRIGGER chain_heads_pending AFTER UPDATE OF state, next_attempt_at ON deliveries WHEN NEW.state = 'pending'
+BEGIN
+    INSERT INTO chain_heads (job_id, webhook, delivery_id, next_attempt_at)
+        VALUES (NEW.job_id, NEW.webhook, NEW.id, NEW.next_attempt_at)
+        ON CONFLICT (job_id, webhook) DO UPDATE SET delivery_id = excluded.delivery_id,
+            next_attempt_at = excluded.next_attempt_at
+        WHERE excluded.delivery_id <= chain_heads.delivery_id;
+END;
+-- A head that leaves `pending` (delivered, failed) hands the chain to its
+-- next pending delivery, found through `deliveries_chain`.
+CREATE TRIGGER chain_heads_done AFTER UPDATE OF state ON deliveries
+    WHEN OLD.state = 'pending' AND NEW.state <> 'pending'
+BEGIN
+    DELETE FROM chain_heads WHERE job_id = OLD.job_id AND webhook = OLD.webhook AND delivery_id = OLD.id;
+    INSERT INTO chain_heads (job_id, webhook, delivery_id, next_attempt_at)
+        SELECT job_id, webhook, id, next_attempt_at FROM deliveries
+        WHERE job_id = OLD.job_id AND webhook = OLD.webhook AND state = 'pending' ORDER BY id LIMIT 1
+        ON CONFLICT (job_id, webhook) DO NOTHING;
+END;
+-- Each webhook's adaptive concurrency as the running deliverer last
+-- published it (every few seconds), for `webhooks list` in another process.
+CREATE TABLE webhook_concurrency (
+    webhook     TEXT PRIMARY KEY,
+    concurrency INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+) STRICT;
+-- Pruning deletes only finished deliveries; a pending one deleted anyway
+-- must not leave a head behind.
+CREATE TRIGGER chain_heads_delete AFTER DELETE ON deliveries WHEN OLD.state = 'pending'
+BEGIN
+    DELETE FROM chain_heads WHERE job_id = OLD.job_id AND webhook = OLD.webhook AND delivery_id = OLD.id;
+    INSERT INTO chain_heads (job_id, webhook, delivery_id, next_attempt_at)
+        SELECT job_id, webhook, id, next_attempt_at FROM deliveries
+        WHERE job_id = OLD.job_id AND webhook = OLD.webhook AND state = 'pending' ORDER BY id LIMIT 1
+        ON CONFLICT (job_id, webhook) DO NOTHING;
+END;
+"#,
 ];

@@ -150,6 +150,9 @@ pub(super) enum WriteOp {
     Poll(String, Decide, tokio::sync::oneshot::Sender<Result<PollWrite, StoreError>>),
     /// An attempt and its outcome.
     Attempt(i64, AttemptRecord, DeliveryOutcome, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
+    /// The webhooks' adaptive concurrency, as JSON `[[name, n], ...]`
+    /// (see `heads::publish_concurrency`).
+    Concurrency(String, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
     /// Test hook: answered at once on a std channel, so a caller may block on it.
     ReadOnly(bool, std::sync::mpsc::Sender<Result<(), StoreError>>),
     /// Test hook: the writer thread ends, as if it had crashed.
@@ -225,6 +228,7 @@ pub(super) fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &
                 match op {
                     WriteOp::Attempt(.., reply) => drop(reply.send(Err(StoreError::Commit(Arc::clone(&e))))),
                     WriteOp::Poll(.., reply) => drop(reply.send(Err(StoreError::Commit(Arc::clone(&e))))),
+                    WriteOp::Concurrency(_, reply) => drop(reply.send(Err(StoreError::Commit(Arc::clone(&e))))),
                     WriteOp::ReadOnly(..) | WriteOp::Stop(_) => {}
                 }
             }
@@ -239,6 +243,10 @@ pub(super) fn write_batch(conn: &mut Connection, batch: Vec<WriteOp>, commits: &
             WriteOp::Attempt(id, attempt, outcome, reply) => {
                 let result = in_savepoint(&mut tx, |c| apply_attempt(c, id, &attempt, &outcome, now));
                 any_ok |= result.is_ok();
+                done.push(Done::Unit(result, reply));
+            }
+            WriteOp::Concurrency(rows, reply) => {
+                let result = in_savepoint(&mut tx, |c| super::heads::apply_concurrency(c, &rows, now));
                 done.push(Done::Unit(result, reply));
             }
             WriteOp::Poll(job_id, decide, reply) => {
