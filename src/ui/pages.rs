@@ -50,9 +50,9 @@ pub(super) async fn overview(
                 "name": name,
                 "configured": configured.is_some(),
                 "format": configured.map(|w| w.format.as_str()),
-                // TODO(coordinator): when adaptive concurrency lands, show its
-                // current value here beside the bound (the
-                // `dari_relay_webhook_concurrency` gauge's source).
+                // The adaptive concurrency in force now (the
+                // `dari_relay_webhook_concurrency` gauge), beside its bound.
+                "concurrency": ui.admin.metrics.webhook_concurrency(name),
                 "max_in_flight": configured.map(|w| w.max_in_flight),
                 "max_per_second": configured.and_then(|w| w.max_per_second),
                 "paused": paused.get(name).map(|(reason, at)| json!({"reason": reason, "at": at})),
