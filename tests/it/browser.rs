@@ -535,6 +535,20 @@ async fn status_page_refusals_and_secrets() {
         .await
         .unwrap();
     assert_eq!(r.status(), 415);
+    // Poll now: a finished watch is not polled; an active one is asked for
+    // (the trigger's own rules are tested in poller::trigger and inbound).
+    let poll = |job: &'static str| {
+        http.post(format!("{base}/ui/jobs/{job}/poll"))
+            .header("cookie", &session)
+            .form(&[("csrf", csrf.as_str()), ("back", &format!("/ui/jobs/{job}"))])
+            .send()
+    };
+    let r = poll(FORM_JOB).await.unwrap();
+    assert_eq!(r.headers()["location"], format!("/ui/jobs/{FORM_JOB}?notice=nothing"));
+    dari.script(CHAT_JOB, vec![job_answer("running", &["Working"], false)]);
+    relay.store.add_watches(&[watch(CHAT_JOB, "acme/chat", "backend", &[])]).unwrap();
+    let r = poll(CHAT_JOB).await.unwrap();
+    assert_eq!(r.headers()["location"], format!("/ui/jobs/{CHAT_JOB}?notice=polled"));
     // With the token, the button works.
     let r = http
         .post(format!("{base}/ui/jobs/{FORM_JOB}/remove"))
