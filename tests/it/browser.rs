@@ -9,6 +9,7 @@
 //! skipped and passes, unless `DARI_RELAY_BROWSER_TESTS=required` (as in
 //! `.ci/run`), where a missing browser fails it.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -17,9 +18,10 @@ use dari_relay::admin::Listener;
 use dari_relay::config::ListenAddr;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
-use crate::fakes::{ADMIN_TOKEN, API_KEY, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text};
+use crate::fakes::{
+    ADMIN_TOKEN, API_KEY, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, eventually, eventually_async,
+};
 use dari_relay::vocab::NewWatch;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -106,11 +108,8 @@ async fn browser() -> (Driver, Client) {
         .expect("chromedriver starts");
     let profile = tempfile::tempdir().unwrap();
     let driver = Driver { child, url: format!("http://127.0.0.1:{port}"), _profile: profile };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reqwest::get(format!("{}/status", driver.url)).await.is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not start on port {port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let up = async || reqwest::get(format!("{}/status", driver.url)).await.is_ok();
+    eventually_async(Duration::from_secs(20), || format!("chromedriver did not start on port {port}"), up).await;
     let args = [
         "--headless=new".to_owned(),
         "--no-sandbox".to_owned(),
@@ -171,29 +170,31 @@ async fn text(client: &Client) -> String {
 /// Waits (without reloading) until the page, after a click or a submit,
 /// shows `needle`; returns its text.
 async fn shown(client: &Client, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let last = RefCell::new(String::new());
+    let showing = async || {
         let t = text(client).await;
-        if t.contains(needle) {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "the page never showed {needle:?}; it shows:\n{t}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let hit = t.contains(needle);
+        *last.borrow_mut() = t;
+        hit
+    };
+    let what = || format!("the page never showed {needle:?}; it shows:\n{}", last.borrow());
+    eventually_async(Duration::from_secs(10), what, showing).await;
+    last.into_inner()
 }
 
 /// Reloads `url` until its text contains `needle` (10 s at most).
 async fn until_text(client: &Client, url: &str, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let last = RefCell::new(String::new());
+    let showing = async || {
         client.goto(url).await.unwrap();
         let t = text(client).await;
-        if t.contains(needle) {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "{url} never showed {needle:?}; it shows:\n{t}");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+        let hit = t.contains(needle);
+        *last.borrow_mut() = t;
+        hit
+    };
+    let what = || format!("{url} never showed {needle:?}; it shows:\n{}", last.borrow());
+    eventually_async(Duration::from_secs(10), what, showing).await;
+    last.into_inner()
 }
 
 fn job_answer(status: &str, steps: &[&str], with_links: bool) -> Reply {
@@ -242,15 +243,15 @@ async fn relay_with_page(dari: &FakeDari) -> (Relay, String, [FakeReceiver; 3], 
 
 /// Waits until the store shows `job`'s deliveries to `webhook` in `state`.
 async fn until_delivery(relay: &Relay, job: &str, state: &str) -> i64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut found = None;
+    let what = || format!("no {state} delivery of {job}: {:?}", relay.store.list_deliveries(None, 1000).unwrap());
+    let seen = || {
         let rows = relay.store.list_deliveries(None, 1000).unwrap();
-        if let Some(d) = rows.iter().find(|d| d.job_id == job && d.state == state) {
-            return d.id;
-        }
-        assert!(Instant::now() < deadline, "no {state} delivery of {job}: {rows:?}");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+        found = rows.iter().find(|d| d.job_id == job && d.state == state).map(|d| d.id);
+        found.is_some()
+    };
+    eventually(Duration::from_secs(10), what, seen).await;
+    found.expect("found")
 }
 
 async fn log_in(client: &Client, base: &str) {
@@ -350,11 +351,10 @@ async fn browser_login_watches_job_and_retry() {
     let button = format!("button[aria-label='Retry delivery {failed}']");
     client.find(Locator::Css(&button)).await.unwrap().click().await.unwrap();
     shown(&client, "put back in the queue").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while relay.store.list_deliveries(None, 1000).unwrap().iter().any(|d| d.id == failed && d.state != "delivered") {
-        assert!(Instant::now() < deadline, "the retried delivery {failed} was never delivered");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+    let delivered =
+        || !relay.store.list_deliveries(None, 1000).unwrap().iter().any(|d| d.id == failed && d.state != "delivered");
+    eventually(Duration::from_secs(10), || format!("the retried delivery {failed} was never delivered"), delivered)
+        .await;
     let after = until_text(&client, &format!("{base}/ui/deliveries?status=failed"), "No dead letters.").await;
     assert!(!after.contains("HTTP 500"));
     client.goto(&format!("{base}/ui/jobs/{CRM_JOB}")).await.unwrap();
@@ -391,11 +391,8 @@ async fn browser_resume_and_refusals() {
     let (relay, base, mut receivers, _dir) = relay_with_page(&dari).await;
     receivers[2].answer_with(&[410]);
     relay.store.add_watches(&[watch(CHAT_JOB, "acme/summary", "chat", &[])]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while relay.store.paused_webhooks().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "the 410 never paused the webhook");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+    let paused = || !relay.store.paused_webhooks().unwrap().is_empty();
+    eventually(Duration::from_secs(10), || "the 410 never paused the webhook".to_owned(), paused).await;
 
     let (_driver, client) = browser().await;
     log_in(&client, &base).await;

@@ -406,3 +406,13 @@ pub async fn log_says(log: &std::path::Path, times: usize, text: &str) {
     )
     .await;
 }
+
+/// [`eventually`] for a probe that has to await (a request, a query of an
+/// async store).
+pub async fn eventually_async(limit: Duration, what: impl Fn() -> String, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done().await {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {}", what());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

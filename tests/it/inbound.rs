@@ -426,7 +426,8 @@ async fn the_admin_poll_route_polls_now_and_is_authenticated() {
     assert_eq!(dari.polls(job), 2);
 
     // The job is finished now: 409. No such job: 404. Not a UUID: 400.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let finished = || relay.store.list_watches(true).unwrap().iter().any(|w| w.job_id == job && w.state == "finished");
+    crate::fakes::eventually(Duration::from_secs(5), || "the watch never finished".to_owned(), finished).await;
     assert_eq!(http.post(url(job)).bearer_auth(ADMIN_TOKEN).send().await.unwrap().status(), 409);
     let none = "7a1c3a7e-5b1d-4c53-9a43-0c5d8a1e0009";
     assert_eq!(http.post(url(none)).bearer_auth(ADMIN_TOKEN).send().await.unwrap().status(), 404);

@@ -222,12 +222,8 @@ fn daemon_config(dir: &Path, dari: &FakeDari, port: u16, hooks: &[(&str, &str)])
     config_text(&dir.join("state/r.db"), dari, hooks, &admin)
 }
 
-async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !done().await {
-        assert!(tokio::time::Instant::now() < deadline, "{what} within 10 s");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+async fn wait_until(what: &str, done: impl AsyncFnMut() -> bool) {
+    crate::fakes::eventually_async(Duration::from_secs(10), || what.to_owned(), done).await;
 }
 
 /// Issue 17 item 3: with `--admin`, `watch`, `deliveries` and `webhooks`
@@ -425,16 +421,6 @@ async fn tail_follows_notifications_and_deliveries_live() {
     let (mut open, _lines) = spawn_tail(&addr, true);
     tokio::time::sleep(Duration::from_millis(300)).await;
     tokio::time::timeout(Duration::from_secs(10), relay.stop()).await.expect("shutdown is not held by a stream");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = open.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            open.kill().unwrap();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(status.is_some_and(|s| s.success()), "tail ends cleanly when the relay stops: {status:?}");
+    let status = crate::delivery::wait_exit(&mut open, Duration::from_secs(10)).await;
+    assert!(status.success(), "tail ends cleanly when the relay stops: {status:?}");
 }

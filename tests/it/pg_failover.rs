@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::delivery::{signal, spawn_daemon, wait_exit};
-use crate::fakes::{FakeDari, FakeReceiver, Received, Reply, config_text, log_says};
+use crate::fakes::{FakeDari, FakeReceiver, Received, Reply, config_text, eventually, log_says};
 use crate::pg::TestDatabase;
 use dari_relay::store::{OperatorStore, Postgres};
 use dari_relay::vocab::NewWatch;
@@ -46,18 +46,20 @@ const TTL: Duration = Duration::from_secs(3);
 /// Waits until one of `logs` says it became active once more than
 /// `actives` counted, and returns which.
 async fn wait_new_active(logs: &[std::path::PathBuf], actives: &mut [usize; 3]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let mut next = None;
+    let took_over = || {
         for (i, log) in logs.iter().enumerate() {
             let said = std::fs::read_to_string(log).unwrap_or_default().matches(ACTIVE).count();
             if said > actives[i] {
                 actives[i] = said;
-                return i;
+                next = Some(i);
+                return true;
             }
         }
-        assert!(Instant::now() < deadline, "no standby took over");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        false
+    };
+    eventually(Duration::from_secs(15), || "no standby took over".to_owned(), took_over).await;
+    next.expect("took over")
 }
 
 #[tokio::test]

@@ -57,15 +57,9 @@ impl PgRelay {
 
     /// Waits until no delivery is pending.
     async fn settle(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, pending, _) = self.counts().await;
-            if pending == 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{pending} deliveries still pending");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let settled = async || self.counts().await.1 == 0;
+        crate::fakes::eventually_async(Duration::from_secs(10), || "deliveries still pending".to_owned(), settled)
+            .await;
     }
 }
 
