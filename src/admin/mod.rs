@@ -37,6 +37,7 @@
 //! and the deliverer does the rest.
 
 pub(crate) use guard::constant_time_eq;
+pub(crate) use watches::{PollNowRefused, poll_now};
 mod deliveries;
 mod events;
 mod guard;

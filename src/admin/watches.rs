@@ -14,7 +14,7 @@ use tracing::info;
 
 use super::{AdminState, ApiError, Json, PAGE, body, parse_json, parse_limit, query};
 use crate::config::Config;
-use crate::store::WatchQuery;
+use crate::store::{StoreError, WatchQuery};
 use crate::upstream::UpstreamClient;
 use crate::vocab::{NewWatch, PortalId, WatchState, parse_job_id};
 
@@ -188,6 +188,35 @@ pub(super) async fn delete_watch(
     }
 }
 
+/// Why "poll now" was not asked for.
+#[derive(Debug)]
+pub(crate) enum PollNowRefused {
+    /// No such watch.
+    Unknown,
+    /// The watch is in this state, not active.
+    NotActive(String),
+    /// The poller's trigger queue is full, or the poller has stopped.
+    Poller(crate::poller::PollNowError),
+    /// The store could not be read.
+    Store(StoreError),
+}
+
+/// "Poll now" for an active watch, as the admin route and the status page's
+/// button ask it: the trigger jumps the schedule, not the org's limits.
+pub(crate) async fn poll_now(state: &AdminState, job_id: &str) -> Result<(), PollNowRefused> {
+    let id = job_id.to_owned();
+    let rows = state
+        .store
+        .call(move |s| s.query_watches(&WatchQuery { job_id: Some(id), limit: Some(1), ..WatchQuery::default() }))
+        .await
+        .map_err(PollNowRefused::Store)?;
+    let watch = rows.into_iter().next().ok_or(PollNowRefused::Unknown)?;
+    if watch.state != WatchState::Active.as_str() {
+        return Err(PollNowRefused::NotActive(watch.state.to_string()));
+    }
+    state.poll_now.request(job_id).map_err(PollNowRefused::Poller)
+}
+
 /// Polls an active watch now: 202 once the poll is scheduled (it still
 /// waits for its org's 429 pause, rate and `max_in_flight`), 404 for no such
 /// watch, 409 for a watch that is no longer polled.
@@ -199,23 +228,18 @@ pub(super) async fn poll_watch(
     Path(job_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job_id = parse_job_id(&job_id).map_err(|e| ApiError::bad("job_id", e))?;
-    let id = job_id.clone();
-    let rows = state
-        .store
-        .call(move |s| s.query_watches(&WatchQuery { job_id: Some(id), limit: Some(1), ..WatchQuery::default() }))
-        .await?;
-    let Some(watch) = rows.into_iter().next() else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "no such watch"));
-    };
-    if watch.state != WatchState::Active.as_str() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("the watch is {}; only active watches are polled", watch.state),
-        ));
-    }
-    state.poll_now.request(&job_id).map_err(|e| match e {
-        crate::poller::PollNowError::Busy => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
-        crate::poller::PollNowError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    poll_now(&state, &job_id).await.map_err(|refused| match refused {
+        PollNowRefused::Unknown => ApiError::new(StatusCode::NOT_FOUND, "no such watch"),
+        PollNowRefused::NotActive(s) => {
+            ApiError::new(StatusCode::CONFLICT, format!("the watch is {s}; only active watches are polled"))
+        }
+        PollNowRefused::Poller(e @ crate::poller::PollNowError::Busy) => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+        }
+        PollNowRefused::Poller(e @ crate::poller::PollNowError::Stopped) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        PollNowRefused::Store(e) => e.into(),
     })?;
     info!(job_id = %job_id, "admin API: poll now");
     Ok((StatusCode::ACCEPTED, Json(json!({"job_id": job_id, "poll": "scheduled"}))).into_response())

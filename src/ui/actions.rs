@@ -149,15 +149,11 @@ pub(super) async fn poll_now(
 ) -> Result<Response, UiError> {
     check_csrf(&session, &form)?;
     let job_id = parse_job_id(&job_id).map_err(|e| UiError::new(StatusCode::BAD_REQUEST, e))?;
-    let id = job_id.clone();
-    let query = crate::store::WatchQuery { job_id: Some(id), limit: Some(1), ..Default::default() };
-    let rows = ui.admin.store.call(move |s| s.query_watches(&query)).await?;
-    if rows.first().is_none_or(|w| w.state != crate::vocab::WatchState::Active.as_str()) {
-        return Ok(back(&form, "nothing"));
-    }
-    let notice = match ui.admin.poll_now.request(&job_id) {
+    let notice = match crate::admin::poll_now(&ui.admin, &job_id).await {
         Ok(()) => "polled",
-        Err(_) => "busy",
+        Err(crate::admin::PollNowRefused::Store(e)) => return Err(e.into()),
+        Err(crate::admin::PollNowRefused::Poller(_)) => "busy",
+        Err(_) => "nothing",
     };
     info!(job_id = %job_id, notice, "status page: poll now pressed");
     Ok(back(&form, notice))
