@@ -88,20 +88,11 @@ fn clock_arithmetic_saturates() {
     assert_eq!(record_backoff(u32::MAX), RECORD_RETRY_MAX);
 }
 
-/// A deliverer over a fresh store with one webhook `h` posting to `url`,
-/// and one pending `watch.failed` delivery to it.
-fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, Arc<Store>, Arc<Metrics>) {
-    use crate::store::{NewDelivery, NewNotification, Sqlite};
+/// Watches `job` and gives up on it, which leaves one pending
+/// `watch.failed` delivery to webhook `h` with `msg_id`.
+fn pending_delivery(store: &Store, job: &str, msg_id: &str) {
+    use crate::store::{NewDelivery, NewNotification};
     use crate::vocab::NewWatch;
-    let text = format!(
-        "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[delivery]\nretry_schedule = [\"50ms\"]\n\
-             [orgs.acme]\napi_key_env = \"K\"\n[[webhooks]]\nname = \"h\"\nurl = \"{url}\"\n",
-        dir.join("r.db").display()
-    );
-    let env = |name: &str| (name == "K").then(|| "k".to_owned());
-    let config = Arc::new(Config::from_toml(&text, std::path::Path::new("t.toml"), &env).unwrap());
-    let store = Arc::new(Store::open(&config.database).unwrap());
-    let job = "550e8400-e29b-41d4-a716-446655440000";
     let watch = NewWatch {
         job_id: job.into(),
         portal: "acme/form".parse().unwrap(),
@@ -113,9 +104,25 @@ fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, 
     let notification = NewNotification {
         kind: NotificationKind::WatchFailed,
         body: Body::Whole(r#"{"type":"watch.failed"}"#.into()),
-        deliveries: vec![NewDelivery { webhook: "h".into(), msg_id: "msg_1".into() }],
+        deliveries: vec![NewDelivery { webhook: "h".into(), msg_id: msg_id.into() }],
     };
     store.fail_watch(job, "test", &notification).unwrap();
+}
+
+/// A deliverer over a fresh store with one webhook `h` posting to `url`,
+/// and one pending `watch.failed` delivery to it.
+fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, Arc<Store>, Arc<Metrics>) {
+    use crate::store::Sqlite;
+
+    let text = format!(
+        "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[delivery]\nretry_schedule = [\"50ms\"]\n\
+             [orgs.acme]\napi_key_env = \"K\"\n[[webhooks]]\nname = \"h\"\nurl = \"{url}\"\n",
+        dir.join("r.db").display()
+    );
+    let env = |name: &str| (name == "K").then(|| "k".to_owned());
+    let config = Arc::new(Config::from_toml(&text, std::path::Path::new("t.toml"), &env).unwrap());
+    let store = Arc::new(Store::open(&config.database).unwrap());
+    pending_delivery(&store, "550e8400-e29b-41d4-a716-446655440000", "msg_1");
     let metrics = Arc::new(Metrics::default());
     let (_tx, rx) = watch::channel(config);
     let deliverer = Deliverer::new(
@@ -197,23 +204,7 @@ async fn a_rate_limit_holds_the_whole_webhook() {
     let delivery = &store.list_deliveries(None, 10).unwrap()[0];
     assert_eq!((delivery.state, delivery.attempts), ("pending", 0), "deferred, not counted");
     // Another job's delivery to the same webhook, due now, waits too.
-    use crate::store::{NewDelivery, NewNotification};
-    use crate::vocab::NewWatch;
-    let other = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
-    let watch = NewWatch {
-        job_id: other.into(),
-        portal: "acme/form".parse().unwrap(),
-        webhooks: None,
-        labels: Default::default(),
-        from_now: false,
-    };
-    store.add_watches(&[watch]).unwrap();
-    let notification = NewNotification {
-        kind: NotificationKind::WatchFailed,
-        body: Body::Whole(r#"{"type":"watch.failed"}"#.into()),
-        deliveries: vec![NewDelivery { webhook: "h".into(), msg_id: "msg_2".into() }],
-    };
-    store.fail_watch(other, "test", &notification).unwrap();
+    pending_delivery(&store, "6ba7b810-9dad-41d1-80b4-00c04fd430c8", "msg_2");
     let next = deliverer.deliver_due_once().await.unwrap().expect("a time to look again");
     assert!(deliverer.tasks.is_empty(), "nothing starts while the webhook is slowed");
     let wait = next - now_ms();
