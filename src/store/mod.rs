@@ -258,7 +258,7 @@ pub struct OutboundDelivery {
 }
 
 /// One attempt, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AttemptRecord {
     /// When it started (Unix ms).
     pub attempted_at: i64,

@@ -12,7 +12,7 @@ use rusqlite::params;
 // named apart so that moving this file next to the SQLite implementation
 // changes only the second line.
 use super::{BODY_COLUMNS, Store, read_body, sql_limit};
-use crate::store::{Backlog, StoreError};
+use crate::store::{AttemptRecord, Backlog, StoreError};
 use crate::vocab::{DeliveryState, now_ms};
 
 /// How many of the newest attempts the "last error" of each webhook is
@@ -118,18 +118,7 @@ pub struct JobDelivery {
     pub attempts: u32,
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
-    pub tries: Vec<AttemptRow>,
-}
-
-/// One attempt as the job page shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct AttemptRow {
-    /// Unix ms.
-    pub attempted_at: i64,
-    pub duration_ms: i64,
-    pub http_status: Option<u16>,
-    pub response_excerpt: Option<String>,
-    pub error: Option<String>,
+    pub tries: Vec<AttemptRecord>,
 }
 
 /// The last hour of activity, per minute, for the overview's chart.
@@ -404,7 +393,7 @@ impl Store {
         let rows = stmt.query_map(params![job_id, first, last, sql_limit(limit.saturating_mul(20))], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
-                AttemptRow {
+                AttemptRecord {
                     attempted_at: r.get(1)?,
                     duration_ms: r.get(2)?,
                     http_status: r.get(3)?,
