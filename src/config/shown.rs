@@ -125,6 +125,12 @@ impl Config {
                 }
                 let _ = writeln!(out, "content_type = {:?}", t.content_type);
             }
+            let _ = writeln!(out, "mode = {:?}", w.mode.as_str());
+            if let Some(bot) = &w.slack_bot {
+                let _ = writeln!(out, "bot_token_env = {:?}", bot.token_source.to_string());
+                let _ = writeln!(out, "channel = {:?}", bot.channel);
+                let _ = writeln!(out, "api_url = {:?}", bot.api_url.as_str());
+            }
             let _ = writeln!(out, "max_in_flight = {}", w.max_in_flight);
             if let Some(rate) = w.max_per_second {
                 let _ = writeln!(out, "max_per_second = {rate}");
