@@ -278,6 +278,50 @@ pub fn follow_up_of(kind: &str, body: &Value) -> Option<String> {
     live::follow_up(body)
 }
 
+/// What `send-test` does with a live webhook: posts a sample live message
+/// (a running job), then edits it (the job completed), as the deliverer
+/// would; each step's answer, labelled, and `None` for the failure when
+/// it was done. It stops at the first step that fails.
+pub async fn send_test_live(
+    http: &reqwest::Client,
+    webhook: &Webhook,
+    labels: &serde_json::Map<String, Value>,
+    timestamp: &str,
+) -> Vec<(&'static str, Response, Option<String>)> {
+    let sample = |kind: &str| -> Value {
+        serde_json::from_str(&crate::notification::sample(kind, labels, timestamp).body.compose()).unwrap_or_default()
+    };
+    let msg_id = crate::poller::new_msg_id();
+    let mut out = Vec::new();
+    let created = render(webhook.format, &sample("job.running"), &[sample("job.event")]);
+    let (response, reply) = send_step(http, webhook, &msg_id, Step::Create, &created, "").await;
+    let message = match &reply {
+        Reply::Done(answer) => created_message(webhook.format, answer, webhook.slack_bot.as_ref()),
+        _ => None,
+    };
+    let Some(message) = message else {
+        let why = match reply {
+            Reply::Done(_) => "the answer names no message id".to_owned(),
+            Reply::Fatal(error) => error,
+            Reply::Failed(r) => r.error.unwrap_or_else(|| format!("HTTP {}", r.status.unwrap_or_default())),
+            Reply::MessageGone => "the message is gone".to_owned(),
+        };
+        out.push(("post", response, Some(why)));
+        return out;
+    };
+    out.push(("post", response, None));
+    let edited = render(webhook.format, &sample("job.completed"), &[sample("job.event")]);
+    let (response, reply) = send_step(http, webhook, &msg_id, Step::Edit(&message), &edited, "").await;
+    let why = match reply {
+        Reply::Done(_) => None,
+        Reply::Fatal(error) => Some(error),
+        Reply::Failed(r) => Some(r.error.unwrap_or_else(|| format!("HTTP {}", r.status.unwrap_or_default()))),
+        Reply::MessageGone => Some("the message is gone".to_owned()),
+    };
+    out.push(("edit", response, why));
+    out
+}
+
 /// One covered delivery's result, to record.
 struct Done {
     delivery: OutboundDelivery,

@@ -46,7 +46,8 @@ use crate::vocab::{Mode, now_ms};
 pub use adaptive::{Controller, Signal};
 use attempt::{Attempt, AttemptDone, Unrecorded, record, record_backoff};
 pub use live::{
-    Reply, SLACK_FATAL, Step, created_message, discord_reply, render as render_live, request_of, send_step, slack_reply,
+    Reply, SLACK_FATAL, Step, created_message, discord_reply, render as render_live, request_of, send_step,
+    send_test_live, slack_reply,
 };
 use send::millis;
 pub use send::{Quota, Response, classify, http_client, is_rate_limit, rate_limit_budget, send};

@@ -660,6 +660,40 @@ fn check_config_refuses_what_cannot_be_live_and_never_prints_the_token() {
     assert!(!stdout.contains(SLACK_BOT_TOKEN) && !stderr.contains(SLACK_BOT_TOKEN));
 }
 
+// ----- send-test -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_posts_a_live_sample_and_then_edits_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let dari = FakeDari::start().await;
+    for hook in [discord_hook as fn(&FakeChat) -> String, slack_hook] {
+        let chat = FakeChat::start().await;
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, config_text(&dir.path().join("r.db"), &dari, &[], &hook(&chat))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dari-relay"));
+        cmd.args(["send-test", "live", "--config"]).arg(&config);
+        cmd.env("DARI_API_KEY", API_KEY).env("SLACK_BOT_TOKEN", SLACK_BOT_TOKEN).env_remove("RUST_LOG");
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("live post: HTTP 200") && stdout.contains("live edit: HTTP 200"), "{stdout}");
+        assert!(!stdout.contains(SLACK_BOT_TOKEN));
+        assert_eq!((chat.creates().len(), chat.edits().len()), (1, 1), "{:?}", chat.requests());
+        let (create, edit) = (&chat.creates()[0], &chat.edits()[0]);
+        assert!(text_of(create).contains("Test:") && text_of(edit).contains("Test:"), "{}", create.raw);
+        assert!(text_of(edit).contains("completed"), "{}", edit.raw);
+        // A refusal is shown and fails the command.
+        chat.force(&[Forced::SlackError("channel_not_found"), Forced::Status(500)]);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dari-relay"));
+        cmd.args(["send-test", "live", "--config"]).arg(&config);
+        cmd.env("DARI_API_KEY", API_KEY).env("SLACK_BOT_TOKEN", SLACK_BOT_TOKEN).env_remove("RUST_LOG");
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        assert!(stdout.contains("live post:"), "{stdout}");
+    }
+}
+
 // ----- snapshots -------------------------------------------------------------
 
 #[test]
