@@ -309,7 +309,7 @@ async fn discord_live_posts_once_then_edits_in_order_with_follow_ups_for_questio
     }
     // The last edit shows the end and the job.
     let last = edits.last().unwrap();
-    assert!(text_of(last).contains("completed"), "{}", last.raw);
+    assert!(text_of(last).contains("Job completed"), "{}", last.raw);
     assert!(text_of(last).contains(JOB), "{}", last.raw);
     assert!(text_of(last).contains("Recent events"), "{}", last.raw);
     // Follow-ups: the question and the end, in that order, nothing else.
@@ -317,7 +317,7 @@ async fn discord_live_posts_once_then_edits_in_order_with_follow_ups_for_questio
         chat.follow_ups().iter().map(|r| r.body["content"].as_str().unwrap_or_default().to_owned()).collect();
     assert_eq!(follow_ups.len(), 2, "{follow_ups:?}");
     assert!(follow_ups[0].contains("Basic or Pro"), "{follow_ups:?}");
-    assert!(follow_ups[1].contains("completed") || follow_ups[1].contains("Completed"), "{follow_ups:?}");
+    assert!(follow_ups[1].contains("Job completed"), "{follow_ups:?}");
     // In order: the follow-up of the question comes after a message that
     // shows the question, the end's after the message shows the end.
     let requests = chat.requests();
@@ -325,8 +325,9 @@ async fn discord_live_posts_once_then_edits_in_order_with_follow_ups_for_questio
     let q_reply = at(&|r| r.method == Method::POST && !is_create(r) && text_of(r).contains("Basic or Pro"));
     let q_shown = at(&|r| (is_create(r) || r.method == Method::PATCH) && text_of(r).contains("Basic or Pro"));
     assert!(q_shown < q_reply);
-    let end_shown = at(&|r| r.method == Method::PATCH && text_of(r).contains("completed"));
-    assert!(end_shown < requests.len() - 1 || requests.last().unwrap().method == Method::PATCH);
+    let end_shown = at(&|r| r.method == Method::PATCH && text_of(r).contains("Job completed"));
+    let end_reply = at(&|r| r.method == Method::POST && !is_create(r) && text_of(r).contains("Job completed"));
+    assert!(q_reply < end_shown && end_shown < end_reply, "{q_reply} {end_shown} {end_reply}");
     assert_eq!(requests.last().unwrap().method, Method::POST, "the end's follow-up comes last");
     // The store keeps the message with the deliveries.
     let kept = relay.store.live_message(JOB, "live").unwrap().unwrap();
@@ -362,19 +363,21 @@ async fn edits_are_coalesced_while_one_is_out_and_every_follow_up_is_still_sent(
     assert_eq!(creates, 1);
     assert!(creates + edits < notifications, "{notifications} notifications, {creates} create and {edits} edits");
     let last = chat.edits().last().cloned().unwrap();
-    assert!(text_of(&last).contains("completed") && text_of(&last).contains("Step 11 done"), "{}", last.raw);
+    assert!(text_of(&last).contains("Job completed") && text_of(&last).contains("Step 11 done"), "{}", last.raw);
     let follow_ups = chat.follow_ups();
     assert_eq!(follow_ups.len(), 2, "the question's and the end's: {follow_ups:?}");
-    // Coalesced deliveries say which edit covered them.
-    let attempts: Vec<_> = relay
-        .store
-        .notifications_of(JOB)
-        .unwrap()
+    // Coalesced deliveries are delivered, and say which edit covered them.
+    let rows = relay.store.list_deliveries(None, 100).unwrap();
+    assert!(rows.iter().all(|d| d.state == "delivered"), "{rows:?}");
+    let covered = rows
         .iter()
-        .flat_map(|n| n.deliveries.clone())
-        .map(|d| d.attempts)
-        .collect();
-    assert!(attempts.iter().all(|a| *a >= 1), "{attempts:?}");
+        .filter(|d| {
+            relay.store.attempts(d.id).unwrap().iter().any(|a| {
+                a.response_excerpt.as_deref().is_some_and(|e| e.starts_with("covered by the live edit of delivery"))
+            })
+        })
+        .count();
+    assert!(covered >= notifications - creates - edits, "{covered} of {notifications} covered by another's edit");
     relay.stop().await;
 }
 
@@ -488,7 +491,7 @@ async fn slack_live_posts_updates_and_replies_in_the_thread_with_the_token_only_
         assert_eq!(edit.body["ts"], ts.as_str());
         assert!(block_kit_problems(&slack_message(&edit.body)).is_empty(), "{}", edit.raw);
     }
-    assert!(text_of(edits.last().unwrap()).contains("completed"));
+    assert!(text_of(edits.last().unwrap()).contains("Job completed"));
     let replies = chat.follow_ups();
     assert_eq!(replies.len(), 2, "{replies:?}");
     for reply in &replies {
@@ -681,7 +684,7 @@ async fn send_test_posts_a_live_sample_and_then_edits_it() {
         assert_eq!((chat.creates().len(), chat.edits().len()), (1, 1), "{:?}", chat.requests());
         let (create, edit) = (&chat.creates()[0], &chat.edits()[0]);
         assert!(text_of(create).contains("Test:") && text_of(edit).contains("Test:"), "{}", create.raw);
-        assert!(text_of(edit).contains("completed"), "{}", edit.raw);
+        assert!(text_of(edit).contains("Job completed"), "{}", edit.raw);
         // A refusal is shown and fails the command.
         chat.force(&[Forced::SlackError("channel_not_found"), Forced::Status(500)]);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dari-relay"));
@@ -801,7 +804,7 @@ async fn killed_and_restarted(hook: fn(&FakeChat) -> String) {
     for edit in chat.edits() {
         assert!(edit.path.ends_with(&id) || edit.body["ts"] == id.as_str(), "{edit:?}");
     }
-    assert!(text_of(chat.edits().last().unwrap()).contains("completed"));
+    assert!(text_of(chat.edits().last().unwrap()).contains("Job completed"));
     // The token (Slack) is in no log line and no database file.
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(log_text.contains("live message posted"), "the debug log is captured");
