@@ -87,7 +87,10 @@ impl Config {
         for w in &self.webhooks {
             let _ = writeln!(out, "\n[[webhooks]]");
             let _ = writeln!(out, "name = {:?}", w.name);
-            let _ = writeln!(out, "url = {:?}", w.shown_url());
+            // A live Slack webhook has no URL of its own: it shows its api_url below.
+            if w.slack_bot.is_none() {
+                let _ = writeln!(out, "url = {:?}", w.shown_url());
+            }
             let _ = writeln!(out, "format = {:?}", w.format.as_str());
             if let Some(source) = &w.secret_source {
                 let _ = writeln!(out, "secret = {:?}", source.to_string());

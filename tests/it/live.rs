@@ -660,6 +660,8 @@ fn check_config_refuses_what_cannot_be_live_and_never_prints_the_token() {
     assert!(stdout.contains("mode = \"live\"") && stdout.contains("channel = \"C0123456789\""), "{stdout}");
     assert!(stdout.contains("bot_token_env = \"<redacted, from $SLACK_BOT_TOKEN>\""), "{stdout}");
     assert!(stdout.contains("api_url = \"https://slack.com/api\""), "{stdout}");
+    assert!(!stdout.contains("url = \"https://slack.com/<redacted>\""), "no URL of its own: {stdout}");
+    assert!(!stderr.contains("warning"), "a live Slack webhook writes no secret URL: {stderr}");
     assert!(!stdout.contains(SLACK_BOT_TOKEN) && !stderr.contains(SLACK_BOT_TOKEN));
 }
 
