@@ -242,6 +242,28 @@ impl Format {
     }
 }
 
+/// How a chat webhook shows a job: a message per notification, or one live
+/// message per job, edited as it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A message per notification (the default).
+    Each,
+    /// One message per (job, webhook), posted once and then edited, with a
+    /// short reply for questions, failures and the end.
+    Live,
+}
+
+impl Mode {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Each => "each",
+            Mode::Live => "live",
+        }
+    }
+}
+
 // ----- the clock -----------------------------------------------------------
 
 /// Where the loops read the wall-clock time they store (attempt times,

@@ -63,7 +63,7 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
                 pattern.as_str()
             ));
         }
-        if w.url_source.is_none() && w.url_is_secret() {
+        if w.url_source.is_none() && w.url_is_secret() && w.slack_bot.is_none() {
             let discord = w.format == Format::Discord || w.url.host_str().is_some_and(|h| h.contains("discord"));
             let kind = if discord { "Discord" } else { "Slack" };
             out.push(format!(

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use crate::vocab::Format;
+use crate::vocab::{Format, Mode};
 
 /// A duration's default and its inclusive bounds.
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +124,16 @@ pub const MAX_RATE: f64 = 10_000.0;
 
 /// `[[webhooks]] format`.
 pub const WEBHOOK_FORMAT: Format = Format::Standard;
+
+/// `[[webhooks]] mode`.
+pub const WEBHOOK_MODE: Mode = Mode::Each;
+
+/// `[[webhooks]] api_url` of a live Slack webhook: Slack's Web API.
+pub const SLACK_API_URL: &str = "https://slack.com/api";
+
+/// The longest `[[webhooks]] channel` (Slack ids are about 11 characters;
+/// a `#name` is at most 80).
+pub const MAX_CHANNEL_LEN: usize = 80;
 
 /// `[[webhooks]] max_in_flight`.
 /// The upper bound of the adaptive concurrency: the relay starts lower

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::LogFormat;
-use crate::vocab::Format;
+use crate::vocab::{Format, Mode};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -132,6 +132,15 @@ pub(super) struct RawWebhook {
     /// The `content-type` of templated bodies; JSON (the default) escapes
     /// inserted values as JSON.
     pub(super) content_type: Option<Spanned<String>>,
+    /// `"each"` (the default) or `"live"`: one message per job, edited.
+    pub(super) mode: Option<Spanned<Mode>>,
+    /// A live Slack webhook's bot token, the name of the environment
+    /// variable that holds it.
+    pub(super) bot_token_env: Option<Spanned<String>>,
+    /// A live Slack webhook's channel id.
+    pub(super) channel: Option<Spanned<String>>,
+    /// A live Slack webhook's Web API base URL.
+    pub(super) api_url: Option<Spanned<HttpUrl>>,
 }
 
 fn default_format() -> Format {

@@ -87,7 +87,10 @@ impl Config {
         for w in &self.webhooks {
             let _ = writeln!(out, "\n[[webhooks]]");
             let _ = writeln!(out, "name = {:?}", w.name);
-            let _ = writeln!(out, "url = {:?}", w.shown_url());
+            // A live Slack webhook has no URL of its own: it shows its api_url below.
+            if w.slack_bot.is_none() {
+                let _ = writeln!(out, "url = {:?}", w.shown_url());
+            }
             let _ = writeln!(out, "format = {:?}", w.format.as_str());
             if let Some(source) = &w.secret_source {
                 let _ = writeln!(out, "secret = {:?}", source.to_string());
@@ -124,6 +127,12 @@ impl Config {
                     }
                 }
                 let _ = writeln!(out, "content_type = {:?}", t.content_type);
+            }
+            let _ = writeln!(out, "mode = {:?}", w.mode.as_str());
+            if let Some(bot) = &w.slack_bot {
+                let _ = writeln!(out, "bot_token_env = {:?}", bot.token_source.to_string());
+                let _ = writeln!(out, "channel = {:?}", bot.channel);
+                let _ = writeln!(out, "api_url = {:?}", bot.api_url.as_str());
             }
             let _ = writeln!(out, "max_in_flight = {}", w.max_in_flight);
             if let Some(rate) = w.max_per_second {

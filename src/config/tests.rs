@@ -353,6 +353,7 @@ fn example_states_the_defaults() {
         ("delivery", "request_timeout", dur(defaults::DELIVERY_REQUEST_TIMEOUT.default)),
         ("delivery", "shutdown_timeout", dur(defaults::SHUTDOWN_TIMEOUT.default)),
         ("webhooks", "format", T::String(defaults::WEBHOOK_FORMAT.as_str().into())),
+        ("webhooks", "mode", T::String(defaults::WEBHOOK_MODE.as_str().into())),
         ("webhooks", "max_in_flight", T::Integer(defaults::WEBHOOK_MAX_IN_FLIGHT.default as i64)),
         ("webhooks", "types", T::Array(vec![])),
         ("webhooks", "portals", T::Array(vec![])),
@@ -461,6 +462,8 @@ fn example_documents_the_bounds() {
         ),
         ("terminal_statuses", format!("Bounds: at most {} statuses", defaults::MAX_TERMINAL_STATUSES)),
         ("allowed_hosts", format!("Bounds: at most {} names", defaults::MAX_LIST_LEN)),
+        ("channel", format!("Bounds: 1 to {} letters and digits", defaults::MAX_CHANNEL_LEN)),
+        ("api_url", format!("The default is {:?}", defaults::SLACK_API_URL)),
         (
             "auto_watch",
             format!(

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
 
 use serde_json::{Map, Value};
 use toml::Spanned;
@@ -19,7 +20,7 @@ use super::{ConfigError, RESERVED_HEADERS, SecretSource};
 use crate::format::{BodyTemplate, TemplateSource};
 use crate::glob::Glob;
 use crate::signature::SigningKey;
-use crate::vocab::Format;
+use crate::vocab::{Format, Mode};
 
 /// `[[webhooks]]`: one receiver.
 #[derive(Clone)]
@@ -52,6 +53,56 @@ pub struct Webhook {
     pub max_in_flight: usize,
     /// Attempts per second to this webhook; `None` for no limit.
     pub max_per_second: Option<f64>,
+    /// A message per notification, or one live message per job (only
+    /// Discord and Slack, checked at load).
+    pub mode: Mode,
+    /// A live Slack webhook's Web API access; `Some` exactly when the
+    /// format is Slack and the mode live.
+    pub slack_bot: Option<SlackBot>,
+}
+
+/// What a live Slack webhook posts and edits with: Slack's Web API, a bot
+/// token and the channel. The token is a secret, sent only in the
+/// `Authorization` header of the API calls.
+#[derive(Clone)]
+pub struct SlackBot {
+    /// The bot token (`xoxb-…`), from `bot_token_env`.
+    token: SecretString,
+    /// Where the token came from, which is what gets printed.
+    pub token_source: SecretSource,
+    /// The channel id (`C0123456789`).
+    pub channel: String,
+    /// The Web API's base URL, without a trailing `/`: `{api_url}/chat.postMessage`.
+    pub api_url: Url,
+}
+
+impl SlackBot {
+    /// The `Authorization` header value, marked sensitive so it is never
+    /// printed by a `Debug` of the request.
+    pub fn authorization(&self) -> HeaderValue {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", self.token.expose_secret()))
+            .expect("config loading checked the token is a valid header value");
+        value.set_sensitive(true);
+        value
+    }
+
+    /// The URL of one Web API method, such as `chat.update`.
+    pub fn method_url(&self, method: &str) -> Url {
+        let mut url = self.api_url.clone();
+        let path = format!("{}/{method}", url.path().trim_end_matches('/'));
+        url.set_path(&path);
+        url
+    }
+}
+
+impl fmt::Debug for SlackBot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlackBot")
+            .field("token", &self.token_source.to_string())
+            .field("channel", &self.channel)
+            .field("api_url", &self.api_url.as_str())
+            .finish()
+    }
 }
 
 impl fmt::Debug for Webhook {
@@ -62,6 +113,8 @@ impl fmt::Debug for Webhook {
             .field("signed", &self.secret.is_some())
             .field("headers", &self.headers)
             .field("template", &self.template)
+            .field("mode", &self.mode)
+            .field("slack_bot", &self.slack_bot)
             .finish_non_exhaustive()
     }
 }
@@ -153,7 +206,7 @@ impl fmt::Debug for ExtraHeader {
 impl Resolver<'_> {
     pub(super) fn webhook(&self, index: usize, span: Range<usize>, raw: RawWebhook) -> Result<Webhook, ConfigError> {
         let name_span = raw.name.span();
-        let name = raw.name.into_inner();
+        let name = raw.name.get_ref().clone();
         if name.is_empty()
             || name.len() > MAX_NAME_LEN
             || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
@@ -165,7 +218,18 @@ impl Resolver<'_> {
             ));
         }
         let key = format!("webhooks[{index}] ({name})");
+        let (mode, slack_bot) = self.live(&key, span.clone(), &raw)?;
         let (url, url_source) = match (raw.url, raw.url_env) {
+            // A live Slack webhook talks to the Web API, not a webhook URL.
+            (None, None) if let Some(bot) = &slack_bot => (bot.api_url.clone(), None),
+            (Some(_), _) | (_, Some(_)) if slack_bot.is_some() => {
+                return Err(self.error(
+                    Some(span),
+                    &key,
+                    "a live Slack webhook posts through the Web API (bot_token_env, channel, api_url): \
+                     remove url and url_env",
+                ));
+            }
             (Some(_), Some(_)) => {
                 return Err(self.error(Some(span), &key, "set either url or url_env, not both"));
             }
@@ -242,7 +306,122 @@ impl Resolver<'_> {
             labels,
             headers,
             template,
+            mode,
+            slack_bot,
         })
+    }
+
+    /// The webhook's `mode` and, for a live Slack webhook, its Web API
+    /// access: `mode = "live"` only for Discord and Slack and without a
+    /// template; `bot_token_env`, `channel` and `api_url` only (and the
+    /// first two always) for a live Slack webhook.
+    fn live(&self, key: &str, span: Range<usize>, raw: &RawWebhook) -> Result<(Mode, Option<SlackBot>), ConfigError> {
+        let mode = raw.mode.as_ref().map_or(defaults::WEBHOOK_MODE, |m| *m.get_ref());
+        let mode_span = raw.mode.as_ref().map(Spanned::span);
+        let k = format!("{key}.mode");
+        if mode == Mode::Live {
+            match raw.format {
+                Format::Discord | Format::Slack => {}
+                Format::Teams => {
+                    return Err(self.error(
+                        mode_span,
+                        &k,
+                        "mode = \"live\" cannot work with format = \"teams\": a Teams Workflows webhook can \
+                         only post a new message, never edit one; use mode = \"each\"",
+                    ));
+                }
+                Format::Standard => {
+                    return Err(self.error(
+                        mode_span,
+                        &k,
+                        "mode = \"live\" is for format = \"discord\" or \"slack\" (a chat message edited as \
+                         the job moves); a standard webhook gets every notification",
+                    ));
+                }
+            }
+            if raw.template.is_some() || raw.body_template.is_some() {
+                return Err(self.error(
+                    mode_span,
+                    &k,
+                    "a live message is rendered by the relay from the job's state: remove template and body_template, \
+                     or use mode = \"each\"",
+                ));
+            }
+        }
+        let slack_live = mode == Mode::Live && raw.format == Format::Slack;
+        if !slack_live {
+            let given = [
+                ("bot_token_env", raw.bot_token_env.as_ref().map(Spanned::span)),
+                ("channel", raw.channel.as_ref().map(Spanned::span)),
+                ("api_url", raw.api_url.as_ref().map(Spanned::span)),
+            ];
+            if let Some((name, span)) = given.into_iter().find(|(_, s)| s.is_some()) {
+                return Err(self.error(
+                    span,
+                    &format!("{key}.{name}"),
+                    "only applies to format = \"slack\" with mode = \"live\" (the Web API that edits the message)",
+                ));
+            }
+            return Ok((mode, None));
+        }
+        let Some(var_name) = &raw.bot_token_env else {
+            return Err(self.error(
+                Some(span),
+                &format!("{key}.bot_token_env"),
+                "a live Slack webhook needs bot_token_env: the environment variable holding a bot token \
+                 (xoxb-…) with the chat:write scope, to post and edit its message",
+            ));
+        };
+        let (token, token_source) =
+            self.secret(key, Some(span.clone()), ("bot_token_env", Some(var_name.clone())), ("bot_token_file", None))?;
+        let (Some(token), Some(token_source)) = (token, token_source) else {
+            unreachable!("secret() returns a value for a set bot_token_env or an error");
+        };
+        let var = var_name.get_ref().trim();
+        let k = format!("{key}.bot_token_env");
+        if token.len() > MAX_VALUE_LEN || HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
+            // The value is a secret: the message names the variable only.
+            let message =
+                format!("environment variable {var} is not a usable token (control characters, non-ASCII or too long)");
+            return Err(self.error(Some(var_name.span()), &k, message));
+        }
+        let Some(channel) = &raw.channel else {
+            return Err(self.error(
+                Some(span),
+                &format!("{key}.channel"),
+                "a live Slack webhook needs channel: the channel's id (C0123456789), where the bot is invited",
+            ));
+        };
+        let text = channel.get_ref().trim();
+        if text.is_empty()
+            || text.len() > defaults::MAX_CHANNEL_LEN
+            || !text.chars().all(|c| c.is_ascii_alphanumeric() || "#-_.".contains(c))
+        {
+            return Err(self.error(
+                Some(channel.span()),
+                &format!("{key}.channel"),
+                format!(
+                    "{text:?} is not a Slack channel id: 1 to {} letters and digits, such as C0123456789",
+                    defaults::MAX_CHANNEL_LEN
+                ),
+            ));
+        }
+        let api_url = match &raw.api_url {
+            None => Url::parse(defaults::SLACK_API_URL).expect("the default API URL parses"),
+            Some(url) => {
+                let parsed = url.get_ref().0.clone();
+                if parsed.query().is_some() || parsed.fragment().is_some() || parsed.as_str().len() > MAX_VALUE_LEN {
+                    return Err(self.error(
+                        Some(url.span()),
+                        &format!("{key}.api_url"),
+                        "the Web API's base URL, such as \"https://slack.com/api\", without a query or fragment",
+                    ));
+                }
+                parsed
+            }
+        };
+        let bot = SlackBot { token: SecretString::from(token), token_source, channel: text.to_owned(), api_url };
+        Ok((mode, Some(bot)))
     }
 
     /// Resolves `headers` (values as written) and `headers_env` (values from

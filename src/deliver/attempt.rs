@@ -48,6 +48,71 @@ pub(super) async fn record(
     store.record_attempt(id, attempt, outcome.clone()).await
 }
 
+/// Counts and logs an attempt's outcome for `delivery`, and says how long
+/// its webhook should wait before the next request: a receiver that says
+/// its window is used up (Discord) is not sent to again before the window
+/// resets, so the 429 never comes; a rate limit waits as asked.
+pub(super) fn observe(
+    metrics: &Metrics,
+    webhook: &str,
+    delivery: &OutboundDelivery,
+    quota: Option<Quota>,
+    outcome: &DeliveryOutcome,
+) -> Option<Duration> {
+    metrics.delivery(webhook, outcome.label());
+    let mut slow_down = quota.and_then(|q| q.wait());
+    if let Some(wait) = slow_down {
+        debug!(wait_ms = millis(wait), "the receiver's rate-limit window is used up; waiting for its reset");
+    }
+    match outcome {
+        DeliveryOutcome::Delivered { status } => {
+            let latency_ms = now_ms().saturating_sub(delivery.detected_at);
+            metrics.delivery_latency(webhook, latency_ms.max(0) as f64 / 1000.0);
+            info!(status, kind = %delivery.kind, latency_ms, "delivered");
+        }
+        DeliveryOutcome::RetryAt { at_ms, error } => {
+            warn!(%error, kind = %delivery.kind, retry_in_ms = at_ms.saturating_sub(now_ms()), "delivery failed; will retry");
+        }
+        DeliveryOutcome::GaveUp { error } => {
+            error!(%error, kind = %delivery.kind, "delivery failed for the last time; kept as failed");
+        }
+        DeliveryOutcome::Paused => {}
+        DeliveryOutcome::RateLimited { wait, error, .. } => {
+            warn!(%error, kind = %delivery.kind, wait_ms = millis(*wait), "rate limited; waiting without spending a retry");
+            slow_down = Some(slow_down.map_or(*wait, |w| w.max(*wait)));
+        }
+    }
+    slow_down
+}
+
+/// Records an attempt's outcome, trying again briefly; a lasting refusal
+/// (a full or read-only disk) comes back as the [`Unrecorded`] the loop
+/// keeps, so the chain is not sent again until it is written.
+pub(super) async fn write_outcome(
+    store: &dyn DelivererStore,
+    id: i64,
+    record_: AttemptRecord,
+    outcome: DeliveryOutcome,
+) -> Option<Unrecorded> {
+    let write_once = || async { record(store, id, record_.clone(), &outcome).await };
+    match write_once.retry(retry::policy::attempt_record()).await {
+        Ok(()) => {
+            debug!(delivery_id = id, "attempt recorded");
+            None
+        }
+        Err(e) => {
+            error!(delivery_id = id, error = %e, outcome = outcome.label(), "cannot record the attempt; its outcome is kept in memory and written when the store accepts it, and the delivery is not sent again meanwhile");
+            Some(Unrecorded {
+                delivery_id: id,
+                record: record_,
+                outcome,
+                tries: 1,
+                retry_at: instant_after(Instant::now(), record_backoff(1)),
+            })
+        }
+    }
+}
+
 /// The wait before writing an unrecorded outcome again after `tries` failures.
 pub(super) fn record_backoff(tries: u32) -> Duration {
     RECORD_RETRY_MIN.saturating_mul(1u32 << tries.min(16)).min(RECORD_RETRY_MAX)
@@ -110,31 +175,7 @@ impl Attempt {
                 (response, DeliveryOutcome::GaveUp { error })
             }
         };
-        self.metrics.delivery(&self.webhook.name, outcome.label());
-        // A receiver that says its window is used up (Discord) is not sent
-        // to again before the window resets: the 429 never comes.
-        let mut slow_down = response.quota.and_then(|q| q.wait());
-        if let Some(wait) = slow_down {
-            debug!(wait_ms = millis(wait), "the receiver's rate-limit window is used up; waiting for its reset");
-        }
-        match &outcome {
-            DeliveryOutcome::Delivered { status } => {
-                let latency_ms = now_ms().saturating_sub(self.delivery.detected_at);
-                self.metrics.delivery_latency(&self.webhook.name, latency_ms.max(0) as f64 / 1000.0);
-                info!(status, kind = %self.delivery.kind, latency_ms, "delivered");
-            }
-            DeliveryOutcome::RetryAt { at_ms, error } => {
-                warn!(%error, kind = %self.delivery.kind, retry_in_ms = at_ms.saturating_sub(now_ms()), "delivery failed; will retry");
-            }
-            DeliveryOutcome::GaveUp { error } => {
-                error!(%error, kind = %self.delivery.kind, "delivery failed for the last time; kept as failed");
-            }
-            DeliveryOutcome::Paused => {}
-            DeliveryOutcome::RateLimited { wait, error, .. } => {
-                warn!(%error, kind = %self.delivery.kind, wait_ms = millis(*wait), "rate limited; waiting without spending a retry");
-                slow_down = Some(slow_down.map_or(*wait, |w| w.max(*wait)));
-            }
-        }
+        let slow_down = observe(&self.metrics, &self.webhook.name, &self.delivery, response.quota, &outcome);
         let error = outcome.error().map(str::to_owned);
         let gone = matches!(outcome, DeliveryOutcome::Paused);
         let record_ = AttemptRecord {
@@ -144,28 +185,7 @@ impl Attempt {
             response_excerpt: response.excerpt,
             error: error.or(response.error),
         };
-        let store = &*self.store;
-        let write_once = || async { record(store, id, record_.clone(), &outcome).await };
-        // A brief lock clears within these retries; a lasting refusal (a
-        // full or read-only disk) goes back to the loop, which keeps the
-        // outcome and keeps the chain from being sent again.
-        let result = write_once.retry(retry::policy::attempt_record()).await;
-        let unrecorded = match result {
-            Ok(()) => {
-                debug!("attempt recorded");
-                None
-            }
-            Err(e) => {
-                error!(error = %e, outcome = outcome.label(), "cannot record the attempt; its outcome is kept in memory and written when the store accepts it, and the delivery is not sent again meanwhile");
-                Some(Unrecorded {
-                    delivery_id: id,
-                    record: record_,
-                    outcome,
-                    tries: 1,
-                    retry_at: instant_after(Instant::now(), record_backoff(1)),
-                })
-            }
-        };
+        let unrecorded = write_outcome(&*self.store, id, record_, outcome).await;
         AttemptDone { gone, slow_down, signal, unrecorded }
     }
 }

@@ -20,6 +20,7 @@
 
 mod adaptive;
 mod attempt;
+mod live;
 mod send;
 #[cfg(test)]
 mod tests;
@@ -40,10 +41,14 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::retry::{self, TokenBucket};
 use crate::store::{AttemptRecord, DelivererStore, DeliveryOutcome, StoreError};
-use crate::vocab::now_ms;
+use crate::vocab::{Mode, now_ms};
 
 pub use adaptive::{Controller, Signal};
 use attempt::{Attempt, AttemptDone, Unrecorded, record, record_backoff};
+pub use live::{
+    Reply, SLACK_FATAL, Step, created_message, discord_reply, render as render_live, request_of, send_step,
+    send_test_live, slack_reply,
+};
 use send::millis;
 pub use send::{Quota, Response, classify, http_client, is_rate_limit, rate_limit_budget, send};
 
@@ -533,7 +538,10 @@ impl Deliverer {
                     delivery,
                 };
                 let span = info_span!("deliver", job_id = %chain.0, webhook = %chain.1, delivery_id = id, attempt = attempts + 1);
-                let handle = self.tasks.spawn(attempt.run().instrument(span));
+                let handle = match webhook.mode {
+                    Mode::Live => self.tasks.spawn(attempt.run_live().instrument(span)),
+                    Mode::Each => self.tasks.spawn(attempt.run().instrument(span)),
+                };
                 self.spawned.insert(handle.id(), Spawned { chain, delivery_id: id, attempts });
             }
         }

@@ -78,6 +78,19 @@ pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
 /// `webhook` with the Standard Webhooks headers, signing it for this
 /// attempt's timestamp, and the webhook's own headers.
 pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body: String) -> Response {
+    let headers = match webhook_headers(webhook, msg_id, body.as_bytes()) {
+        Ok(headers) => headers,
+        Err(response) => return response,
+    };
+    let request = http.post(webhook.url.clone()).headers(headers).body(body);
+    exchange(request, webhook.format, EXCERPT_BYTES).await.0
+}
+
+/// The headers of a request to `webhook`: its own extra headers, the
+/// content type and the Standard Webhooks headers, signed for now. A stored
+/// `webhook-id` that is not a valid header value is a failed attempt (the
+/// `Err` answer), not a panic.
+pub(super) fn webhook_headers(webhook: &Webhook, msg_id: &str, body: &[u8]) -> Result<HeaderMap, Response> {
     let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let mut headers = HeaderMap::new();
     // Config loading refused the names the relay sets below, so these never
@@ -92,20 +105,29 @@ pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body:
     // The id comes from the database: a corrupt row is a failed attempt, not a panic.
     let Ok(id_header) = HeaderValue::from_str(msg_id) else {
         let error = Some("the stored webhook-id is not a valid header value".to_owned());
-        return Response { error, ..Response::default() };
+        return Err(Response { error, ..Response::default() });
     };
     let text_header = |s: &str| HeaderValue::from_str(s).expect("digits and base64 are valid header values");
     headers.insert("webhook-id", id_header);
     headers.insert("webhook-timestamp", text_header(&timestamp.to_string()));
     if let Some(key) = &webhook.secret {
-        headers.insert("webhook-signature", text_header(&key.sign(msg_id, timestamp, body.as_bytes())));
+        headers.insert("webhook-signature", text_header(&key.sign(msg_id, timestamp, body)));
     }
-    let result = http.post(webhook.url.clone()).headers(headers).body(body).send().await;
+    Ok(headers)
+}
+
+/// Sends one prepared request and reads its answer: the status, the
+/// rate-limit headers, and up to `read_max` bytes of the body (the first
+/// [`EXCERPT_BYTES`] of them are the excerpt kept with the attempt; the
+/// live path reads more, to parse the message a chat platform answers).
+/// Shared by [`send`] and the live path, so both read answers one way.
+pub(super) async fn exchange(request: reqwest::RequestBuilder, format: Format, read_max: usize) -> (Response, Vec<u8>) {
+    let result = request.send().await;
     let mut response = match result {
         Ok(r) => r,
         // The URL may be a secret (Slack, Discord): never let it into the message.
         Err(e) => {
-            return Response { error: Some(describe(e)), ..Response::default() };
+            return (Response { error: Some(describe(e)), ..Response::default() }, Vec::new());
         }
     };
     let status = response.status().as_u16();
@@ -115,13 +137,14 @@ pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body:
         .and_then(|v| v.to_str().ok())
         .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
     let quota = Quota::from_headers(response.headers());
-    let mut excerpt = Vec::new();
+    let read_max = read_max.max(EXCERPT_BYTES);
+    let mut bytes = Vec::new();
     let mut error = None;
     loop {
         match response.chunk().await {
             Ok(Some(chunk)) => {
-                excerpt.extend_from_slice(&chunk[..chunk.len().min(EXCERPT_BYTES - excerpt.len())]);
-                if excerpt.len() >= EXCERPT_BYTES {
+                bytes.extend_from_slice(&chunk[..chunk.len().min(read_max - bytes.len())]);
+                if bytes.len() >= read_max {
                     break;
                 }
             }
@@ -132,13 +155,14 @@ pub async fn send(http: &reqwest::Client, webhook: &Webhook, msg_id: &str, body:
             }
         }
     }
-    let excerpt = (!excerpt.is_empty()).then(|| String::from_utf8_lossy(&excerpt).into_owned());
+    let excerpt = &bytes[..bytes.len().min(EXCERPT_BYTES)];
+    let excerpt = (!excerpt.is_empty()).then(|| String::from_utf8_lossy(excerpt).into_owned());
     // Discord's 429 says how long to wait in its JSON body as well.
     let retry_after = match (retry_after, &excerpt) {
-        (None, Some(body)) if status == 429 && webhook.format == Format::Discord => retry::retry_after_in_body(body),
+        (None, Some(body)) if status == 429 && format == Format::Discord => retry::retry_after_in_body(body),
         (retry_after, _) => retry_after,
     };
-    Response { status: Some(status), retry_after, excerpt, error, quota }
+    (Response { status: Some(status), retry_after, excerpt, error, quota }, bytes)
 }
 
 pub(super) fn describe(e: reqwest::Error) -> String {

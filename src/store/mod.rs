@@ -272,6 +272,18 @@ pub struct AttemptRecord {
     pub error: Option<String>,
 }
 
+/// The message a live webhook keeps for a job: posted by the job's first
+/// notification, edited by the later ones. Kept with the deliveries, so a
+/// restart edits the same message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveMessage {
+    /// Discord's message id, or Slack's message `ts`.
+    pub id: String,
+    /// Slack's channel id the message is in (`chat.postMessage` answers it);
+    /// `None` for Discord, whose webhook URL names the channel.
+    pub channel: Option<String>,
+}
+
 /// What one delivery attempt came to: decided by `deliver::classify`,
 /// recorded by [`DelivererStore::record_attempt`]; the one type from the
 /// classifier to the row.
@@ -446,6 +458,19 @@ pub trait DelivererStore: Send + Sync + 'static {
     fn first_attempt_at(&self, id: i64) -> StoreFuture<'_, Option<i64>>;
     /// Records an attempt and moves its delivery on as `outcome` says.
     fn record_attempt(&self, id: i64, attempt: AttemptRecord, outcome: DeliveryOutcome) -> StoreFuture<'_, ()>;
+    /// The live message of (job, webhook), if one was posted.
+    fn live_message(&self, job_id: String, webhook: String) -> StoreFuture<'_, Option<LiveMessage>>;
+    /// Keeps the live message of (job, webhook), replacing any before (a
+    /// message deleted in the chat is posted again).
+    fn save_live_message(&self, job_id: String, webhook: String, message: LiveMessage) -> StoreFuture<'_, ()>;
+    /// The pending deliveries of one (job, webhook) chain, oldest first, at
+    /// most `limit`, with their bodies: what one edit of a live message may
+    /// cover.
+    fn pending_chain(&self, job_id: String, webhook: String, limit: usize) -> StoreFuture<'_, Vec<OutboundDelivery>>;
+    /// The standard bodies of the last `limit` `job.event` notifications of
+    /// the chain up to delivery `up_to` (included), oldest first, whatever
+    /// their state: the recent events a live message lists.
+    fn recent_events(&self, job_id: String, webhook: String, up_to: i64, limit: usize) -> StoreFuture<'_, Vec<String>>;
     /// Keeps each webhook's current adaptive concurrency where other
     /// processes can read it (`webhooks list`, the status page), with the
     /// time it was written. Advisory: an engine that keeps nothing (this

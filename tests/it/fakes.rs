@@ -294,6 +294,10 @@ pub fn watch_on(portal: &str, job_id: &str) -> dari_relay::vocab::NewWatch {
     }
 }
 
+/// The bot token of the live Slack tests (fake, but treated as a secret:
+/// the tests look for it where it must not be).
+pub const SLACK_BOT_TOKEN: &str = "xoxb-1111-2222-LiveTestTokenNeverLogged";
+
 /// The environment the test configs read secrets from.
 pub fn env(name: &str) -> Option<String> {
     match name {
@@ -301,6 +305,7 @@ pub fn env(name: &str) -> Option<String> {
         "HOOK_SECRET" => Some(SECRET.to_owned()),
         "OLD_DARI_API_KEY" => Some("sk-revoked".to_owned()),
         "ADMIN_TOKEN" => Some(ADMIN_TOKEN.to_owned()),
+        "SLACK_BOT_TOKEN" => Some(SLACK_BOT_TOKEN.to_owned()),
         _ => None,
     }
 }

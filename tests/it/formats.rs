@@ -246,7 +246,7 @@ fn mrkdwn_texts(msg: &Value) -> Vec<String> {
 
 /// Every way a Slack message breaks the Block Kit rules our bodies rely on:
 /// only known block types, required fields present, limits held.
-fn block_kit_problems(msg: &Value) -> Vec<String> {
+pub(crate) fn block_kit_problems(msg: &Value) -> Vec<String> {
     let mut p = Vec::new();
     let Some(top) = msg.as_object() else { return vec!["the message is not an object".into()] };
     for key in top.keys().filter(|k| !["text", "blocks"].contains(&k.as_str())) {
@@ -339,7 +339,7 @@ fn text_object(v: &Value, types: &[&str], max: usize) -> Vec<String> {
 
 /// Every way a Discord message breaks the rules of a webhook message with
 /// embeds.
-fn discord_problems(msg: &Value) -> Vec<String> {
+pub(crate) fn discord_problems(msg: &Value) -> Vec<String> {
     let mut p = Vec::new();
     let allowed = ["content", "embeds", "allowed_mentions", "username", "avatar_url", "tts"];
     for key in msg.as_object().into_iter().flat_map(|o| o.keys()).filter(|k| !allowed.contains(&k.as_str())) {

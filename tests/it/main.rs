@@ -19,6 +19,7 @@ mod formats;
 mod inbound;
 mod layers;
 mod lifecycle;
+mod live;
 mod ops;
 mod pg;
 mod pg_failover;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use dari_relay::notification::Body;
 use dari_relay::store::{
-    AttemptRecord, CommitOutcome, DeliveryOutcome, NewDelivery, NewNotification, PollCommit, PollWrite, Postgres,
-    Sqlite, Storage, Store,
+    AttemptRecord, CommitOutcome, DeliveryOutcome, LiveMessage, NewDelivery, NewNotification, PollCommit, PollWrite,
+    Postgres, Sqlite, Storage, Store,
 };
 use dari_relay::vocab::{DeliveryState, NewWatch, NotificationKind, SeenState, WatchState, now_ms};
 
@@ -283,6 +283,52 @@ pub async fn pruning_keeps_work_not_done(store: &dyn Storage) {
     assert_eq!(nothing.deliveries, 0, "pruning twice prunes nothing more");
 }
 
+/// A live message is kept per (job, webhook), replaced by a new one, and
+/// goes with its job when the job is pruned; an edit reads the chain's
+/// pending run in order and its recent events up to a delivery.
+pub async fn live_messages_and_the_runs_they_cover(store: &dyn Storage) {
+    store.add_watches(vec![watch(JOB_A), watch(JOB_B)]).await.unwrap();
+    commit(store, JOB_A, "running", 4, &["a", "b"]).await;
+    assert_eq!(store.live_message(JOB_A.into(), "a".into()).await.unwrap(), None);
+    let first = LiveMessage { id: "1300000000000000001".into(), channel: None };
+    store.save_live_message(JOB_A.into(), "a".into(), first.clone()).await.unwrap();
+    assert_eq!(store.live_message(JOB_A.into(), "a".into()).await.unwrap(), Some(first));
+    assert_eq!(store.live_message(JOB_A.into(), "b".into()).await.unwrap(), None, "per webhook");
+    assert_eq!(store.live_message(JOB_B.into(), "a".into()).await.unwrap(), None, "per job");
+    let slack = LiveMessage { id: "1700000000.000100".into(), channel: Some("C0123456789".into()) };
+    store.save_live_message(JOB_A.into(), "a".into(), slack.clone()).await.unwrap();
+    assert_eq!(store.live_message(JOB_A.into(), "a".into()).await.unwrap(), Some(slack.clone()), "replaced");
+
+    let run = store.pending_chain(JOB_A.into(), "a".into(), 10).await.unwrap();
+    assert_eq!(run.len(), 4);
+    assert_eq!(run[0].id, head(store, "a", JOB_A).await.unwrap().id, "the run starts at the head");
+    assert!(run.windows(2).all(|w| w[0].id < w[1].id), "in order");
+    assert!(run.iter().enumerate().all(|(n, d)| d.body.contains(&format!("\"n\":{n}"))));
+    assert_eq!(store.pending_chain(JOB_A.into(), "a".into(), 2).await.unwrap().len(), 2, "at most limit");
+    for d in &run[..2] {
+        store.record_attempt(d.id, attempt(Some(200), None), DeliveryOutcome::Delivered { status: 200 }).await.unwrap();
+    }
+    let rest = store.pending_chain(JOB_A.into(), "a".into(), 10).await.unwrap();
+    assert_eq!(rest.iter().map(|d| d.id).collect::<Vec<_>>(), vec![run[2].id, run[3].id], "only pending ones");
+    // Recent events: delivered or not, up to the delivery, oldest first, the last `limit`.
+    let events = store.recent_events(JOB_A.into(), "a".into(), run[2].id, 2).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert!(events[0].contains("\"n\":1") && events[1].contains("\"n\":2"), "{events:?}");
+
+    // Pruned with its job.
+    for d in &rest {
+        store.record_attempt(d.id, attempt(Some(200), None), DeliveryOutcome::Delivered { status: 200 }).await.unwrap();
+    }
+    let b_run = store.pending_chain(JOB_A.into(), "b".into(), 10).await.unwrap();
+    for d in &b_run {
+        store.record_attempt(d.id, attempt(Some(200), None), DeliveryOutcome::Delivered { status: 200 }).await.unwrap();
+    }
+    store.remove_watch(JOB_A.into()).await.unwrap();
+    let pruned = store.prune(now_ms() + 60_000).await.unwrap();
+    assert_eq!(pruned.watches, 1, "{pruned:?}");
+    assert_eq!(store.live_message(JOB_A.into(), "a".into()).await.unwrap(), None, "pruned with its job");
+}
+
 macro_rules! conformance {
     ($engine:ident) => {
         mod $engine {
@@ -334,6 +380,13 @@ macro_rules! conformance {
             async fn a_replay_keeps_the_webhook_id() {
                 if let Some(engine) = Option::<Engine>::from($engine()) {
                     super::a_replay_keeps_the_webhook_id(&*engine.store).await;
+                }
+            }
+
+            #[tokio::test]
+            async fn live_messages_and_the_runs_they_cover() {
+                if let Some(engine) = Option::<Engine>::from($engine()) {
+                    super::live_messages_and_the_runs_they_cover(&*engine.store).await;
                 }
             }
 

@@ -14,6 +14,7 @@
 //! [`outbox`] (heads, sends, attempts, listings, pauses), [`prune`], and
 //! [`standby`] (one active instance per database, the others waiting).
 
+mod live;
 mod outbox;
 mod prune;
 mod schema;
@@ -253,6 +254,22 @@ impl DelivererStore for Postgres {
 
     fn record_attempt(&self, id: i64, attempt: AttemptRecord, outcome: DeliveryOutcome) -> StoreFuture<'_, ()> {
         Box::pin(async move { self.record(id, &attempt, &outcome).await })
+    }
+
+    fn live_message(&self, job_id: String, webhook: String) -> StoreFuture<'_, Option<LiveMessage>> {
+        Box::pin(async move { self.live(&job_id, &webhook).await })
+    }
+
+    fn save_live_message(&self, job_id: String, webhook: String, message: LiveMessage) -> StoreFuture<'_, ()> {
+        Box::pin(async move { self.save_live(&job_id, &webhook, &message).await })
+    }
+
+    fn pending_chain(&self, job_id: String, webhook: String, limit: usize) -> StoreFuture<'_, Vec<OutboundDelivery>> {
+        Box::pin(async move { self.chain_pending(&job_id, &webhook, limit).await })
+    }
+
+    fn recent_events(&self, job_id: String, webhook: String, up_to: i64, limit: usize) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(async move { self.chain_events(&job_id, &webhook, up_to, limit).await })
     }
 }
 

@@ -12,11 +12,11 @@ use crate::vocab::{ms_to_rfc3339, now_ms};
 
 /// The columns [`read_body`] reads, in order, from `notifications n LEFT
 /// JOIN answers a`.
-const BODY_COLUMNS: &str = "n.body, n.event, a.before, a.after";
+pub(super) const BODY_COLUMNS: &str = "n.body, n.event, a.before, a.after";
 
 /// The standard body of a notification row: the stored body itself, or
 /// composed from its parts exactly as SQLite's store composes it.
-fn read_body(r: &Row, first: usize) -> String {
+pub(super) fn read_body(r: &Row, first: usize) -> String {
     let body: String = r.get(first);
     let event: Option<String> = r.get(first + 1);
     match (r.get::<_, Option<String>>(first + 2), r.get::<_, Option<String>>(first + 3)) {

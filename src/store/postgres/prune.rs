@@ -117,13 +117,20 @@ impl Postgres {
                 cursor = last.get(0);
             }
             let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-            summary.watches += tx
-                .execute(
+            let gone: Vec<String> = tx
+                .query(
                     "DELETE FROM watches WHERE seq = ANY($1) AND state != 'active'
-                         AND NOT EXISTS (SELECT 1 FROM notifications WHERE job_id = watches.job_id)",
+                         AND NOT EXISTS (SELECT 1 FROM notifications WHERE job_id = watches.job_id)
+                     RETURNING job_id",
                     &[&seqs],
                 )
-                .await? as usize;
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            summary.watches += gone.len();
+            // A pruned job's live messages go with it: nothing edits them again.
+            tx.execute("DELETE FROM live_messages WHERE job_id = ANY($1)", &[&gone]).await?;
             tx.commit().await?;
             self.committed();
             if (rows.len() as i64) < PRUNE_BATCH {

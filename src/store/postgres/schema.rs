@@ -119,6 +119,17 @@ CREATE TABLE active_lease (
     expires_at TIMESTAMPTZ NOT NULL
 );
 "#,
+    r#"
+-- The message a live webhook posted for a job (see SQLite's migration 5).
+CREATE TABLE live_messages (
+    job_id     TEXT NOT NULL,
+    webhook    TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    channel    TEXT,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (job_id, webhook)
+);
+"#,
 ];
 
 /// Brings the schema to the latest version. The whole run holds a

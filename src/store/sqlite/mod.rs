@@ -1,6 +1,7 @@
 //! The SQLite implementation of the store.
 
 mod heads;
+mod live;
 pub mod ops;
 mod outbox;
 mod prune;
@@ -449,6 +450,22 @@ impl DelivererStore for Sqlite {
 
     fn record_attempt(&self, id: i64, attempt: AttemptRecord, outcome: DeliveryOutcome) -> StoreFuture<'_, ()> {
         Box::pin(self.0.record_attempt(id, attempt, outcome))
+    }
+
+    fn live_message(&self, job_id: String, webhook: String) -> StoreFuture<'_, Option<LiveMessage>> {
+        Box::pin(self.0.call(move |s| s.live_message(&job_id, &webhook)))
+    }
+
+    fn save_live_message(&self, job_id: String, webhook: String, message: LiveMessage) -> StoreFuture<'_, ()> {
+        Box::pin(self.0.call(move |s| s.save_live_message(&job_id, &webhook, &message)))
+    }
+
+    fn pending_chain(&self, job_id: String, webhook: String, limit: usize) -> StoreFuture<'_, Vec<OutboundDelivery>> {
+        Box::pin(self.0.call(move |s| s.pending_chain(&job_id, &webhook, limit)))
+    }
+
+    fn recent_events(&self, job_id: String, webhook: String, up_to: i64, limit: usize) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(self.0.call(move |s| s.recent_events(&job_id, &webhook, up_to, limit)))
     }
 }
 

@@ -103,9 +103,15 @@ impl Store {
                 let mut watch = tx.prepare_cached(
                     "DELETE FROM watches WHERE rowid = ?1 AND NOT EXISTS (SELECT 1 FROM notifications WHERE job_id = ?2)",
                 )?;
+                // A pruned job's live messages go with it: nothing edits them again.
+                let mut live = tx.prepare_cached("DELETE FROM live_messages WHERE job_id = ?1")?;
                 for (rowid, job_id) in &rows {
                     cursor = *rowid;
-                    summary.watches += watch.execute(params![rowid, job_id])?;
+                    let deleted = watch.execute(params![rowid, job_id])?;
+                    if deleted > 0 {
+                        live.execute(params![job_id])?;
+                    }
+                    summary.watches += deleted;
                 }
                 Ok(rows.len() < PRUNE_BATCH)
             })?;

@@ -177,4 +177,17 @@ BEGIN
         ON CONFLICT (job_id, webhook) DO NOTHING;
 END;
 "#,
+    r#"
+-- The message a live webhook (`mode = "live"`) posted for a job, edited by
+-- the job's later notifications: Discord's message id, or Slack's channel
+-- and ts. One row per (job, webhook); pruned with the job's watch.
+CREATE TABLE live_messages (
+    job_id     TEXT NOT NULL,
+    webhook    TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    channel    TEXT,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (job_id, webhook)
+) STRICT;
+"#,
 ];
