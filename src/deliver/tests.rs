@@ -1,7 +1,7 @@
 use super::*;
 use crate::notification::Body;
 use crate::store::Store;
-use crate::vocab::NotificationKind;
+use crate::vocab::{NotificationKind, TokioClock};
 
 fn response(status: Option<u16>, retry_after: Option<u64>) -> Response {
     Response { status, retry_after: retry_after.map(Duration::from_secs), ..Response::default() }
@@ -110,7 +110,8 @@ fn pending_delivery(store: &Store, job: &str, msg_id: &str) {
 }
 
 /// A deliverer over a fresh store with one webhook `h` posting to `url`,
-/// and one pending `watch.failed` delivery to it.
+/// and one pending `watch.failed` delivery to it. It reads a [`TokioClock`],
+/// so a test that pauses tokio's time drives its schedule with `advance`.
 fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, Arc<Store>, Arc<Metrics>) {
     use crate::store::Sqlite;
 
@@ -132,7 +133,8 @@ fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, 
         Arc::new(Health::default()),
         Arc::new(Notify::new()),
     )
-    .unwrap();
+    .unwrap()
+    .with_clock(Arc::new(TokioClock::new()));
     (deliverer, store, metrics)
 }
 
@@ -156,7 +158,7 @@ async fn counting_receiver() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
 /// Issue 10 item 11: a panic in an attempt used to leave its chain in
 /// flight forever. Now it is caught, counted, recorded as a failed
 /// attempt, and the chain is retried per the schedule.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_panicking_attempt_is_recorded_and_its_chain_retried() {
     let dir = tempfile::tempdir().unwrap();
     let (url, hits) = counting_receiver().await;
@@ -174,9 +176,14 @@ async fn a_panicking_attempt_is_recorded_and_its_chain_retried() {
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].error.as_deref(), Some("the attempt panicked: a render that panics"));
 
-    // The retry, due after the 50 ms schedule, renders and is delivered.
+    // The retry is due after the 50 ms schedule (40 to 60 ms with its
+    // jitter): not before, and then it renders and is delivered.
     deliverer.render = Webhook::render;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let recorded_at = deliverer.clock.now_ms();
+    let next = deliverer.deliver_due_once().await.unwrap().expect("the retry's time");
+    assert!((40..=60).contains(&(next - recorded_at)), "{} ms", next - recorded_at);
+    assert!(deliverer.tasks.is_empty(), "not started before its time");
+    tokio::time::advance(Duration::from_millis(60)).await;
     deliverer.deliver_due_once().await.unwrap();
     let done = deliverer.tasks.join_next_with_id().await.unwrap();
     deliverer.finish(done).await;
@@ -187,7 +194,7 @@ async fn a_panicking_attempt_is_recorded_and_its_chain_retried() {
 /// A rate-limit answer slows the whole webhook down: until its
 /// Retry-After has passed, no delivery of that webhook starts, and the
 /// step says when to look again.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_rate_limit_holds_the_whole_webhook() {
     let dir = tempfile::tempdir().unwrap();
     let router = axum::Router::new().route(
@@ -200,6 +207,9 @@ async fn a_rate_limit_holds_the_whole_webhook() {
     let (mut deliverer, store, _metrics) = deliverer_with_one_delivery(dir.path(), &url);
     deliverer.deliver_due_once().await.unwrap();
     let done = deliverer.tasks.join_next_with_id().await.unwrap();
+    // The pause starts when the loop hears of the answer; nothing between
+    // here and the step's look at it lets time move.
+    let heard_at = deliverer.clock.now_ms();
     deliverer.finish(done).await;
     let delivery = &store.list_deliveries(None, 10).unwrap()[0];
     assert_eq!((delivery.state, delivery.attempts), ("pending", 0), "deferred, not counted");
@@ -207,8 +217,15 @@ async fn a_rate_limit_holds_the_whole_webhook() {
     pending_delivery(&store, "6ba7b810-9dad-41d1-80b4-00c04fd430c8", "msg_2");
     let next = deliverer.deliver_due_once().await.unwrap().expect("a time to look again");
     assert!(deliverer.tasks.is_empty(), "nothing starts while the webhook is slowed");
-    let wait = next - now_ms();
-    assert!((2_000..=3_000).contains(&wait), "{wait} ms");
+    assert_eq!(next - heard_at, 3_000, "the Retry-After to the millisecond");
+    // A millisecond before the end of the pause nothing starts; at its end
+    // both chains do.
+    tokio::time::advance(Duration::from_millis(2_999)).await;
+    deliverer.deliver_due_once().await.unwrap();
+    assert!(deliverer.tasks.is_empty(), "still slowed 1 ms before the Retry-After ends");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    deliverer.deliver_due_once().await.unwrap();
+    assert_eq!(deliverer.tasks.len(), 2, "both chains start once the Retry-After has passed");
 }
 
 /// A stored webhook-id that is not a valid header value (a corrupt row)
