@@ -34,6 +34,7 @@ pub mod store;
 pub mod ui;
 pub mod upstream;
 pub mod vocab;
+pub mod watches;
 
 /// The `user-agent` of every request the relay makes, upstream and to receivers.
 pub const USER_AGENT: &str = concat!("dari-relay/", env!("CARGO_PKG_VERSION"));
