@@ -113,10 +113,15 @@ fn pending_delivery(store: &Store, job: &str, msg_id: &str) {
 /// and one pending `watch.failed` delivery to it. It reads a [`TokioClock`],
 /// so a test that pauses tokio's time drives its schedule with `advance`.
 fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, Arc<Store>, Arc<Metrics>) {
+    deliverer_with_schedule(dir, url, r#"["50ms"]"#)
+}
+
+/// [`deliverer_with_one_delivery`] with the `retry_schedule` written as TOML.
+fn deliverer_with_schedule(dir: &std::path::Path, url: &str, schedule: &str) -> (Deliverer, Arc<Store>, Arc<Metrics>) {
     use crate::store::Sqlite;
 
     let text = format!(
-        "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[delivery]\nretry_schedule = [\"50ms\"]\n\
+        "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[delivery]\nretry_schedule = {schedule}\n\
              [orgs.acme]\napi_key_env = \"K\"\n[[webhooks]]\nname = \"h\"\nurl = \"{url}\"\n",
         dir.join("r.db").display()
     );
@@ -226,6 +231,55 @@ async fn a_rate_limit_holds_the_whole_webhook() {
     tokio::time::advance(Duration::from_millis(1)).await;
     deliverer.deliver_due_once().await.unwrap();
     assert_eq!(deliverer.tasks.len(), 2, "both chains start once the Retry-After has passed");
+}
+
+/// Issue 13's acceptance 3 on paused time: twenty 429s with
+/// `Retry-After: 0`, then a 2xx. Each 429 holds the webhook for the 1 s
+/// minimum (a `Retry-After` of 0 is never a tight loop) and spends none of
+/// the schedule's two retries: the delivery ends `delivered` after one
+/// counted attempt. (tests/it/adaptive.rs checks a few through the relay.)
+#[tokio::test(start_paused = true)]
+async fn twenty_rate_limits_wait_a_second_each_and_spend_no_retry() {
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&arrivals);
+    let router = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let mut seen = seen.lock().unwrap();
+            seen.push(Instant::now());
+            // Each answer closes its connection, so no keep-alive timer
+            // lets paused time jump ahead while the test waits for a write.
+            let status = if seen.len() <= 20 { 429 } else { 204 };
+            let status = axum::http::StatusCode::from_u16(status).unwrap();
+            async move { (status, [("retry-after", "0"), ("connection", "close")]) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let (mut deliverer, store, _metrics) = deliverer_with_schedule(dir.path(), &url, r#"["1h", "1h"]"#);
+    for _ in 0..100 {
+        if store.list_deliveries(None, 10).unwrap()[0].state == "delivered" {
+            break;
+        }
+        let next = deliverer.deliver_due_once().await.unwrap();
+        if let Some(done) = deliverer.tasks.join_next_with_id().await {
+            deliverer.finish(done).await;
+            continue;
+        }
+        let wait = next.expect("a time to look again") - deliverer.clock.now_ms();
+        tokio::time::advance(Duration::from_millis(wait.max(1) as u64)).await;
+    }
+    let delivery = &store.list_deliveries(None, 10).unwrap()[0];
+    assert_eq!((delivery.state, delivery.attempts), ("delivered", 1), "only the 2xx counted: no retry used up");
+    let arrivals = arrivals.lock().unwrap();
+    assert_eq!(arrivals.len(), 21);
+    for pair in arrivals.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= Duration::from_secs(1), "Retry-After: 0 waits the 1 s minimum: {gap:?}");
+        assert!(gap < Duration::from_millis(1_100), "and not much more: {gap:?}");
+    }
 }
 
 /// A stored webhook-id that is not a valid header value (a corrupt row)
