@@ -282,6 +282,42 @@ async fn twenty_rate_limits_wait_a_second_each_and_spend_no_retry() {
     }
 }
 
+/// A 2xx the store refuses to record is kept in memory and its chain held:
+/// through a minute of refused writes (paused time, stepped as the loop
+/// steps) the delivery is never sent again, and once the store accepts
+/// writes the one attempt is recorded, with its 204.
+#[tokio::test(start_paused = true)]
+async fn an_unrecorded_outcome_is_written_later_and_never_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, hits) = counting_receiver().await;
+    let (mut deliverer, store, metrics) = deliverer_with_one_delivery(dir.path(), &url);
+    store.set_read_only(true).unwrap();
+    deliverer.deliver_due_once().await.unwrap();
+    let done = deliverer.tasks.join_next_with_id().await.unwrap();
+    deliverer.finish(done).await;
+    assert_eq!(metrics.delivery_faults("h", "unrecorded"), 1);
+    assert_eq!(deliverer.unrecorded.len(), 1, "kept in memory");
+    for _ in 0..60 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        deliverer.deliver_due_once().await.unwrap();
+        assert!(deliverer.tasks.is_empty(), "nothing is sent while its outcome waits for the store");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(store.list_deliveries(None, 10).unwrap()[0].state, "pending");
+
+    store.set_read_only(false).unwrap();
+    tokio::time::advance(RECORD_RETRY_MAX).await;
+    deliverer.deliver_due_once().await.unwrap();
+    assert!(deliverer.unrecorded.is_empty() && deliverer.in_flight.is_empty(), "recorded at last, chain released");
+    let delivery = &store.list_deliveries(None, 10).unwrap()[0];
+    assert_eq!((delivery.state, delivery.attempts), ("delivered", 1));
+    let attempts = store.attempts(delivery.id).unwrap();
+    assert_eq!((attempts.len(), attempts[0].http_status), (1, Some(204)));
+    deliverer.deliver_due_once().await.unwrap();
+    assert!(deliverer.tasks.is_empty(), "and it is not sent again");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
 /// A stored webhook-id that is not a valid header value (a corrupt row)
 /// is a failed attempt, not a panic.
 #[tokio::test]
