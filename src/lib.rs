@@ -11,7 +11,8 @@
 //! transitions into the bodies receivers get; [`poller`] schedules the polls and
 //! commits each diff with its deliveries in one transaction; [`deliver`] sends
 //! the outbox to webhooks in order per job and webhook; [`app`] wires the loops
-//! together; [`inbound`] turns Dari's own webhook into "poll now"; [`cli`] implements the commands and [`demo`] runs the whole
+//! together; [`inbound`] turns Dari's own webhook into "poll now"; [`watches`] is adding
+//! watches (the watch request, start-and-watch), shared by [`admin`] and [`cli`]; [`cli`] implements the commands and [`demo`] runs the whole
 //! pipeline against a simulated portal.
 
 pub mod admin;
@@ -34,6 +35,7 @@ pub mod store;
 pub mod ui;
 pub mod upstream;
 pub mod vocab;
+pub mod watches;
 
 /// The `user-agent` of every request the relay makes, upstream and to receivers.
 pub const USER_AGENT: &str = concat!("dari-relay/", env!("CARGO_PKG_VERSION"));

@@ -1,5 +1,6 @@
 //! The watch routes (`/v1/watches...`) and start-and-watch
-//! (`POST /v1/jobs/{org_id}/{endpoint_name}/start`).
+//! (`POST /v1/jobs/{org_id}/{endpoint_name}/start`): the request and the
+//! use case are `watches`' (shared with the CLI); this is the HTTP side.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,64 +10,17 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tracing::info;
 
 use super::{AdminState, ApiError, Json, PAGE, body, parse_json, parse_limit, query};
-use crate::config::Config;
 use crate::store::{StoreError, WatchQuery};
-use crate::upstream::UpstreamClient;
 use crate::vocab::{NewWatch, PortalId, WatchState, parse_job_id};
+use crate::watches::{InvalidRequest, StartError, WatchRequest, start_and_watch};
 
-/// Reads a watch from a JSON object, naming the field at fault.
-fn parse_watch(config: &Config, body: &Value, portal: Option<PortalId>) -> Result<NewWatch, ApiError> {
-    let Value::Object(fields) = body else {
-        return Err(ApiError::bad("body", "the body must be a JSON object"));
-    };
-    let allowed = ["portal_id", "job_id", "webhooks", "labels", "from_now"];
-    if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(ApiError::bad("body", format!("unknown field {unknown:?}")));
-    }
-    let portal = match portal {
-        Some(p) => p,
-        None => match fields.get("portal_id") {
-            Some(Value::String(s)) => s.parse().map_err(|e: String| ApiError::bad("portal_id", e))?,
-            _ => return Err(ApiError::bad("portal_id", "portal_id is required: \"<org_id>/<endpoint_name>\"")),
-        },
-    };
-    let job_id = match fields.get("job_id") {
-        Some(Value::String(s)) => parse_job_id(s).map_err(|e| ApiError::bad("job_id", e))?,
-        _ => return Err(ApiError::bad("job_id", "job_id is required: a UUID")),
-    };
-    let webhooks = match fields.get("webhooks") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(names)) => Some(
-            names
-                .iter()
-                .map(|n| n.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| ApiError::bad("webhooks", "webhooks must be a list of webhook names"))?,
-        )
-        .filter(|names: &Vec<String>| !names.is_empty()),
-        Some(_) => return Err(ApiError::bad("webhooks", "webhooks must be a list of webhook names")),
-    };
-    let labels = match fields.get("labels") {
-        None | Some(Value::Null) => BTreeMap::new(),
-        Some(Value::Object(map)) => map
-            .iter()
-            .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-            .collect::<Option<_>>()
-            .ok_or_else(|| ApiError::bad("labels", "labels must be an object of strings"))?,
-        Some(_) => return Err(ApiError::bad("labels", "labels must be an object of strings")),
-    };
-    let from_now = match fields.get("from_now") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::bad("from_now", "from_now must be true or false")),
-    };
-    let watch = NewWatch { job_id, portal, webhooks, labels, from_now };
-    config.check_watch(&watch).map_err(|e| ApiError::bad(e.field, e.message))?;
-    Ok(watch)
+/// A watch request that is wrong, as a 400 naming the field.
+fn invalid(e: InvalidRequest) -> ApiError {
+    ApiError::bad(e.field, e.message)
 }
 
 /// Stores a watch; 201 if new, 200 if it already existed.
@@ -96,7 +50,7 @@ pub(super) async fn create_watch(
 ) -> Result<Response, ApiError> {
     let body = body(given)?;
     let config = Arc::clone(&state.config.borrow());
-    let watch = parse_watch(&config, &parse_json(&body)?, None)?;
+    let watch = WatchRequest::from_json(&parse_json(&body)?).and_then(|r| r.check(&config)).map_err(invalid)?;
     let (status, watch) = add_watch(&state, watch).await?;
     Ok((status, Json(watch)).into_response())
 }
@@ -263,49 +217,43 @@ pub(super) async fn start_job(
     let (q, body) = (query(q)?, body(given)?);
     let config = Arc::clone(&state.config.borrow());
     let portal: PortalId = format!("{org}/{endpoint}").parse().map_err(|e: String| ApiError::bad("portal_id", e))?;
-    let Some(org) = config.orgs.get(&portal.org) else {
+    if !config.orgs.contains_key(&portal.org) {
         return Err(ApiError::bad("portal_id", format!("org {:?} is not configured", portal.org)));
-    };
+    }
     parse_json(&body)?;
-    let mut options = Map::new();
-    let (mut webhooks, mut labels) = (Vec::new(), Map::new());
+    let mut request = WatchRequest { portal_id: Some(portal.to_string()), ..WatchRequest::default() };
+    let mut webhooks = Vec::new();
     for (key, value) in q {
         match key.as_str() {
-            "webhook" => webhooks.push(Value::String(value)),
+            "webhook" => webhooks.push(value),
             "label" => {
                 let (k, v) = value
                     .split_once('=')
                     .ok_or_else(|| ApiError::bad("label", format!("{value:?} is not key=value")))?;
-                labels.insert(k.to_owned(), v.into());
+                request.labels.insert(k.to_owned(), v.to_owned());
             }
             "from_now" => {
-                let on = value.parse().map_err(|_| ApiError::bad("from_now", "from_now is true or false"))?;
-                options.insert("from_now".into(), Value::Bool(on));
+                request.from_now = value.parse().map_err(|_| ApiError::bad("from_now", "from_now is true or false"))?;
             }
             other => return Err(ApiError::bad("query", format!("unknown query parameter {other:?}"))),
         }
     }
-    options.insert("webhooks".into(), webhooks.into());
-    options.insert("labels".into(), labels.into());
-    // Check the watch options before starting a paid job.
-    options.insert("job_id".into(), "00000000-0000-4000-8000-000000000000".into());
-    parse_watch(&config, &Value::Object(options.clone()), Some(portal.clone()))?;
-    let client = UpstreamClient::new(&config.upstream)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("HTTP client: {e}")))?;
-    let (job_id, answer) = client
-        .start_job(&portal, body.to_vec(), &org.api_key)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("Dari did not start the job: {e}")))?;
-    options.insert("job_id".into(), job_id.clone().into());
-    let watch = parse_watch(&config, &Value::Object(options), Some(portal))?;
-    // The job is running and paid for: if it cannot be watched, say which it is.
-    let (_, watch) = add_watch(&state, watch).await.map_err(|e| ApiError {
-        message: format!(
-            "Dari started job {job_id}, but it could not be watched ({}); add it with POST /v1/watches",
-            e.message
-        ),
-        ..e
+    request.webhooks = Some(webhooks);
+    let add = |watch| add_watch(&state, watch);
+    let started = start_and_watch(&config, request, body.to_vec(), add).await.map_err(|e| match e {
+        StartError::Invalid(e) => invalid(e),
+        e @ StartError::Client(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        e @ StartError::Dari(_) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
+        // The job is running and paid for: say which it is.
+        StartError::NotWatched { job_id, error } => ApiError {
+            message: format!(
+                "Dari started job {job_id}, but it could not be watched ({}); add it with POST /v1/watches",
+                error.message
+            ),
+            ..error
+        },
     })?;
+    let (job_id, (_, watch)) = (started.job_id, started.stored);
     info!(job_id = %job_id, "admin API: job started and watched");
-    Ok((StatusCode::CREATED, Json(json!({"job_id": job_id, "dari": answer, "watch": watch}))).into_response())
+    Ok((StatusCode::CREATED, Json(json!({"job_id": job_id, "dari": started.dari, "watch": watch}))).into_response())
 }

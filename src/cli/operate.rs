@@ -13,13 +13,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::remote::{Admin, Answer};
 use super::watch::{ignored_options, read_import};
 use super::{DeliveriesCommand, Failure, WatchCommand, WebhooksCommand, count, load_config, runtime, usage};
 use crate::store::{DeliveryFilter, Store};
 use crate::vocab::{DeliveryState, NewWatch};
+use crate::watches::WatchRequest;
 
 /// Where an operator command goes.
 pub enum Target {
@@ -155,7 +156,7 @@ pub fn watch(path: &Path, target: Target, command: WatchCommand) -> Result<(), F
                     (summary.added == 1, existing.map(|w| serde_json::to_value(w).expect("rows serialise")))
                 }
                 Target::Remote(admin) => {
-                    let answer = call(&admin, "POST", "/v1/watches", Some(&watch_json(&watch)))?;
+                    let answer = call(&admin, "POST", "/v1/watches", Some(&WatchRequest::of(&watch).to_json()))?;
                     match answer.status {
                         201 | 200 => (answer.status == 201, Some(answer.body)),
                         _ => return Err(refused(&answer)),
@@ -197,7 +198,7 @@ pub fn watch(path: &Path, target: Target, command: WatchCommand) -> Result<(), F
                 Target::Remote(admin) => {
                     let (mut added, mut existing) = (0, 0);
                     for watch in &watches {
-                        let answer = call(&admin, "POST", "/v1/watches", Some(&watch_json(watch)))?;
+                        let answer = call(&admin, "POST", "/v1/watches", Some(&WatchRequest::of(watch).to_json()))?;
                         match answer.status {
                             201 => added += 1,
                             200 => existing += 1,
@@ -266,17 +267,6 @@ pub fn watch(path: &Path, target: Target, command: WatchCommand) -> Result<(), F
             }
         }
     }
-}
-
-/// A watch as `POST /v1/watches` takes it.
-fn watch_json(watch: &NewWatch) -> Value {
-    json!({
-        "portal_id": watch.portal.to_string(),
-        "job_id": watch.job_id,
-        "webhooks": watch.webhooks,
-        "labels": watch.labels,
-        "from_now": watch.from_now,
-    })
 }
 
 /// Every watch from the API, page by page: the active ones (as `watch list`

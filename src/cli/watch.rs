@@ -1,5 +1,6 @@
 //! Adding watches from the command line: `start` (start a Dari job and
-//! watch it), `watch import`'s JSON lines, and what a `watch add` of a job
+//! watch it, through `watches::start_and_watch`), `watch import`'s JSON
+//! lines (each a `watches::WatchRequest`), and what a `watch add` of a job
 //! already watched leaves unchanged.
 
 use std::collections::BTreeMap;
@@ -8,9 +9,10 @@ use std::path::Path;
 
 use anyhow::{Context, anyhow};
 
-use super::{Failure, block_on, load_config, open_store, parse_job_id, parse_portal, runtime, usage};
+use super::{Failure, block_on, load_config, open_store, runtime, usage};
 use crate::config::Config;
 use crate::vocab::{NewWatch, PortalId};
+use crate::watches::{StartError, WatchRequest, start_and_watch};
 
 /// The options of a `watch add` that differ from the watch already stored,
 /// as the user wrote them, with what the watch keeps.
@@ -53,22 +55,9 @@ pub(super) fn ignored_options(new: &NewWatch, existing: &serde_json::Value) -> V
     ignored
 }
 
-/// One line of `watch import`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportLine {
-    portal_id: String,
-    job_id: String,
-    #[serde(default)]
-    webhooks: Option<Vec<String>>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    from_now: bool,
-}
-
 /// Reads and validates every line before anything is imported, so a bad
-/// line imports nothing.
+/// line imports nothing. Each line is a [`WatchRequest`], as
+/// `POST /v1/watches` takes it.
 pub(super) fn read_import(config: &Config, file: &Path) -> Result<Vec<NewWatch>, Failure> {
     let reader: Box<dyn BufRead> = if file == Path::new("-") {
         Box::new(std::io::stdin().lock())
@@ -84,15 +73,8 @@ pub(super) fn read_import(config: &Config, file: &Path) -> Result<Vec<NewWatch>,
         if line.trim().is_empty() {
             continue;
         }
-        let raw: ImportLine = serde_json::from_str(&line).map_err(|e| at(e.to_string()))?;
-        let watch = NewWatch {
-            job_id: parse_job_id(&raw.job_id).map_err(at)?,
-            portal: parse_portal(&raw.portal_id).map_err(at)?,
-            webhooks: raw.webhooks.filter(|w| !w.is_empty()),
-            labels: raw.labels,
-            from_now: raw.from_now,
-        };
-        config.check_watch(&watch).map_err(|e| at(e.to_string()))?;
+        let json: serde_json::Value = serde_json::from_str(&line).map_err(|e| at(e.to_string()))?;
+        let watch = WatchRequest::from_json(&json).and_then(|r| r.check(config)).map_err(|e| at(e.to_string()))?;
         watches.push(watch);
     }
     Ok(watches)
@@ -117,32 +99,31 @@ pub(super) fn start(
         std::fs::read(body).with_context(|| format!("cannot read {}", body.display())).map_err(usage)?
     };
     serde_json::from_slice::<serde_json::Value>(&body).context("--body is not JSON").map_err(usage)?;
-    let mut watch = NewWatch {
-        job_id: String::new(),
-        portal,
+    let request = WatchRequest {
+        portal_id: Some(portal.to_string()),
         webhooks: (!webhooks.is_empty()).then_some(webhooks),
         labels: labels.into_iter().collect(),
-        from_now: false,
+        ..WatchRequest::default()
     };
-    config.check_watch(&watch).map_err(usage)?;
-    let org = &config.orgs[&watch.portal.org];
-    let client = crate::upstream::UpstreamClient::new(&config.upstream).map_err(runtime)?;
-    let (job_id, _) = block_on(client.start_job(&watch.portal, body, &org.api_key))
-        .context("Dari did not start the job")
-        .map_err(runtime)?;
-    watch.job_id = job_id;
-    // The job is running and paid for: if it cannot be watched, say which it is.
-    open_store(&config).and_then(|store| store.add_watches(std::slice::from_ref(&watch)).map_err(runtime)).map_err(
-        |f| {
-            runtime(anyhow!(
-                "Dari started job {}, but it could not be watched: {:#}; add it with `dari-relay watch add {} {}`",
-                watch.job_id,
-                f.error(),
-                watch.portal,
-                watch.job_id
-            ))
-        },
-    )?;
-    let _ = writeln!(std::io::stdout().lock(), "started job {} on {}; watching it", watch.job_id, watch.portal);
+    // The store is opened once the job is started, as it always was.
+    let add = |watch: NewWatch| {
+        let config = &config;
+        async move { open_store(config).and_then(|s| s.add_watches(std::slice::from_ref(&watch)).map_err(runtime)) }
+    };
+    let started = match block_on(start_and_watch(&config, request, body, add)) {
+        Ok(started) => started,
+        Err(StartError::Invalid(e)) => return Err(usage(e)),
+        Err(StartError::Client(e)) => return Err(runtime(e)),
+        Err(StartError::Dari(e)) => return Err(runtime(anyhow::Error::new(e).context("Dari did not start the job"))),
+        // The job is running and paid for: say which it is.
+        Err(StartError::NotWatched { job_id, error }) => {
+            return Err(runtime(anyhow!(
+                "Dari started job {job_id}, but it could not be watched: {:#}; add it with `dari-relay watch add {portal} {job_id}`",
+                error.error(),
+            )));
+        }
+    };
+    let (job_id, portal) = (&started.job_id, &started.watch.portal);
+    let _ = writeln!(std::io::stdout().lock(), "started job {job_id} on {portal}; watching it");
     Ok(())
 }

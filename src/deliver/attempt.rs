@@ -1,9 +1,10 @@
 //! One attempt of one delivery, and recording what it came to.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backon::Retryable;
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::*;
@@ -11,7 +12,7 @@ use crate::config::Webhook;
 use crate::metrics::Metrics;
 use crate::retry::{self};
 use crate::store::{AttemptRecord, DelivererStore, DeliveryOutcome, OutboundDelivery, StoreError};
-use crate::vocab::now_ms;
+use crate::vocab::Clock;
 
 /// What an attempt task hands back to the loop.
 pub(super) struct AttemptDone {
@@ -58,6 +59,7 @@ pub(super) fn observe(
     delivery: &OutboundDelivery,
     quota: Option<Quota>,
     outcome: &DeliveryOutcome,
+    now_ms: i64,
 ) -> Option<Duration> {
     metrics.delivery(webhook, outcome.label());
     let mut slow_down = quota.and_then(|q| q.wait());
@@ -66,12 +68,12 @@ pub(super) fn observe(
     }
     match outcome {
         DeliveryOutcome::Delivered { status } => {
-            let latency_ms = now_ms().saturating_sub(delivery.detected_at);
+            let latency_ms = now_ms.saturating_sub(delivery.detected_at);
             metrics.delivery_latency(webhook, latency_ms.max(0) as f64 / 1000.0);
             info!(status, kind = %delivery.kind, latency_ms, "delivered");
         }
         DeliveryOutcome::RetryAt { at_ms, error } => {
-            warn!(%error, kind = %delivery.kind, retry_in_ms = at_ms.saturating_sub(now_ms()), "delivery failed; will retry");
+            warn!(%error, kind = %delivery.kind, retry_in_ms = at_ms.saturating_sub(now_ms), "delivery failed; will retry");
         }
         DeliveryOutcome::GaveUp { error } => {
             error!(%error, kind = %delivery.kind, "delivery failed for the last time; kept as failed");
@@ -138,6 +140,8 @@ pub(super) struct Attempt {
     pub(super) schedule: Vec<Duration>,
     pub(super) webhook: Webhook,
     pub(super) render: Render,
+    /// The deliverer's clock, for the times the attempt stores.
+    pub(super) clock: Arc<dyn Clock>,
     pub(super) delivery: OutboundDelivery,
 }
 
@@ -147,8 +151,8 @@ impl Attempt {
     /// limit slows the webhook down; an outcome the store refuses goes back
     /// to the loop, which keeps it and writes it later.
     pub(super) async fn run(self) -> AttemptDone {
-        let started_ms = now_ms();
-        let clock = Instant::now();
+        let started_ms = self.clock.now_ms();
+        let started = Instant::now();
         let id = self.delivery.id;
         let mut signal = (Duration::ZERO, Signal::Neutral);
         let (response, outcome) = match (self.render)(&self.webhook, &self.delivery.body) {
@@ -163,8 +167,14 @@ impl Attempt {
                     true => self.store.first_attempt_at(id).await.unwrap_or(None),
                     false => None,
                 };
-                let outcome =
-                    classify(&response, self.delivery.attempts, &self.schedule, now_ms(), fastrand::f64(), first);
+                let outcome = classify(
+                    &response,
+                    self.delivery.attempts,
+                    &self.schedule,
+                    self.clock.now_ms(),
+                    fastrand::f64(),
+                    first,
+                );
                 (response, outcome)
             }
             Err(e) => {
@@ -175,12 +185,13 @@ impl Attempt {
                 (response, DeliveryOutcome::GaveUp { error })
             }
         };
-        let slow_down = observe(&self.metrics, &self.webhook.name, &self.delivery, response.quota, &outcome);
+        let slow_down =
+            observe(&self.metrics, &self.webhook.name, &self.delivery, response.quota, &outcome, self.clock.now_ms());
         let error = outcome.error().map(str::to_owned);
         let gone = matches!(outcome, DeliveryOutcome::Paused);
         let record_ = AttemptRecord {
             attempted_at: started_ms,
-            duration_ms: i64::try_from(clock.elapsed().as_millis()).unwrap_or(i64::MAX),
+            duration_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
             http_status: response.status,
             response_excerpt: response.excerpt,
             error: error.or(response.error),

@@ -21,11 +21,12 @@
 //! again is harmless; a follow-up made again after such a crash is sent
 //! twice (at least once, like every delivery).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use reqwest::{Method, Url};
 use serde_json::{Value, json};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::attempt::{Attempt, AttemptDone, load_signal, observe, write_outcome};
@@ -35,7 +36,7 @@ use crate::config::{SlackBot, Webhook};
 use crate::format::{discord, live, slack};
 use crate::retry;
 use crate::store::{AttemptRecord, DeliveryOutcome, LiveMessage, OutboundDelivery};
-use crate::vocab::{Format, now_ms};
+use crate::vocab::Format;
 
 /// The most pending notifications of one chain that one edit covers; the
 /// rest wait for the next attempt, which starts as soon as this one ends.
@@ -334,7 +335,7 @@ impl Attempt {
     /// The live attempt of a chain: see the module's documentation. Returns
     /// what the loop needs, like [`Attempt::run`].
     pub(super) async fn run_live(self) -> AttemptDone {
-        let started_ms = now_ms();
+        let started_ms = self.clock.now_ms();
         let clock = Instant::now();
         let head = self.delivery.clone();
         let (job_id, name) = (head.job_id.clone(), head.webhook.clone());
@@ -479,7 +480,9 @@ impl Attempt {
             let Done { delivery, outcome, response, note } = done;
             let span = tracing::info_span!("covered", delivery_id = delivery.id);
             let _enter = span.enter();
-            if let Some(wait) = observe(&self.metrics, &self.webhook.name, &delivery, response.quota, &outcome) {
+            if let Some(wait) =
+                observe(&self.metrics, &self.webhook.name, &delivery, response.quota, &outcome, self.clock.now_ms())
+            {
                 slow_down = Some(slow_down.map_or(wait, |w| w.max(wait)));
             }
             gone |= matches!(outcome, DeliveryOutcome::Paused);
@@ -507,7 +510,8 @@ impl Attempt {
             true => self.store.first_attempt_at(delivery.id).await.unwrap_or(None),
             false => None,
         };
-        let outcome = classify(&response, delivery.attempts, &self.schedule, now_ms(), fastrand::f64(), first);
+        let outcome =
+            classify(&response, delivery.attempts, &self.schedule, self.clock.now_ms(), fastrand::f64(), first);
         Done { delivery: delivery.clone(), outcome, response, note: None }
     }
 }

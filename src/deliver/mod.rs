@@ -28,10 +28,11 @@ mod tests;
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -41,7 +42,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::retry::{self, TokenBucket};
 use crate::store::{AttemptRecord, DelivererStore, DeliveryOutcome, StoreError};
-use crate::vocab::{Mode, now_ms};
+use crate::vocab::{Clock, Mode, SystemClock};
 
 pub use adaptive::{Controller, Signal};
 use attempt::{Attempt, AttemptDone, Unrecorded, record, record_backoff};
@@ -139,6 +140,11 @@ pub struct Deliverer {
     unrecorded: HashMap<(String, String), Unrecorded>,
     /// How bodies are rendered: `format::render` except in unit tests.
     render: Render,
+    /// Where the wall-clock times it stores and compares come from (attempt
+    /// times, next-attempt times); the system's clock except in tests, which
+    /// pause tokio's time and use a `TokioClock`. Its in-memory waits (429
+    /// pauses, record retries, buckets) are on tokio's monotonic clock.
+    clock: Arc<dyn Clock>,
 }
 
 /// One spawned attempt, as the loop knows it.
@@ -190,9 +196,16 @@ impl Deliverer {
             spawned: HashMap::new(),
             unrecorded: HashMap::new(),
             render: Webhook::render,
+            clock: Arc::new(SystemClock),
         };
         deliverer.apply_config(config);
         Ok(deliverer)
+    }
+
+    /// The same deliverer reading `clock` instead of the system's clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Deliverer {
+        self.clock = clock;
+        self
     }
 
     fn apply_config(&mut self, config: Arc<Config>) {
@@ -238,7 +251,7 @@ impl Deliverer {
             }
             let wait = match self.deliver_due_once().await {
                 Ok(Some(next_ms)) => {
-                    Duration::from_millis(next_ms.saturating_sub(now_ms()).max(0) as u64).min(IDLE_CHECK)
+                    Duration::from_millis(next_ms.saturating_sub(self.clock.now_ms()).max(0) as u64).min(IDLE_CHECK)
                 }
                 Ok(None) => IDLE_CHECK,
                 Err(e) => {
@@ -363,7 +376,7 @@ impl Deliverer {
     async fn panicked(&mut self, spawned: &Spawned, text: String) -> Option<Unrecorded> {
         let (job_id, webhook) = &spawned.chain;
         self.metrics.delivery_fault(webhook, "panicked");
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let retry = retry::delivery_retry_delay(
             &self.config.delivery.retry_schedule,
             spawned.attempts as usize + 1,
@@ -432,7 +445,7 @@ impl Deliverer {
             }
         }
         let earliest = self.unrecorded.values().map(|u| u.retry_at).min()?;
-        Some(now_ms().saturating_add(millis(earliest.saturating_duration_since(Instant::now()))))
+        Some(self.clock.now_ms().saturating_add(millis(earliest.saturating_duration_since(Instant::now()))))
     }
 
     /// Starts an attempt for every due chain head that is not in flight,
@@ -480,7 +493,7 @@ impl Deliverer {
             if let Some(until) = self.slowed.get(&webhook.name) {
                 let left = until.saturating_duration_since(Instant::now());
                 if !left.is_zero() {
-                    due_at(now_ms().saturating_add(millis(left)), &mut next_due);
+                    due_at(self.clock.now_ms().saturating_add(millis(left)), &mut next_due);
                     continue;
                 }
             }
@@ -490,7 +503,7 @@ impl Deliverer {
             let limit = busy + held + allowed + 16;
             let name = webhook.name.clone();
             let heads = self.store.pending_heads(name, limit).await?;
-            let now = now_ms();
+            let now = self.clock.now_ms();
             let mut to_start = Vec::new();
             for head in heads {
                 let chain = (head.job_id, head.webhook);
@@ -535,6 +548,7 @@ impl Deliverer {
                     schedule: self.config.delivery.retry_schedule.clone(),
                     webhook: webhook.clone(),
                     render: self.render,
+                    clock: Arc::clone(&self.clock),
                     delivery,
                 };
                 let span = info_span!("deliver", job_id = %chain.0, webhook = %chain.1, delivery_id = id, attempt = attempts + 1);

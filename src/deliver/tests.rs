@@ -1,7 +1,7 @@
 use super::*;
 use crate::notification::Body;
 use crate::store::Store;
-use crate::vocab::NotificationKind;
+use crate::vocab::{NotificationKind, TokioClock};
 
 fn response(status: Option<u16>, retry_after: Option<u64>) -> Response {
     Response { status, retry_after: retry_after.map(Duration::from_secs), ..Response::default() }
@@ -110,12 +110,18 @@ fn pending_delivery(store: &Store, job: &str, msg_id: &str) {
 }
 
 /// A deliverer over a fresh store with one webhook `h` posting to `url`,
-/// and one pending `watch.failed` delivery to it.
+/// and one pending `watch.failed` delivery to it. It reads a [`TokioClock`],
+/// so a test that pauses tokio's time drives its schedule with `advance`.
 fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, Arc<Store>, Arc<Metrics>) {
+    deliverer_with_schedule(dir, url, r#"["50ms"]"#)
+}
+
+/// [`deliverer_with_one_delivery`] with the `retry_schedule` written as TOML.
+fn deliverer_with_schedule(dir: &std::path::Path, url: &str, schedule: &str) -> (Deliverer, Arc<Store>, Arc<Metrics>) {
     use crate::store::Sqlite;
 
     let text = format!(
-        "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[delivery]\nretry_schedule = [\"50ms\"]\n\
+        "database = \"{}\"\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\n[delivery]\nretry_schedule = {schedule}\n\
              [orgs.acme]\napi_key_env = \"K\"\n[[webhooks]]\nname = \"h\"\nurl = \"{url}\"\n",
         dir.join("r.db").display()
     );
@@ -132,7 +138,8 @@ fn deliverer_with_one_delivery(dir: &std::path::Path, url: &str) -> (Deliverer, 
         Arc::new(Health::default()),
         Arc::new(Notify::new()),
     )
-    .unwrap();
+    .unwrap()
+    .with_clock(Arc::new(TokioClock::new()));
     (deliverer, store, metrics)
 }
 
@@ -156,7 +163,7 @@ async fn counting_receiver() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
 /// Issue 10 item 11: a panic in an attempt used to leave its chain in
 /// flight forever. Now it is caught, counted, recorded as a failed
 /// attempt, and the chain is retried per the schedule.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_panicking_attempt_is_recorded_and_its_chain_retried() {
     let dir = tempfile::tempdir().unwrap();
     let (url, hits) = counting_receiver().await;
@@ -174,9 +181,14 @@ async fn a_panicking_attempt_is_recorded_and_its_chain_retried() {
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].error.as_deref(), Some("the attempt panicked: a render that panics"));
 
-    // The retry, due after the 50 ms schedule, renders and is delivered.
+    // The retry is due after the 50 ms schedule (40 to 60 ms with its
+    // jitter): not before, and then it renders and is delivered.
     deliverer.render = Webhook::render;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let recorded_at = deliverer.clock.now_ms();
+    let next = deliverer.deliver_due_once().await.unwrap().expect("the retry's time");
+    assert!((40..=60).contains(&(next - recorded_at)), "{} ms", next - recorded_at);
+    assert!(deliverer.tasks.is_empty(), "not started before its time");
+    tokio::time::advance(Duration::from_millis(60)).await;
     deliverer.deliver_due_once().await.unwrap();
     let done = deliverer.tasks.join_next_with_id().await.unwrap();
     deliverer.finish(done).await;
@@ -187,7 +199,7 @@ async fn a_panicking_attempt_is_recorded_and_its_chain_retried() {
 /// A rate-limit answer slows the whole webhook down: until its
 /// Retry-After has passed, no delivery of that webhook starts, and the
 /// step says when to look again.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_rate_limit_holds_the_whole_webhook() {
     let dir = tempfile::tempdir().unwrap();
     let router = axum::Router::new().route(
@@ -200,6 +212,9 @@ async fn a_rate_limit_holds_the_whole_webhook() {
     let (mut deliverer, store, _metrics) = deliverer_with_one_delivery(dir.path(), &url);
     deliverer.deliver_due_once().await.unwrap();
     let done = deliverer.tasks.join_next_with_id().await.unwrap();
+    // The pause starts when the loop hears of the answer; nothing between
+    // here and the step's look at it lets time move.
+    let heard_at = deliverer.clock.now_ms();
     deliverer.finish(done).await;
     let delivery = &store.list_deliveries(None, 10).unwrap()[0];
     assert_eq!((delivery.state, delivery.attempts), ("pending", 0), "deferred, not counted");
@@ -207,8 +222,100 @@ async fn a_rate_limit_holds_the_whole_webhook() {
     pending_delivery(&store, "6ba7b810-9dad-41d1-80b4-00c04fd430c8", "msg_2");
     let next = deliverer.deliver_due_once().await.unwrap().expect("a time to look again");
     assert!(deliverer.tasks.is_empty(), "nothing starts while the webhook is slowed");
-    let wait = next - now_ms();
-    assert!((2_000..=3_000).contains(&wait), "{wait} ms");
+    assert_eq!(next - heard_at, 3_000, "the Retry-After to the millisecond");
+    // A millisecond before the end of the pause nothing starts; at its end
+    // both chains do.
+    tokio::time::advance(Duration::from_millis(2_999)).await;
+    deliverer.deliver_due_once().await.unwrap();
+    assert!(deliverer.tasks.is_empty(), "still slowed 1 ms before the Retry-After ends");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    deliverer.deliver_due_once().await.unwrap();
+    assert_eq!(deliverer.tasks.len(), 2, "both chains start once the Retry-After has passed");
+}
+
+/// Issue 13's acceptance 3 on paused time: twenty 429s with
+/// `Retry-After: 0`, then a 2xx. Each 429 holds the webhook for the 1 s
+/// minimum (a `Retry-After` of 0 is never a tight loop) and spends none of
+/// the schedule's two retries: the delivery ends `delivered` after one
+/// counted attempt. (tests/it/adaptive.rs checks a few through the relay.)
+#[tokio::test(start_paused = true)]
+async fn twenty_rate_limits_wait_a_second_each_and_spend_no_retry() {
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&arrivals);
+    let router = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let mut seen = seen.lock().unwrap();
+            seen.push(Instant::now());
+            // Each answer closes its connection, so no keep-alive timer
+            // lets paused time jump ahead while the test waits for a write.
+            let status = if seen.len() <= 20 { 429 } else { 204 };
+            let status = axum::http::StatusCode::from_u16(status).unwrap();
+            async move { (status, [("retry-after", "0"), ("connection", "close")]) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let (mut deliverer, store, _metrics) = deliverer_with_schedule(dir.path(), &url, r#"["1h", "1h"]"#);
+    for _ in 0..100 {
+        if store.list_deliveries(None, 10).unwrap()[0].state == "delivered" {
+            break;
+        }
+        let next = deliverer.deliver_due_once().await.unwrap();
+        if let Some(done) = deliverer.tasks.join_next_with_id().await {
+            deliverer.finish(done).await;
+            continue;
+        }
+        let wait = next.expect("a time to look again") - deliverer.clock.now_ms();
+        tokio::time::advance(Duration::from_millis(wait.max(1) as u64)).await;
+    }
+    let delivery = &store.list_deliveries(None, 10).unwrap()[0];
+    assert_eq!((delivery.state, delivery.attempts), ("delivered", 1), "only the 2xx counted: no retry used up");
+    let arrivals = arrivals.lock().unwrap();
+    assert_eq!(arrivals.len(), 21);
+    for pair in arrivals.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= Duration::from_secs(1), "Retry-After: 0 waits the 1 s minimum: {gap:?}");
+        assert!(gap < Duration::from_millis(1_100), "and not much more: {gap:?}");
+    }
+}
+
+/// A 2xx the store refuses to record is kept in memory and its chain held:
+/// through a minute of refused writes (paused time, stepped as the loop
+/// steps) the delivery is never sent again, and once the store accepts
+/// writes the one attempt is recorded, with its 204.
+#[tokio::test(start_paused = true)]
+async fn an_unrecorded_outcome_is_written_later_and_never_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, hits) = counting_receiver().await;
+    let (mut deliverer, store, metrics) = deliverer_with_one_delivery(dir.path(), &url);
+    store.set_read_only(true).unwrap();
+    deliverer.deliver_due_once().await.unwrap();
+    let done = deliverer.tasks.join_next_with_id().await.unwrap();
+    deliverer.finish(done).await;
+    assert_eq!(metrics.delivery_faults("h", "unrecorded"), 1);
+    assert_eq!(deliverer.unrecorded.len(), 1, "kept in memory");
+    for _ in 0..60 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        deliverer.deliver_due_once().await.unwrap();
+        assert!(deliverer.tasks.is_empty(), "nothing is sent while its outcome waits for the store");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(store.list_deliveries(None, 10).unwrap()[0].state, "pending");
+
+    store.set_read_only(false).unwrap();
+    tokio::time::advance(RECORD_RETRY_MAX).await;
+    deliverer.deliver_due_once().await.unwrap();
+    assert!(deliverer.unrecorded.is_empty() && deliverer.in_flight.is_empty(), "recorded at last, chain released");
+    let delivery = &store.list_deliveries(None, 10).unwrap()[0];
+    assert_eq!((delivery.state, delivery.attempts), ("delivered", 1));
+    let attempts = store.attempts(delivery.id).unwrap();
+    assert_eq!((attempts.len(), attempts[0].http_status), (1, Some(204)));
+    deliverer.deliver_due_once().await.unwrap();
+    assert!(deliverer.tasks.is_empty(), "and it is not sent again");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
 /// A stored webhook-id that is not a valid header value (a corrupt row)

@@ -243,16 +243,19 @@ async fn a_receiver_that_refuses_past_eight_open_gets_at_most_eight() {
     relay.stop().await;
 }
 
-/// Acceptance 3: twenty 429s with `Retry-After: 0`, then a 2xx. Each 429
-/// waits the 1 s minimum and slows the webhook, without spending any of the
-/// schedule's two retries: the delivery ends `delivered` after one counted
-/// attempt. (About 20 s of real time: the 1 s floor is the point.)
+/// Acceptance 3 through the relay: 429s with `Retry-After: 0`, then a 2xx.
+/// Each 429 waits the 1 s minimum and slows the webhook, without spending
+/// any of the schedule's two retries: the delivery ends `delivered` after
+/// one counted attempt. Three of them here, a second of real time each (the
+/// 1 s floor is the point); the twenty of the acceptance run on paused time
+/// in `deliver::tests::twenty_rate_limits_wait_a_second_each_and_spend_no_retry`.
 #[tokio::test]
-async fn twenty_rate_limits_spend_no_retry() {
+async fn rate_limits_spend_no_retry() {
+    const RATE_LIMITS: usize = 3;
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
     let receiver = CountingReceiver::start(Arc::new(|_, before| {
-        if before < 20 {
+        if before < RATE_LIMITS {
             (429, Duration::ZERO, vec![("retry-after", "0".to_owned())])
         } else {
             (204, Duration::ZERO, vec![])
@@ -261,7 +264,7 @@ async fn twenty_rate_limits_spend_no_retry() {
     .await;
     let job = job_id(1);
     dari.script(&job, vec![Reply::Json(json!({"status": "completed", "events": []}))]);
-    // Two retries, and a schedule long enough (60 s) for twenty 1 s waits.
+    // Two retries, and a schedule long enough (60 s) for the 1 s waits.
     let text = config_text(&dir.path().join("r.db"), &dari, &[("limited", &receiver.url)], "")
         .replace("retry_schedule = [\"100ms\", \"200ms\", \"300ms\"]", "retry_schedule = [\"30s\", \"30s\"]");
     let relay = Relay::start(&text).await;
@@ -281,8 +284,8 @@ async fn twenty_rate_limits_spend_no_retry() {
     .await;
     let seen = receiver.seen();
     let statuses: Vec<u16> = seen.iter().map(|s| s.status).collect();
-    assert_eq!(statuses.len(), 21, "{statuses:?}");
-    assert!(statuses[..20].iter().all(|&s| s == 429) && statuses[20] == 204, "{statuses:?}");
+    assert_eq!(statuses.len(), RATE_LIMITS + 1, "{statuses:?}");
+    assert!(statuses[..RATE_LIMITS].iter().all(|&s| s == 429) && statuses[RATE_LIMITS] == 204, "{statuses:?}");
     let delivery = &relay.store.notifications_of(&job).unwrap()[0].deliveries[0];
     assert_eq!(delivery.attempts, 1, "only the 2xx counted: no retry used up");
     for pair in seen.windows(2) {

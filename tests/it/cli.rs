@@ -353,11 +353,13 @@ async fn delivery_messages_say_the_status_once_and_count_in_the_singular() {
     std::fs::write(&config, &text).unwrap();
     let relay = Relay::start(&text).await;
     relay.store.add_watches(&[watch_on("acme/form", JOB)]).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while relay.store.delivery_counts().unwrap().get("failed").copied().unwrap_or(0) == 0 {
-        assert!(std::time::Instant::now() < deadline, "the delivery never failed");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let failed = || relay.store.delivery_counts().unwrap().get("failed").copied().unwrap_or(0);
+    crate::fakes::eventually(
+        std::time::Duration::from_secs(10),
+        || "the delivery never failed".into(),
+        || failed() > 0,
+    )
+    .await;
     relay.stop().await;
 
     let config = config.to_str().unwrap();

@@ -142,22 +142,18 @@ async fn rate_limited_org_pauses_while_others_continue() {
         .add_watches(&[watch_on("acme/form", JOB), watch_on("acme/form", JOB2), watch_on("beta/form", other)])
         .unwrap();
     // Wait for the 429, then for the org's next request.
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let (limited_at, resumed_at) = loop {
+    let pause = || {
         let reqs = dari.requests();
         let acme: Vec<_> = reqs.iter().filter(|r| r.org == "acme").collect();
         let job_polls: Vec<_> = acme.iter().filter(|r| r.job_id == JOB).collect();
-        if job_polls.len() >= 2 {
-            let limited_at = job_polls[1].at;
-            // A request already on the wire when the 429 came back cannot be
-            // recalled: count only those sent after the relay could know.
-            if let Some(next) = acme.iter().find(|r| r.at > limited_at + Duration::from_millis(20)) {
-                break (limited_at, next.at);
-            }
-        }
-        assert!(Instant::now() < deadline, "no request after the pause");
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        let limited_at = job_polls.get(1)?.at;
+        // A request already on the wire when the 429 came back cannot be
+        // recalled: count only those sent after the relay could know.
+        let next = acme.iter().find(|r| r.at > limited_at + Duration::from_millis(20))?;
+        Some((limited_at, next.at))
     };
+    eventually(Duration::from_secs(8), || "no request after the pause".into(), || pause().is_some()).await;
+    let (limited_at, resumed_at) = pause().unwrap();
     relay.stop().await;
     let paused = resumed_at - limited_at;
     assert!(paused >= Duration::from_millis(1950), "acme polled again after {paused:?}");
