@@ -132,6 +132,10 @@ pub(super) struct RawWebhook {
     /// The `content-type` of templated bodies; JSON (the default) escapes
     /// inserted values as JSON.
     pub(super) content_type: Option<Spanned<String>>,
+    /// A PEM file of CA certificates this webhook's receiver is also
+    /// trusted under (a private CA), relative to the config file's folder
+    /// unless absolute.
+    pub(super) ca_file: Option<Spanned<String>>,
 }
 
 fn default_format() -> Format {

@@ -28,4 +28,5 @@ mod store_conformance;
 mod stress;
 mod stress_poller;
 mod teams;
+mod tls;
 mod webhooks;
