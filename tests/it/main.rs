@@ -25,6 +25,7 @@ mod ops;
 mod pg;
 mod pg_failover;
 mod pg_relay;
+mod proxy;
 mod quickstart;
 mod robustness;
 mod store_conformance;
