@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::delivery::{signal, wait_exit};
-use crate::fakes::{API_KEY, FakeDari, FakeReceiver, Reply};
+use crate::fakes::{API_KEY, FakeDari, FakeReceiver, Reply, log_says};
 
 /// The fenced block after the marker `<!-- quickstart:{name} -->`.
 fn block(readme: &str, name: &str) -> String {
@@ -90,13 +90,19 @@ async fn the_readme_quick_start_delivers_a_notification() {
 
     // 4: the daemon, in its own "terminal".
     let run = shell(&block(&readme, "run"));
-    let log = std::fs::File::create(dir.path().join("relay.log")).unwrap();
+    let log = dir.path().join("relay.log");
     let mut daemon = sh(dir.path(), &format!("exec {}", run.trim()))
         .envs(exported.iter().cloned())
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
-        .stderr(log)
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    // A user opens the second terminal once the first says it runs. (Not
+    // waiting is a known race: a `watch add` that creates the database
+    // while the daemon migrates it can fail with "table meta already
+    // exists"; see the report of this branch.)
+    log_says(&log, 1, "dari-relay running").await;
 
     // 5: the second terminal. The watched job is the README's, on its portal.
     let try_it = shell(&block(&readme, "try"));
