@@ -117,7 +117,9 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    /// Builds the client from `[upstream]`.
+    /// Builds the client from `[upstream]`. Like the receivers' client it
+    /// takes reqwest's system proxy: `HTTPS_PROXY` / `HTTP_PROXY` /
+    /// `ALL_PROXY` unless `NO_PROXY` exempts Dari's host, read now.
     pub fn new(config: &crate::config::Upstream) -> Result<UpstreamClient, reqwest::Error> {
         let http = reqwest::Client::builder()
             .user_agent(crate::USER_AGENT)

@@ -141,7 +141,8 @@ pub enum WatchCommand {
         #[arg(long)]
         from_now: bool,
     },
-    /// Add many watches from JSON lines, in one transaction.
+    /// Add many watches from JSON lines, in one transaction (with --admin:
+    /// one request per line, each refused line reported, the rest imported).
     Import {
         /// A file of JSON lines, or - for standard input.
         file: PathBuf,

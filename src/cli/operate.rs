@@ -184,36 +184,53 @@ pub fn watch(path: &Path, target: Target, command: WatchCommand) -> Result<(), F
             Ok(())
         }
         WatchCommand::Import { file } => {
-            let config = load_config(path)?;
-            let watches = read_import(&config, &file)?;
-            let (added, existing) = match target {
+            let admin = match target {
+                Target::Remote(admin) => admin,
                 Target::Local(_) => {
+                    let config = load_config(path)?;
+                    let watches = read_import(&config, &file)?;
                     let summary = super::open_store(&config)?.add_watches(&watches).map_err(runtime)?;
-                    (summary.added, summary.existing)
-                }
-                // One request per watch: the API has no batch route, so an
-                // import through it is not one transaction (every line was
-                // checked above, so a refusal here is the daemon's config
-                // differing from this file).
-                Target::Remote(admin) => {
-                    let (mut added, mut existing) = (0, 0);
-                    for watch in &watches {
-                        let answer = call(&admin, "POST", "/v1/watches", Some(&WatchRequest::of(watch).to_json()))?;
-                        match answer.status {
-                            201 => added += 1,
-                            200 => existing += 1,
-                            _ => return Err(refused(&answer)),
-                        }
-                    }
-                    (added, existing)
+                    let (added, existing) = (summary.added, summary.existing);
+                    let _ = writeln!(
+                        out,
+                        "imported {} ({added} new, {existing} already watched)",
+                        count(watches.len(), "watch", "watches")
+                    );
+                    return Ok(());
                 }
             };
+            // Through the daemon: no config file and no secret needed here,
+            // one request per line (see remote::import).
+            let (reader, name): (Box<dyn std::io::BufRead>, String) = if file == Path::new("-") {
+                (Box::new(std::io::stdin().lock()), "<stdin>".to_owned())
+            } else {
+                let f = std::fs::File::open(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))
+                    .map_err(usage)?;
+                (Box::new(std::io::BufReader::new(f)), file.display().to_string())
+            };
+            let report = super::remote::import(&admin, reader).map_err(|e| runtime(e.context(name.clone())))?;
+            for refused in &report.refused {
+                eprintln!("{name}:{refused}");
+            }
             let _ = writeln!(
                 out,
-                "imported {} ({added} new, {existing} already watched)",
-                count(watches.len(), "watch", "watches")
+                "imported {} of {} ({} new, {} already watched); {} refused",
+                report.added + report.existing,
+                count(report.lines, "line", "lines"),
+                report.added,
+                report.existing,
+                report.refused.len()
             );
-            Ok(())
+            if report.refused.is_empty() {
+                Ok(())
+            } else {
+                Err(usage(anyhow!(
+                    "{} of {} not imported (listed above)",
+                    report.refused.len(),
+                    count(report.lines, "line", "lines")
+                )))
+            }
         }
         WatchCommand::List { all, json } => {
             let watches: Vec<Value> = match target {

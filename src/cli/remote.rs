@@ -8,7 +8,7 @@
 //! answer is never chunked). reqwest cannot reach a Unix socket, and the
 //! packaged config listens on one.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,6 +19,9 @@ use serde_json::Value;
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer read (a page of 1,000 deliveries with their attempts fits).
 const MAX_ANSWER: u64 = 64 * 1024 * 1024;
+/// Longest line of `watch import --admin` sent; a longer one is refused
+/// without reading the rest of it into memory.
+pub const MAX_IMPORT_LINE: usize = 64 * 1024;
 
 /// Where the admin API listens, and the token to present.
 pub struct Admin {
@@ -106,7 +109,6 @@ impl Admin {
     /// each event's name and data until the stream ends or `on_event`
     /// returns `false`. Comments (keepalives) are skipped.
     pub fn stream(&self, path: &str, mut on_event: impl FnMut(&str, &str) -> bool) -> anyhow::Result<()> {
-        use std::io::BufRead;
         let host = match &self.addr {
             Addr::Tcp(a) => a.as_str(),
             Addr::Unix(_) => "localhost",
@@ -191,6 +193,81 @@ impl Admin {
         }
         Ok(raw)
     }
+}
+
+/// What `watch import --admin` did with its lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Lines that held a watch (blank lines are not counted).
+    pub lines: usize,
+    /// Watches the daemon added (201).
+    pub added: usize,
+    /// Lines whose job was already watched (200).
+    pub existing: usize,
+    /// `line number: reason` of each line not imported.
+    pub refused: Vec<String>,
+}
+
+/// `watch import` through the API: one `POST /v1/watches` per line, the
+/// line's JSON object as the body (an import line and the API's body are
+/// the same object, and the daemon checks it against its own config). A
+/// line that is not JSON, too long, or refused by the API (4xx) is reported
+/// with its number and the reason, and the next line is sent: unlike the
+/// local import it is not one transaction. An answer that says the daemon
+/// itself failed (5xx, or no answer) stops the import with an error that
+/// says how far it got, since the next lines would fail the same way.
+pub fn import(admin: &Admin, mut reader: impl BufRead) -> anyhow::Result<ImportReport> {
+    let mut report = ImportReport::default();
+    let mut number = 0;
+    loop {
+        let mut raw = Vec::new();
+        let read = (&mut reader).take(MAX_IMPORT_LINE as u64 + 1).read_until(b'\n', &mut raw)?;
+        if read == 0 {
+            return Ok(report);
+        }
+        number += 1;
+        if raw.len() > MAX_IMPORT_LINE && !raw.ends_with(b"\n") {
+            // Skip the rest of the overlong line, a bounded piece at a time.
+            let mut rest = Vec::new();
+            while (&mut reader).take(MAX_IMPORT_LINE as u64).read_until(b'\n', &mut rest)? > 0 {
+                if rest.ends_with(b"\n") {
+                    break;
+                }
+                rest.clear();
+            }
+            report.lines += 1;
+            report.refused.push(format!("{number}: longer than {MAX_IMPORT_LINE} bytes"));
+            continue;
+        }
+        let text = String::from_utf8_lossy(&raw);
+        if text.trim().is_empty() {
+            continue;
+        }
+        report.lines += 1;
+        let body: Value = match serde_json::from_str(&text) {
+            Ok(body) => body,
+            Err(e) => {
+                report.refused.push(format!("{number}: not JSON: {e}"));
+                continue;
+            }
+        };
+        let answer = admin.call("POST", "/v1/watches", Some(&body)).with_context(|| stopped(&report, number))?;
+        match answer.status {
+            201 => report.added += 1,
+            200 => report.existing += 1,
+            400..500 => report.refused.push(format!("{number}: {}", answer.error())),
+            status => bail!("{}: the admin API answered {status}: {}", stopped(&report, number), answer.error()),
+        }
+    }
+}
+
+fn stopped(report: &ImportReport, number: usize) -> String {
+    format!(
+        "line {number}: import stopped; {} new and {} already watched before it, {} refused",
+        report.added,
+        report.existing,
+        report.refused.len()
+    )
 }
 
 /// Splits an HTTP/1.x answer into its status and JSON body.

@@ -31,7 +31,7 @@ pub(super) fn send_test(path: &Path, name: &str, kind: Option<&str>) -> Result<(
             SAMPLE_KINDS.join(", ")
         )));
     }
-    let http = crate::deliver::http_client(&config).map_err(runtime)?;
+    let http = crate::deliver::webhook_client(&config, &webhook).map_err(runtime)?;
     // The sample job carries the labels the webhook follows, as a real one would.
     let mut labels: serde_json::Map<String, serde_json::Value> =
         webhook.labels.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();

@@ -166,6 +166,12 @@ pub const MAX_VALUE_LEN: usize = 4096;
 /// The largest body template, inline or in a file.
 pub const MAX_TEMPLATE_BYTES: usize = 1024 * 1024;
 
+/// The largest `ca_file` read (a bundle of a few hundred certificates).
+pub const MAX_CA_FILE_BYTES: usize = 1024 * 1024;
+
+/// The most certificates in one `ca_file`.
+pub const MAX_CA_CERTIFICATES: usize = 1_000;
+
 /// The largest secret file (`*_file`) read.
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 pub use database::{Cluster, PostgresDatabase, default_instance};
 pub use raw::parse_duration;
 pub use resolved::{Admin, Config, Delivery, Inbound, ListenAddr, LogFormat, Org, SecretSource, Upstream};
-pub use webhook::{ExtraHeader, SlackBot, Webhook};
+pub use webhook::{CaFile, ExtraHeader, SlackBot, Webhook};
 
 /// Where the config file is looked for when neither `--config` nor
 /// `$DARI_RELAY_CONFIG` names one.

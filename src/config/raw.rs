@@ -141,6 +141,10 @@ pub(super) struct RawWebhook {
     pub(super) channel: Option<Spanned<String>>,
     /// A live Slack webhook's Web API base URL.
     pub(super) api_url: Option<Spanned<HttpUrl>>,
+    /// A PEM file of CA certificates this webhook's receiver is also
+    /// trusted under (a private CA), relative to the config file's folder
+    /// unless absolute.
+    pub(super) ca_file: Option<Spanned<String>>,
 }
 
 fn default_format() -> Format {

@@ -134,6 +134,14 @@ impl Config {
                 let _ = writeln!(out, "channel = {:?}", bot.channel);
                 let _ = writeln!(out, "api_url = {:?}", bot.api_url.as_str());
             }
+            if let Some(ca) = &w.ca_file {
+                let _ = writeln!(
+                    out,
+                    "ca_file = {:?}  # {} certificates",
+                    ca.path.display().to_string(),
+                    ca.certificates.len()
+                );
+            }
             let _ = writeln!(out, "max_in_flight = {}", w.max_in_flight);
             if let Some(rate) = w.max_per_second {
                 let _ = writeln!(out, "max_per_second = {rate}");

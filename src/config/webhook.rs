@@ -13,7 +13,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use toml::Spanned;
 
-use super::defaults::{self, MAX_LIST_LEN, MAX_NAME_LEN, MAX_TEMPLATE_BYTES, MAX_VALUE_LEN};
+use super::defaults::{
+    self, MAX_CA_CERTIFICATES, MAX_CA_FILE_BYTES, MAX_LIST_LEN, MAX_NAME_LEN, MAX_TEMPLATE_BYTES, MAX_VALUE_LEN,
+};
 use super::raw::{RawWebhook, parse_http_url};
 use super::resolved::Resolver;
 use super::{ConfigError, RESERVED_HEADERS, SecretSource};
@@ -59,6 +61,9 @@ pub struct Webhook {
     /// A live Slack webhook's Web API access; `Some` exactly when the
     /// format is Slack and the mode live.
     pub slack_bot: Option<SlackBot>,
+    /// Extra trust roots for this webhook's receiver (a private CA), read
+    /// and checked at load; `None` trusts the built-in roots only.
+    pub ca_file: Option<CaFile>,
 }
 
 /// What a live Slack webhook posts and edits with: Slack's Web API, a bot
@@ -105,6 +110,24 @@ impl fmt::Debug for SlackBot {
     }
 }
 
+/// A webhook's `ca_file`: the CA certificates its receiver is trusted under
+/// besides the built-in (Mozilla) roots. Built by config loading, which
+/// refused a file it could not read or that holds no certificate; the
+/// deliverer adds them to that webhook's own HTTP client.
+#[derive(Clone)]
+pub struct CaFile {
+    /// The file, as resolved (relative to the config file's folder).
+    pub path: PathBuf,
+    /// Its certificates, each already accepted as a trust anchor by rustls.
+    pub certificates: Vec<reqwest::Certificate>,
+}
+
+impl fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({} certificates)", self.path.display(), self.certificates.len())
+    }
+}
+
 impl fmt::Debug for Webhook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Webhook")
@@ -115,6 +138,7 @@ impl fmt::Debug for Webhook {
             .field("template", &self.template)
             .field("mode", &self.mode)
             .field("slack_bot", &self.slack_bot)
+            .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
     }
 }
@@ -292,7 +316,9 @@ impl Resolver<'_> {
         }
         let headers = self.headers(&key, raw.headers, raw.headers_env)?;
         let template = self.template(&key, span, raw.template, raw.body_template, raw.content_type)?;
+        let ca_file = raw.ca_file.map(|file| self.ca_file(&key, file)).transpose()?;
         Ok(Webhook {
+            ca_file,
             max_in_flight,
             max_per_second,
             name,
@@ -478,6 +504,50 @@ impl Resolver<'_> {
             }
         }
         Ok(headers.into_values().collect())
+    }
+
+    /// Reads `ca_file` and checks that it holds at least one certificate
+    /// rustls accepts as a trust anchor, so a bad file stops the load (exit
+    /// 2, naming the webhook and the key) instead of failing every delivery.
+    fn ca_file(&self, key: &str, file: Spanned<String>) -> Result<CaFile, ConfigError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let k = format!("{key}.ca_file");
+        let span = Some(file.span());
+        let written = PathBuf::from(file.get_ref().trim());
+        let path = self.path.parent().unwrap_or(Path::new("")).join(&written);
+        let text = super::resolved::read_capped(&path, MAX_CA_FILE_BYTES)
+            .map_err(|e| self.error(span.clone(), &k, format!("cannot read {}: {e}", path.display())))?;
+        let mut certificates = Vec::new();
+        for (n, der) in CertificateDer::pem_slice_iter(text.as_bytes()).enumerate() {
+            let der = der.map_err(|e| {
+                self.error(
+                    span.clone(),
+                    &k,
+                    format!("{} is not valid PEM (certificate {}): {e}", path.display(), n + 1),
+                )
+            })?;
+            if n >= MAX_CA_CERTIFICATES {
+                let message = format!("{} holds more than {MAX_CA_CERTIFICATES} certificates", path.display());
+                return Err(self.error(span, &k, message));
+            }
+            rustls::RootCertStore::empty().add(der.clone()).map_err(|e| {
+                let message =
+                    format!("certificate {} in {} is not a usable CA certificate: {e}", n + 1, path.display());
+                self.error(span.clone(), &k, message)
+            })?;
+            let certificate = reqwest::Certificate::from_der(der.as_ref())
+                .map_err(|e| self.error(span.clone(), &k, format!("{}: {e}", path.display())))?;
+            certificates.push(certificate);
+        }
+        if certificates.is_empty() {
+            let message = format!(
+                "{} holds no certificate (expected PEM blocks \"-----BEGIN CERTIFICATE-----\")",
+                path.display()
+            );
+            return Err(self.error(span, &k, message));
+        }
+        Ok(CaFile { path, certificates })
     }
 
     /// Reads and compiles the body template given as `template` (a file) or

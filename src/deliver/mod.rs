@@ -51,7 +51,7 @@ pub use live::{
     send_test_live, slack_reply,
 };
 use send::millis;
-pub use send::{Quota, Response, classify, http_client, is_rate_limit, rate_limit_budget, send};
+pub use send::{Quota, Response, classify, http_client, is_rate_limit, rate_limit_budget, send, webhook_client};
 
 /// Longest wait between looks at the outbox, so deliveries requeued by the
 /// CLI (`deliveries retry`) start within about a second.
@@ -97,6 +97,10 @@ pub struct Deliverer {
     config: Arc<Config>,
     store: Arc<dyn DelivererStore>,
     http: reqwest::Client,
+    /// The clients of webhooks with a `ca_file` (their own trust roots),
+    /// by webhook name; every other webhook uses `http`. Rebuilt by
+    /// `apply_config` on every reload, so a renewed CA file is read again.
+    ca_clients: HashMap<String, reqwest::Client>,
     /// Rung by the poller when it stored deliveries.
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -176,6 +180,7 @@ impl Deliverer {
         let config = Arc::clone(&config_rx.borrow());
         let mut deliverer = Deliverer {
             http: http_client(&config)?,
+            ca_clients: HashMap::new(),
             config_rx,
             config: Arc::clone(&config),
             store,
@@ -215,6 +220,26 @@ impl Deliverer {
                 Err(e) => error!(error = %e, "cannot rebuild the delivery client; keeping the old timeout"),
             }
         }
+        let mut ca_clients = HashMap::new();
+        for w in config.webhooks.iter().filter(|w| w.ca_file.is_some()) {
+            match webhook_client(&config, w) {
+                Ok(http) => {
+                    ca_clients.insert(w.name.clone(), http);
+                }
+                // Config loading checked the certificates, so this is not
+                // expected; the webhook keeps the client it had, if any.
+                Err(e) => match self.ca_clients.remove(&w.name) {
+                    Some(old) => {
+                        error!(webhook = %w.name, error = %e, "cannot build the client with its ca_file; keeping the old one");
+                        ca_clients.insert(w.name.clone(), old);
+                    }
+                    None => {
+                        error!(webhook = %w.name, error = %e, "cannot build the client with its ca_file; its receiver is trusted under the built-in roots only")
+                    }
+                },
+            }
+        }
+        self.ca_clients = ca_clients;
         let now = self.epoch.elapsed();
         self.rate_limits = config
             .webhooks
@@ -542,7 +567,7 @@ impl Deliverer {
                 let id = delivery.id;
                 let attempts = delivery.attempts;
                 let attempt = Attempt {
-                    http: self.http.clone(),
+                    http: self.ca_clients.get(&webhook.name).unwrap_or(&self.http).clone(),
                     metrics: Arc::clone(&self.metrics),
                     store: Arc::clone(&self.store),
                     schedule: self.config.delivery.retry_schedule.clone(),

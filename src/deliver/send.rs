@@ -64,14 +64,33 @@ impl Response {
 }
 
 /// The HTTP client for receivers: redirects are never followed (a 3xx is a
-/// failed attempt), and the timeout is `[delivery] request_timeout`.
+/// failed attempt), and the timeout is `[delivery] request_timeout`. It
+/// trusts the built-in (Mozilla) roots, and takes a proxy from
+/// `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` unless `NO_PROXY` exempts the
+/// receiver's host (reqwest's system proxy, read when the client is built).
 pub fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
+    client_builder(config).build()
+}
+
+/// The HTTP client for `webhook`: [`http_client`]'s, plus its `ca_file`
+/// certificates as trust roots when it has one. A webhook without a
+/// `ca_file` is served by the shared client; the deliverer keeps one of
+/// these per webhook that has one, so a private CA is trusted for that
+/// receiver and no other.
+pub fn webhook_client(config: &Config, webhook: &Webhook) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = client_builder(config);
+    for certificate in webhook.ca_file.iter().flat_map(|ca| &ca.certificates) {
+        builder = builder.add_root_certificate(certificate.clone());
+    }
+    builder.build()
+}
+
+fn client_builder(config: &Config) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .user_agent(crate::USER_AGENT)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(config.delivery.request_timeout)
         .connect_timeout(config.delivery.request_timeout)
-        .build()
 }
 
 /// Sends `body` (already rendered for the webhook's format or template) to

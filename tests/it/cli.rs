@@ -181,7 +181,7 @@ fn import_reports_the_bad_line_and_imports_nothing() {
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
 }
 
-/// 100,000 lines go in through one transaction (timed in the README, not here).
+/// 100,000 lines go in through one transaction (timed in docs/performance.md, not here).
 #[test]
 fn import_takes_a_hundred_thousand_lines() {
     use std::fmt::Write as _;

@@ -208,12 +208,31 @@ pub struct FakeReceiver {
 
 impl FakeReceiver {
     pub async fn start() -> FakeReceiver {
+        FakeReceiver::start_with(None).await
+    }
+
+    /// A receiver on `https://127.0.0.1:…/hook` presenting `cert_pem` (the
+    /// chain) with `key_pem` (PKCS#8).
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> FakeReceiver {
+        FakeReceiver::start_with(Some(tls_acceptor(cert_pem, key_pem))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> FakeReceiver {
         let (tx, rx) = mpsc::unbounded_channel();
         let answers = Arc::new(Mutex::new(VecDeque::new()));
         let behaviour = Arc::new(Mutex::new(Behaviour::default()));
         let state = ReceiverState { tx, answers: Arc::clone(&answers), behaviour: Arc::clone(&behaviour) };
         let router = Router::new().route("/hook", post(receive)).with_state(state);
-        let url = format!("http://{}/hook", serve(router).await);
+        let url = match tls {
+            None => format!("http://{}/hook", serve(router).await),
+            Some(acceptor) => {
+                let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = tcp.local_addr().unwrap();
+                let listener = TlsListener { tcp, acceptor };
+                tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+                format!("https://{addr}/hook")
+            }
+        };
         FakeReceiver { url, rx, answers, behaviour }
     }
 
@@ -274,6 +293,49 @@ async fn receive(State(state): State<ReceiverState>, headers: HeaderMap, body: S
     let _ = state.tx.send(Received { headers, body, answered, at });
     tokio::time::sleep(delay).await;
     StatusCode::from_u16(answered).unwrap()
+}
+
+/// A rustls server config (ring, as the relay) for a certificate chain and key.
+fn tls_acceptor(cert_pem: &str, key_pem: &str) -> tokio_rustls::TlsAcceptor {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TCP listener whose connections are TLS: a handshake that fails (the
+/// client refused the certificate) drops that connection and waits for
+/// the next one, as a real server would.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.tcp.accept().await else { continue };
+            if let Ok(tls) = self.acceptor.accept(stream).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }
 
 async fn serve(router: Router) -> std::net::SocketAddr {

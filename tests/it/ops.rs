@@ -424,3 +424,65 @@ async fn tail_follows_notifications_and_deliveries_live() {
     let status = crate::delivery::wait_exit(&mut open, Duration::from_secs(10)).await;
     assert!(status.success(), "tail ends cleanly when the relay stops: {status:?}");
 }
+
+/// Issue 17: `watch import --admin` sends one request per line to the
+/// running daemon (no config file, no org secret), reports each line it
+/// could not import with its number and the reason, imports the others,
+/// and exits 2 when any was refused; a daemon that cannot be reached stops
+/// it with exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_import_through_the_daemon_reports_each_refused_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let dari = FakeDari::start().await;
+    let receiver = FakeReceiver::start().await;
+    let text = config_text(&dir.path().join("r.db"), &dari, &[("h", &receiver.url)], ADMIN);
+    let (admin, base) = listener(None).await;
+    let relay = Relay::start_with_admin(&text, Some(admin)).await;
+    let addr = base.trim_start_matches("http://").to_owned();
+    let lines = [
+        json!({"portal_id": "acme/form", "job_id": JOB, "labels": {"team": "ops"}}).to_string(),
+        json!({"portal_id": "acme/form", "job_id": JOB}).to_string(),
+        "{not json".to_owned(),
+        String::new(),
+        json!({"portal_id": "acme/form", "job_id": JOB2, "webhooks": ["nope"]}).to_string(),
+        json!({"portal_id": "acme/form", "job_id": "not-a-uuid"}).to_string(),
+        json!({"portal_id": "acme/form", "job_id": JOB2, "from_now": true}).to_string(),
+    ];
+    let file = dir.path().join("watches.jsonl");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let import = |addr: &str| {
+        let admin = format!("--admin={addr}");
+        let args = [admin.as_str(), "--admin-token-env", "ADMIN_TOKEN", "-c", "/nonexistent/config.toml"];
+        cli(&args).args(["watch", "import"]).arg(&file).output().unwrap()
+    };
+
+    let out = import(&addr);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert_eq!(stdout, "imported 3 of 6 lines (2 new, 1 already watched); 3 refused\n");
+    let name = file.display().to_string();
+    let reported: Vec<&str> = stderr.lines().filter(|l| l.starts_with(&name)).collect();
+    assert_eq!(reported.len(), 3, "{stderr}");
+    assert!(reported[0].starts_with(&format!("{name}:3: not JSON")), "{stderr}");
+    assert!(reported[1].starts_with(&format!("{name}:5: ")) && reported[1].contains("nope"), "{stderr}");
+    assert!(reported[2].starts_with(&format!("{name}:6: ")) && reported[2].contains("not-a-uuid"), "{stderr}");
+    assert!(stderr.contains("error: 3 of 6 lines not imported"), "{stderr}");
+    let watches = relay.store.list_watches(true).unwrap();
+    let mut jobs: Vec<&str> = watches.iter().map(|w| w.job_id.as_str()).collect();
+    jobs.sort();
+    assert_eq!(jobs, [JOB, JOB2]);
+
+    // Every line good: exit 0.
+    std::fs::write(&file, lines[0].clone() + "\n").unwrap();
+    let out = import(&addr);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "imported 1 of 1 line (0 new, 1 already watched); 0 refused\n");
+    relay.stop().await;
+
+    // No daemon: stopped at the first line, said plainly, exit 1.
+    let out = import(&addr);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("line 1: import stopped; 0 new and 0 already watched before it"), "{stderr}");
+    assert!(stderr.contains("cannot reach the admin API"), "{stderr}");
+}
