@@ -175,6 +175,11 @@ async fn phase(
     // The clock starts at the first 2xx: the deliverer notices a resume
     // within a second, which is not what is measured here.
     until(Duration::from_secs(60), "the first delivery", || delivered() > 0).await;
+    if std::env::var_os("DELIVER_BENCH_MARKS").is_some() {
+        // For a profiler attached to this window (docs/performance.md).
+        println!("measuring {name}");
+        std::io::stdout().flush().unwrap();
+    }
     let (t0, cpu0, n0) = (Instant::now(), cpu_time(), delivered());
     let (mut peak_rss, mut peak_concurrency) = (rss_bytes(), 0);
     let deadline = Instant::now() + Duration::from_secs(1800);
