@@ -158,8 +158,18 @@ impl Store {
         if !path.exists() {
             fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path).map_err(create)?;
         }
+        // Two processes opening a new database at once (the daemon and a
+        // CLI command) would both read version 0 and both run the first
+        // migration, and the second would fail on "table meta already
+        // exists" (or, switching a new file to WAL, "database is locked").
+        // An advisory lock on the file (flock, which SQLite's own fcntl
+        // locks do not see) makes them set up one after the other; it is
+        // released when `lock` is dropped, or when a process dies.
+        let lock = fs::File::open(path).map_err(create)?;
+        lock.lock().map_err(create)?;
         let mut conn = open_connection(path)?;
         Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect()).to_latest(&mut conn)?;
+        drop(lock);
         Ok(Store {
             conn: Mutex::new(conn),
             path: path.to_owned(),

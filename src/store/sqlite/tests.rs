@@ -125,3 +125,31 @@ fn the_readiness_check_does_not_queue_on_the_lock() {
     assert!(started.elapsed() < Duration::from_millis(50));
     other.execute_batch("COMMIT").unwrap();
 }
+
+/// Processes opening a new database at once (the daemon starting while a
+/// CLI command runs) each migrate it or find it migrated: none fails on a
+/// table another one just created. Threads stand in for the processes:
+/// each opens its own file handle, so each takes the lock as a process would.
+#[test]
+fn a_new_database_opened_by_many_at_once_is_migrated_once() {
+    for round in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("race{round}.db"));
+        let start = std::sync::Arc::new(std::sync::Barrier::new(6));
+        let openers: Vec<_> = (0..6)
+            .map(|_| {
+                let (path, start) = (path.clone(), std::sync::Arc::clone(&start));
+                std::thread::spawn(move || {
+                    start.wait();
+                    Store::open(&path).map(|_| ()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        for opener in openers {
+            assert_eq!(opener.join().unwrap(), Ok(()), "round {round}");
+        }
+        let version: i64 =
+            Store::open(&path).unwrap().conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+}
