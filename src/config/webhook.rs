@@ -400,8 +400,14 @@ impl Resolver<'_> {
         };
         let (token, token_source) =
             self.secret(key, Some(span.clone()), ("bot_token_env", Some(var_name.clone())), ("bot_token_file", None))?;
+        // `secret` answers a value or an error for a set `bot_token_env`;
+        // should that ever change, this is a config error, not a panic.
         let (Some(token), Some(token_source)) = (token, token_source) else {
-            unreachable!("secret() returns a value for a set bot_token_env or an error");
+            return Err(self.error(
+                Some(span),
+                &format!("{key}.bot_token_env"),
+                "a live Slack webhook needs a bot token: bot_token_env names no value",
+            ));
         };
         let var = var_name.get_ref().trim();
         let k = format!("{key}.bot_token_env");
