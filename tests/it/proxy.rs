@@ -5,10 +5,12 @@
 //! which the fakes route by its path. The target hosts are `.invalid`
 //! names that never resolve, so a request that arrives went through the
 //! proxy; with `NO_PROXY` the proxy is a closed port, so a request that
-//! arrives went around it.
+//! arrives went around it. For an https receiver `HTTPS_PROXY` opens a
+//! `CONNECT` tunnel instead, through [`connect_proxy`].
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
@@ -95,4 +97,66 @@ async fn dari_is_reached_through_http_proxy() {
     let out = relay(&cfg, &["start", "acme/form", "--body", body], &[("HTTP_PROXY", &dari.url), ("NO_PROXY", "*")]);
     assert!(!out.status.success());
     assert_eq!(dari.starts().len(), 1, "the proxy was not used");
+}
+
+/// A CONNECT proxy on 127.0.0.1, which is what `HTTPS_PROXY` speaks for an
+/// https URL: it records each CONNECT's target, answers 200 and tunnels
+/// the bytes, still encrypted, to `upstream`.
+async fn connect_proxy(upstream: std::net::SocketAddr) -> (String, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let targets = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let targets = Arc::clone(&targets);
+            tokio::spawn(async move {
+                // The request head, at most 8 KiB.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if client.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let mut line = head.lines().next().unwrap_or_default().split(' ');
+                let (Some("CONNECT"), Some(target)) = (line.next(), line.next()) else { return };
+                targets.lock().unwrap().push(target.to_owned());
+                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                if client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// `HTTPS_PROXY` for an https receiver: the request goes through a CONNECT
+/// tunnel (TLS end to end, verified against the webhook's `ca_file`), and
+/// the proxy sees only the host and port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_receivers_are_reached_through_a_connect_tunnel_of_https_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/fixtures/tls");
+    let read = |name: &str| std::fs::read_to_string(fixtures.join(name)).unwrap();
+    let mut receiver = FakeReceiver::start_tls(&read("receiver.pem"), &read("receiver.key")).await;
+    let addr: std::net::SocketAddr = receiver.url["https://".len()..].trim_end_matches("/hook").parse().unwrap();
+    // By name (the certificate is for localhost and 127.0.0.1), through the proxy.
+    let url = format!("https://localhost:{}/hook", addr.port());
+    let (proxy_url, targets) = connect_proxy(addr).await;
+    let cfg = config(dir.path(), "http://dari.invalid", &url);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("ca_file = \"{}\"\n", fixtures.join("ca.pem").display()));
+    std::fs::write(&cfg, text).unwrap();
+
+    let out = relay(&cfg, &["send-test", "h"], &[("HTTPS_PROXY", &proxy_url)]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let got = receiver.next().await;
+    assert_eq!(got.kind(), "job.completed");
+    standardwebhooks::Webhook::new(SECRET).unwrap().verify(got.body.as_bytes(), &got.headers).unwrap();
+    assert_eq!(*targets.lock().unwrap(), [format!("localhost:{}", addr.port())], "one tunnel, to the receiver");
 }
