@@ -20,6 +20,9 @@
 //! 2xx after they are resumed. `--smoke` runs every phase at a small scale, for CI (no figure is
 //! asserted).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -62,30 +65,11 @@ fn run_fakes() {
                 axum::http::StatusCode::NO_CONTENT
             }),
         );
-        let l1 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let l2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("ports {} {}", l1.local_addr().unwrap().port(), l2.local_addr().unwrap().port());
-        std::io::stdout().flush().unwrap();
-        tokio::spawn(async move { axum::serve(l1, dari).await.unwrap() });
-        axum::serve(l2, receiver).await.unwrap();
+        support::serve_fakes(dari, receiver).await;
     });
 }
 
 // ----- the relay under test (this process) ----------------------------------
-
-/// (user + system) CPU time of this process.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
-}
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    statm.split(' ').nth(1).unwrap().parse::<u64>().unwrap() * 4096
-}
 
 fn config(db: &Path, dari: &str, receiver: &str) -> Arc<Config> {
     let text = format!(
@@ -180,16 +164,16 @@ async fn phase(
         println!("measuring {name}");
         std::io::stdout().flush().unwrap();
     }
-    let (t0, cpu0, n0) = (Instant::now(), cpu_time(), delivered());
-    let (mut peak_rss, mut peak_concurrency) = (rss_bytes(), 0);
+    let (t0, cpu0, n0) = (Instant::now(), support::cpu_time(), delivered());
+    let (mut peak_rss, mut peak_concurrency) = (support::rss_bytes(), 0);
     let deadline = Instant::now() + Duration::from_secs(1800);
     while delivered() < target {
         assert!(Instant::now() < deadline, "{name}: {} of {target} delivered", delivered());
         tokio::time::sleep(Duration::from_millis(20)).await;
-        peak_rss = peak_rss.max(rss_bytes());
+        peak_rss = peak_rss.max(support::rss_bytes());
         peak_concurrency = peak_concurrency.max(metrics.webhook_concurrency(webhook).unwrap_or(0));
     }
-    let (took, cpu) = (t0.elapsed(), cpu_time() - cpu0);
+    let (took, cpu) = (t0.elapsed(), support::cpu_time() - cpu0);
     let n = delivered() - n0;
     shutdown.cancel();
     relay.await.unwrap().unwrap();
@@ -236,7 +220,7 @@ async fn bench(smoke: bool, rounds: usize) {
         (ratios[ratios.len() / 2] - 1.0) * 100.0,
         ratios.iter().map(|r| format!("{:+.0}%", (r - 1.0) * 100.0)).collect::<Vec<_>>().join(", ")
     );
-    let rss_before = rss_bytes();
+    let rss_before = support::rss_bytes();
     let (rate3, cpu3, peak, _) = phase(dir.path(), "drain", &dari, &receiver, "fast", chains, deep, None).await;
     println!(
         "drain deep backlog:  {} delivered at {rate3:.0}/s, {cpu3:.1} µs CPU each, peak RSS {:.1} MiB (before {:.1} MiB)",

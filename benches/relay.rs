@@ -17,7 +17,10 @@
 //! `--smoke` runs every phase briefly at a small scale, for CI (no figure is
 //! asserted); `--seconds N` sets each measuring phase's length (default 10).
 
-use std::io::{BufRead, BufReader, Write};
+#[path = "support/mod.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -129,31 +132,11 @@ fn run_fakes(jobs: usize) {
             .route("/hook", post(fake_receive))
             .route("/control", get(fake_control))
             .with_state(Arc::clone(&fakes));
-        let l1 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let l2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("ports {} {}", l1.local_addr().unwrap().port(), l2.local_addr().unwrap().port());
-        std::io::stdout().flush().unwrap();
-        tokio::spawn(async move { axum::serve(l1, dari).await.unwrap() });
-        axum::serve(l2, receiver).await.unwrap();
+        support::serve_fakes(dari, receiver).await;
     });
 }
 
 // ----- the relay under test (this process) ----------------------------------
-
-/// (user + system) CPU time of this process.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split(' ').collect();
-    // utime and stime are fields 14 and 15 of the whole line, in clock ticks (100 Hz).
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
-}
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    statm.split(' ').nth(1).unwrap().parse::<u64>().unwrap() * 4096
-}
 
 fn write_bytes() -> u64 {
     let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
@@ -244,12 +227,12 @@ max_in_flight = 64
 /// CPU µs per counted item over the one-second windows. Medians, because these
 /// machines are shared and a window can be disturbed.
 async fn windows(secs: u64, count: impl Fn() -> u64) -> (u64, f64, f64, f64) {
-    let (mut last_n, mut last_cpu) = (count(), cpu_time());
+    let (mut last_n, mut last_cpu) = (count(), support::cpu_time());
     let start_n = last_n;
     let mut per_item = Vec::new();
     for _ in 0..secs {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (n, cpu) = (count(), cpu_time());
+        let (n, cpu) = (count(), support::cpu_time());
         if n > last_n {
             per_item.push((cpu - last_cpu).as_secs_f64() * 1e6 / (n - last_n) as f64);
         }
@@ -302,7 +285,7 @@ async fn bench(smoke: bool, seconds: u64, only: Option<String>) {
             Arc::new(Store::open(&baseline_db).unwrap()),
             |_, _| async {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                rss_bytes()
+                support::rss_bytes()
             },
         )
         .await;
@@ -318,7 +301,7 @@ async fn bench(smoke: bool, seconds: u64, only: Option<String>) {
             while polls(&m) < b.jobs as u64 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            (first, rss_bytes())
+            (first, support::rss_bytes())
         })
         .await;
     println!("start to first poll: {:.0} ms with {} watches", first_poll.as_secs_f64() * 1000.0, b.jobs);
@@ -330,7 +313,7 @@ async fn bench(smoke: bool, seconds: u64, only: Option<String>) {
             while polls(&m) < small as u64 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            rss_bytes()
+            support::rss_bytes()
         })
         .await;
     let per = |rss: u64, n: usize| rss.saturating_sub(rss_empty) as f64 / n as f64;
@@ -391,12 +374,12 @@ async fn bench(smoke: bool, seconds: u64, only: Option<String>) {
         let backlog = store.delivery_counts().unwrap().get("pending").copied().unwrap_or(0) as u64;
         let (sent, cpu) = b
             .with_relay(Arc::clone(&idle), Arc::clone(&store), |m, _| async move {
-                let c0 = cpu_time();
+                let c0 = support::cpu_time();
                 let deadline = Instant::now() + Duration::from_secs(secs * 6);
                 while m.deliveries("receiver", "delivered") < backlog && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                (m.deliveries("receiver", "delivered"), cpu_time() - c0)
+                (m.deliveries("receiver", "delivered"), support::cpu_time() - c0)
             })
             .await;
         println!(
