@@ -54,6 +54,10 @@ pub enum AppError {
     TaskEnded { task: &'static str, reason: String },
 }
 
+/// Beyond the delivery request timeout, how long a watch handed to another
+/// instance stays unclaimed (see `store::postgres::cluster`).
+const HANDOFF_MARGIN: Duration = Duration::from_secs(1);
+
 /// How often delivered deliveries and ended watches past `retention` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
@@ -80,35 +84,54 @@ pub async fn run_with_reload(
         let cluster = config.borrow().cluster.clone();
         let instance = cluster.as_ref().map_or_else(crate::config::default_instance, |c| c.instance.clone());
         let lease_ttl = cluster.as_ref().map_or(crate::config::defaults::LEASE_TTL.default, |c| c.lease_ttl);
+        // A watch handed to another instance waits this long before it is
+        // claimed: the longest a send already started here can take.
+        let handoff = config.borrow().delivery.request_timeout + HANDOFF_MARGIN;
         info!(database = %pg.shown, %instance, "opened the PostgreSQL database");
-        // One active instance per database for now (store::postgres's
-        // standby module): the others wait here, and take over when the
-        // active one's lease ends.
         let store = Arc::new(store);
-        let standby = || info!(%instance, "another instance is active on this database: waiting as a standby");
-        let Some(lease) =
-            crate::store::postgres::acquire_active(&store, &instance, lease_ttl, &shutdown, standby).await?
-        else {
-            return Ok(());
-        };
-        info!(%instance, epoch = lease.epoch, "this instance is the active one on the database");
-        let serving = serve_postgres(config, Arc::clone(&store), Arc::new(Metrics::default()), shutdown.clone());
+        let membership = crate::store::postgres::join(&store, &instance, lease_ttl, handoff).await?;
+        let metrics = Arc::new(Metrics::default());
+        // The first share is claimed before the loops start, so the poller
+        // starts with it.
+        match membership.balance(&store).await {
+            Ok(b) => {
+                metrics.set_cluster(b.instances, b.owned, b.took_over);
+                info!(%instance, epoch = membership.epoch(), instances = b.instances, watches = b.owned, "joined the cluster");
+            }
+            Err(e) => warn!(error = %e, "cannot claim watches yet; will retry at the next renewal"),
+        }
+        let serving = serve_postgres(config, Arc::clone(&store), Arc::clone(&metrics), shutdown.clone());
         tokio::pin!(serving);
+        let each = |b: &crate::store::postgres::Balance| {
+            metrics.set_cluster(b.instances, b.owned, b.took_over);
+            if b.claimed > 0 || b.released > 0 {
+                info!(
+                    instances = b.instances,
+                    claimed = b.claimed,
+                    took_over = b.took_over,
+                    handed_over = b.released,
+                    watches = b.owned,
+                    "watches rebalanced"
+                );
+            }
+        };
         let result = tokio::select! {
             result = &mut serving => result,
-            reason = lease.lost(&store) => {
+            reason = membership.keep(&store, each) => {
                 // Stop before more writes (the store's fence refuses them
-                // already): another instance takes over.
-                error!(%reason, "lost the lease; stopping the relay");
+                // already): the other instances take the watches over.
+                error!(%reason, "lost this instance's leases; stopping the relay");
                 shutdown.cancel();
                 let _ = serving.await;
                 return Err(AppError::TaskEnded { task: "lease", reason });
             }
         };
         // Stopped on request: hand the watches over at once.
-        match lease.release(&store).await {
-            Ok(()) => info!(%instance, "released the lease"),
-            Err(e) => warn!(error = %e, "cannot release the lease; another instance takes over when it expires"),
+        match membership.leave(&store).await {
+            Ok(()) => info!(%instance, "left the cluster; the other instances take its watches over"),
+            Err(e) => {
+                warn!(error = %e, "cannot leave the cluster; the other instances take over when its leases expire")
+            }
         }
         return result;
     }

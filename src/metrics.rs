@@ -88,6 +88,18 @@ pub struct Metrics {
     /// Per webhook, its adaptive concurrency limit as the deliverer last
     /// set it (a gauge the deliverer keeps, not read from the store).
     webhook_concurrency: Mutex<BTreeMap<String, u64>>,
+    /// Several instances on PostgreSQL: live instances and watches owned at
+    /// the last renewal, and watches taken over from dead instances so far.
+    /// `None` until this instance joins a cluster (SQLite: never).
+    cluster: Mutex<Option<ClusterGauges>>,
+}
+
+/// What [`Metrics::set_cluster`] keeps.
+#[derive(Debug, Clone, Copy, Default)]
+struct ClusterGauges {
+    instances: i64,
+    owned: i64,
+    takeovers: u64,
 }
 
 impl Default for Metrics {
@@ -102,6 +114,7 @@ impl Default for Metrics {
             delivery_faults: Mutex::default(),
             inbound: Mutex::default(),
             webhook_concurrency: Mutex::default(),
+            cluster: Mutex::default(),
         }
     }
 }
@@ -211,6 +224,16 @@ impl Metrics {
                 map.insert(webhook.to_owned(), limit as u64);
             }
         }
+    }
+
+    /// After a cluster round: `instances` live, `owned` watches held here,
+    /// `took_over` more watches taken from dead instances.
+    pub fn set_cluster(&self, instances: i64, owned: i64, took_over: usize) {
+        let mut cluster = self.cluster.lock().unwrap_or_else(|e| e.into_inner());
+        let c = cluster.get_or_insert_with(ClusterGauges::default);
+        c.instances = instances;
+        c.owned = owned;
+        c.takeovers = c.takeovers.saturating_add(took_over as u64);
     }
 
     /// Drops the gauges of webhooks no longer configured.
@@ -326,6 +349,24 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE dari_relay_inbound_total counter");
         for (outcome, n) in self.inbound.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "dari_relay_inbound_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        if let Some(c) = *self.cluster.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = writeln!(
+                out,
+                "# HELP dari_relay_cluster_instances Live instances on the PostgreSQL database, this one included."
+            );
+            let _ = writeln!(out, "# TYPE dari_relay_cluster_instances gauge");
+            let _ = writeln!(out, "dari_relay_cluster_instances {}", c.instances);
+            let _ =
+                writeln!(out, "# HELP dari_relay_watches_owned Watches whose polls and deliveries this instance owns.");
+            let _ = writeln!(out, "# TYPE dari_relay_watches_owned gauge");
+            let _ = writeln!(out, "dari_relay_watches_owned {}", c.owned);
+            let _ = writeln!(
+                out,
+                "# HELP dari_relay_lease_takeovers_total Watches this instance took over from an instance whose leases had expired."
+            );
+            let _ = writeln!(out, "# TYPE dari_relay_lease_takeovers_total counter");
+            let _ = writeln!(out, "dari_relay_lease_takeovers_total {}", c.takeovers);
         }
         out
     }

@@ -97,9 +97,19 @@ pub(super) async fn write_outcome(
     outcome: DeliveryOutcome,
 ) -> Option<Unrecorded> {
     let write_once = || async { record(store, id, record_.clone(), &outcome).await };
-    match write_once.retry(retry::policy::attempt_record()).await {
+    match write_once.retry(retry::policy::attempt_record()).when(StoreError::is_transient).await {
         Ok(()) => {
             debug!(delivery_id = id, "attempt recorded");
+            None
+        }
+        Err(StoreError::Fenced) => {
+            // Several instances on PostgreSQL: the job's watch is another
+            // instance's now; it sends the delivery again, same webhook-id.
+            warn!(
+                delivery_id = id,
+                outcome = outcome.label(),
+                "another instance owns this job now; the attempt is not recorded here and the owner sends the delivery again"
+            );
             None
         }
         Err(e) => {

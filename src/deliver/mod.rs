@@ -456,6 +456,12 @@ impl Deliverer {
                     self.unrecorded.remove(chain);
                     self.in_flight.remove(chain);
                 }
+                Err(StoreError::Fenced) => {
+                    warn!(job_id = %chain.0, webhook = %chain.1, delivery_id = u.delivery_id,
+                        "another instance owns this job now; the attempt is not recorded here and the owner sends the delivery again");
+                    self.unrecorded.remove(chain);
+                    self.in_flight.remove(chain);
+                }
                 Err(e) => {
                     warn!(job_id = %chain.0, webhook = %chain.1, delivery_id = u.delivery_id, error = %e,
                         "still cannot record the attempt; the delivery is not sent again meanwhile");

@@ -393,20 +393,27 @@ impl Poller {
         let Schedule { rev, watches } = self.store.schedule().await?;
         self.watch_rev = rev;
         let now = Instant::now();
-        for w in watches {
+        for w in watches.into_iter().filter(|w| w.owned) {
             self.schedule_new(w, now);
         }
         info!(watches = self.watches.len(), "poller started");
         Ok(())
     }
 
-    /// Starts or stops watches the CLI changed since the last scan.
+    /// Starts or stops watches the CLI changed since the last scan, and
+    /// those this instance took over or handed over (several instances on
+    /// PostgreSQL).
     async fn scan_changes(&mut self) -> Result<(), StoreError> {
         let changed = self.store.schedule_since(self.watch_rev).await?;
         self.watch_rev = changed.rev;
         let now = Instant::now();
         for w in changed.watches {
             match (w.state, self.watches.contains_key(&w.job_id)) {
+                (WatchState::Active, true) if !w.owned => {
+                    info!(job_id = %w.job_id, "watch handed to another instance; polling stops here");
+                    self.watches.remove(&w.job_id);
+                }
+                (WatchState::Active, false) if !w.owned => {}
                 (WatchState::Active, false) => {
                     info!(job_id = %w.job_id, portal_id = %w.portal, "new watch");
                     self.schedule_new(w, now);
@@ -543,6 +550,14 @@ impl Poller {
         // arithmetic on them can overflow (see LONGEST_WAIT).
         let (base, cap) = (up.poll_interval.min(LONGEST_WAIT), up.max_poll_interval.min(LONGEST_WAIT));
         let backoff = |streak: u32| retry::error_backoff(streak, base, cap, fastrand::f64());
+        if matches!(outcome, PollOutcome::StoreFailed(StoreError::Fenced)) {
+            // Another instance owns the watch now (several instances on
+            // PostgreSQL): nothing of this poll was stored, and the owner
+            // polls it from here.
+            info!(job_id = %job_id, "another instance owns this watch now; polling stops here");
+            self.watches.remove(&job_id);
+            return;
+        }
         let Some(watch) = self.watches.get_mut(&job_id) else {
             return; // removed while in flight
         };

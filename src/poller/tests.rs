@@ -40,6 +40,7 @@ fn scheduled(job_id: &str) -> ScheduledWatch {
         state: WatchState::Active,
         body_hash: None,
         created_at: now_ms(),
+        owned: true,
     }
 }
 

@@ -165,6 +165,7 @@ mod tests {
             state: WatchState::Active,
             body_hash: None,
             created_at: now_ms(),
+            owned: true,
         }
     }
 

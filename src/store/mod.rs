@@ -78,9 +78,10 @@ pub enum StoreError {
     /// No PostgreSQL connection could be had from the pool in time.
     #[error("cannot get a database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    /// This instance's lease on the PostgreSQL database expired or was
-    /// taken over: the write was refused (another instance works on now).
-    #[error("this instance no longer holds the database lease: another instance took over")]
+    /// This instance no longer owns the watch (its lease on the PostgreSQL
+    /// database expired, or it handed the watch over): the write was
+    /// refused, since another instance works on it now.
+    #[error("this instance no longer holds the lease of this watch: another instance works on it")]
     Fenced,
     /// The PostgreSQL URL or its TLS setup is unusable (the URL itself is
     /// never repeated: it may hold a password).
@@ -100,7 +101,7 @@ impl StoreError {
     /// Whether trying again later may succeed (a lock, a full disk, a
     /// writer that restarts); a corrupt row reads the same next time.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, StoreError::Corrupt(_) | StoreError::Url(_))
+        !matches!(self, StoreError::Corrupt(_) | StoreError::Url(_) | StoreError::Fenced)
     }
 }
 
@@ -130,6 +131,11 @@ pub struct ScheduledWatch {
     pub body_hash: Option<u64>,
     /// When the watch was added (Unix ms), for `max_watch_age`.
     pub created_at: i64,
+    /// Whether this instance owns the watch's work: always on an engine
+    /// that one instance has to itself (SQLite); on PostgreSQL with several
+    /// instances, only the watches it holds the lease of. The poller polls
+    /// only what it owns, and drops a watch another instance took.
+    pub owned: bool,
 }
 
 /// Everything the diff and the notification builder need about a watch.

@@ -178,7 +178,7 @@ async fn instances_starting_together_migrate_once() {
     let driver = tokio::spawn(connection);
     let rows = client.query("SELECT version FROM schema_migrations ORDER BY version", &[]).await.unwrap();
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, [1, 2, 3], "each migration applied once");
+    assert_eq!(versions, [1, 2, 3, 4], "each migration applied once");
     drop(client);
     driver.await.unwrap().unwrap();
 }
@@ -196,63 +196,82 @@ async fn run_refuses_the_admin_api_on_postgres() {
     assert!(e.to_string().contains("admin API"), "{e}");
 }
 
-/// One active instance per database: a second waits as a standby (and
-/// says so once) and gives up cleanly on shutdown; it takes over within a
-/// second of a release, and, when the holder goes silent, once the lease
-/// expires on the database's clock, with a new epoch that fences every
-/// write and every send of the old holder.
+/// Per-watch leases on the store: a second instance gets its fair share
+/// once the first hands it over (and not before the hand-over time), each
+/// schedules and sends only what it owns, and writes to the other's watches
+/// are refused; a silent instance's watches are taken over once its row
+/// expires on the database's clock, not before, and it is fenced; one that
+/// leaves hands everything over at once.
 #[tokio::test]
-async fn a_standby_takes_over_a_released_or_expired_lease_and_fences_the_old_holder() {
-    use dari_relay::store::postgres::acquire_active;
+async fn watches_are_shared_fairly_handed_over_taken_over_and_fenced() {
+    use dari_relay::store::postgres::join;
     use dari_relay::store::{DelivererStore, PollerStore, StoreError};
     let Some(db) = TestDatabase::create() else { return };
     let ttl = Duration::from_millis(1500);
+    let handoff = Duration::from_millis(400);
     let (a, b) = (Postgres::open(&db.url).await.unwrap(), Postgres::open(&db.url).await.unwrap());
-    let never = CancellationToken::new();
-    let lease_a = acquire_active(&a, "a", ttl, &never, || panic!("the first is not a standby")).await.unwrap().unwrap();
-    a.add_watches(vec![watch(JOB)]).await.unwrap();
+    let jobs: Vec<String> = (0..10).map(|n| format!("00000000-0000-4000-8000-{n:012}")).collect();
+    a.add_watches(jobs.iter().map(|j| watch(j)).collect()).await.unwrap();
+    let ma = join(&a, "a", ttl, handoff).await.unwrap();
+    let first = ma.round(&a, 0).await.unwrap().unwrap();
+    assert_eq!((first.instances, first.work, first.owned, first.claimed, first.took_over), (1, 10, 10, 10, 0));
 
-    // A standby waits, says so once, and stops waiting on shutdown.
-    let stop = CancellationToken::new();
-    let said = std::sync::atomic::AtomicUsize::new(0);
-    let stopper = stop.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        stopper.cancel();
-    });
-    let waited = acquire_active(&b, "b", ttl, &stop, || {
-        said.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    })
-    .await
-    .unwrap();
-    assert!(waited.is_none(), "a standby stops waiting on shutdown");
-    assert_eq!(said.load(std::sync::atomic::Ordering::Relaxed), 1, "it said it was a standby once");
+    // B joins: nothing is free, so B claims nothing until A hands over its
+    // surplus, and nothing before the hand-over time has passed.
+    let mb = join(&b, "b", ttl, handoff).await.unwrap();
+    assert_eq!(mb.round(&b, 0).await.unwrap().unwrap().owned, 0);
+    let handed = ma.round(&a, 10).await.unwrap().unwrap();
+    assert_eq!((handed.instances, handed.released, handed.owned), (2, 5, 5));
+    let early = mb.round(&b, 0).await.unwrap().unwrap();
+    assert_eq!(early.claimed, 0, "not claimable before the hand-over time");
+    tokio::time::sleep(handoff).await;
+    let share = mb.round(&b, 0).await.unwrap().unwrap();
+    assert_eq!((share.claimed, share.took_over, share.owned), (5, 0, 5), "hand-overs are not takeovers");
 
-    // A release hands over at the standby's next try.
-    lease_a.release(&a).await.unwrap();
-    let released = Instant::now();
-    let lease_b = acquire_active(&b, "b", ttl, &never, || {}).await.unwrap().unwrap();
-    assert!(released.elapsed() < Duration::from_millis(1200), "taken in {:?}", released.elapsed());
-    assert!(lease_b.epoch > lease_a.epoch);
-    // The old holder is fenced: no poll write, no heads to send.
-    let decide: dari_relay::store::Decide = Box::new(|_| panic!("a fenced instance does not even decide"));
-    assert!(matches!(a.commit_poll(JOB.into(), decide).await, Err(StoreError::Fenced)));
-    assert!(matches!(a.pending_heads("backend".into(), 10).await, Err(StoreError::Fenced)));
-
-    // B goes silent (a freeze: no renewal); A takes over after the lease
-    // expires, not before, and B's writes are refused from then on.
-    let silent = Instant::now();
-    let lease_a = acquire_active(&a, "a", ttl, &never, || {}).await.unwrap().unwrap();
-    let waited = silent.elapsed();
-    assert!(waited >= Duration::from_millis(1000), "not before the lease expired: {waited:?}");
-    assert!(waited < ttl + Duration::from_secs(2), "soon after it expired: {waited:?}");
-    assert!(lease_a.epoch > lease_b.epoch);
-    assert!(matches!(b.pending_heads("backend".into(), 10).await, Err(StoreError::Fenced)));
-    assert!(matches!(lease_b.lost(&b).await.as_str(), s if s.contains("took it over")));
-    // The holder itself works on, and keeps its lease by renewing it.
+    // Each schedules only its own, and together they cover every watch once.
+    let owned = |s: &dari_relay::store::Schedule| -> HashSet<String> {
+        s.watches.iter().filter(|w| w.owned).map(|w| w.job_id.clone()).collect()
+    };
+    let (sa, sb) = (owned(&a.schedule().await.unwrap()), owned(&b.schedule().await.unwrap()));
+    assert_eq!((sa.len(), sb.len()), (5, 5));
+    assert!(sa.is_disjoint(&sb));
+    let changed = a.schedule_since(0).await.unwrap();
+    assert_eq!(owned(&changed), sa, "the changes say which are A's");
+    // A cannot write B's watch.
+    let theirs = sb.iter().next().unwrap().clone();
+    let decide: dari_relay::store::Decide = Box::new(|_| panic!("a fenced write does not even decide"));
+    assert!(matches!(a.commit_poll(theirs.clone(), decide).await, Err(StoreError::Fenced)));
     assert!(a.pending_heads("backend".into(), 10).await.unwrap().is_empty());
-    let renewing = tokio::time::timeout(ttl * 2, lease_a.lost(&a)).await;
-    assert!(renewing.is_err(), "a renewing holder keeps its lease: {renewing:?}");
+
+    // B goes silent: A takes its watches once B's row expires, not before.
+    let silent = Instant::now();
+    let mut owned_a = 5;
+    let took = loop {
+        let round = ma.round(&a, owned_a).await.unwrap().expect("A renews");
+        owned_a = round.owned;
+        if round.took_over > 0 {
+            break round;
+        }
+        assert!(silent.elapsed() < ttl + Duration::from_secs(2), "never taken over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(silent.elapsed() >= Duration::from_millis(1000), "not before B's row expired: {:?}", silent.elapsed());
+    assert_eq!((took.instances, took.took_over, took.owned), (1, 5, 10));
+    // B is fenced: its write is refused and its renewal too.
+    let decide: dari_relay::store::Decide = Box::new(|_| panic!("a fenced write does not even decide"));
+    assert!(matches!(b.commit_poll(theirs.clone(), decide).await, Err(StoreError::Fenced)));
+    assert!(matches!(b.pending_heads("backend".into(), 10).await, Err(StoreError::Fenced)));
+    assert!(mb.round(&b, 5).await.unwrap().is_none(), "a renewal after expiry is refused");
+
+    // A leaves: a newcomer takes everything at once.
+    ma.leave(&a).await.unwrap();
+    let c = Postgres::open(&db.url).await.unwrap();
+    let mc = join(&c, "c", ttl, handoff).await.unwrap();
+    let all = mc.round(&c, 0).await.unwrap().unwrap();
+    assert_eq!((all.instances, all.took_over, all.owned), (1, 10, 10));
+    let listed = c.instances().await.unwrap();
+    assert_eq!(listed.iter().map(|i| i.instance.as_str()).collect::<Vec<_>>(), ["c"]);
+    assert_eq!(c.owner_of(&theirs).await.unwrap().as_deref(), Some("c"));
 }
 
 /// Polls of one watch committed at once, from many connections, each read

@@ -21,7 +21,7 @@ impl Postgres {
     pub(super) async fn save_live(&self, job_id: &str, webhook: &str, message: &LiveMessage) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        self.check_fence(&tx).await?;
+        self.check_owner(&tx, job_id).await?;
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO live_messages (job_id, webhook, message_id, channel, created_at) VALUES ($1, $2, $3, $4, $5)

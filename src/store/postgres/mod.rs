@@ -12,26 +12,27 @@
 //! Files by role: [`schema`] (migrations under an advisory lock),
 //! [`watches`] (adds, removals, the schedule and the poll's commit),
 //! [`outbox`] (heads, sends, attempts, listings, pauses), [`prune`], and
-//! [`standby`] (one active instance per database, the others waiting).
+//! [`cluster`] (several instances: membership, per-watch leases, fencing).
 
+pub mod cluster;
 mod live;
 mod outbox;
 mod prune;
 mod schema;
-mod standby;
 mod watches;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde_json::{Map, Value};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-pub use standby::{ActiveLease, acquire_active};
+pub use cluster::{Balance, InstanceInfo, Membership, join};
 
 use crate::store::*;
 use crate::vocab::{DeliveryState, NewWatch, WatchState};
@@ -61,9 +62,12 @@ pub struct Postgres {
     pool: Pool,
     /// Write transactions committed through this handle, for the benchmark.
     commits: AtomicU64,
-    /// The lease epoch every write must still hold (0: no lease taken, no
-    /// check); set by [`acquire_active`].
-    fence: AtomicI64,
+    /// The cluster membership every write of a watch checks (`None`: no
+    /// cluster joined, no check, every watch owned); set by [`join`].
+    member: RwLock<Option<Arc<cluster::Member>>>,
+    /// The server's settings and the TLS connector, for the connection
+    /// that listens for the other instances.
+    connect: (tokio_postgres::Config, MakeRustlsConnect),
 }
 
 impl std::fmt::Debug for Postgres {
@@ -135,6 +139,7 @@ impl Postgres {
         drop(client);
         let _ = driver.await;
         migrated?;
+        let connect = (config.clone(), tls.clone());
         let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Verified });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
@@ -144,12 +149,17 @@ impl Postgres {
             .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Url(format!("cannot build the connection pool: {e}")))?;
-        Ok(Postgres { pool, commits: AtomicU64::new(0), fence: AtomicI64::new(0) })
+        Ok(Postgres { pool, commits: AtomicU64::new(0), member: RwLock::new(None), connect })
     }
 
     /// Write transactions committed through this handle so far.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
+    }
+
+    /// The server's settings and TLS connector, for a connection of one's own.
+    fn connect_config(&self) -> (tokio_postgres::Config, MakeRustlsConnect) {
+        self.connect.clone()
     }
 
     /// A pooled connection.

@@ -31,18 +31,29 @@ impl Postgres {
     /// wait for its head.
     pub(super) async fn heads(&self, webhook: &str, limit: usize) -> Result<Vec<PendingHead>, StoreError> {
         let client = self.client().await?;
-        // Nothing is handed out to send by an instance that lost its lease.
-        self.check_fence(&client).await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT d.id, d.job_id, d.webhook, d.next_attempt_at FROM deliveries d
+        // Nothing is handed out to send by an instance that lost its
+        // membership, and only the heads of the watches it owns.
+        self.check_alive(&client).await?;
+        const HEADS: &str = "SELECT d.id, d.job_id, d.webhook, d.next_attempt_at FROM deliveries d
                  WHERE d.state = 'pending' AND d.webhook = $1 AND NOT EXISTS (
                      SELECT 1 FROM deliveries e
-                     WHERE e.job_id = d.job_id AND e.webhook = d.webhook AND e.state = 'pending' AND e.id < d.id)
-                 ORDER BY d.next_attempt_at, d.id LIMIT $2",
-            )
-            .await?;
-        let rows = client.query(&stmt, &[&webhook, &sql_limit(limit)]).await?;
+                     WHERE e.job_id = d.job_id AND e.webhook = d.webhook AND e.state = 'pending' AND e.id < d.id)";
+        let rows = match self.member() {
+            Some(m) => {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "{HEADS} AND EXISTS (SELECT 1 FROM watches w
+                             WHERE w.job_id = d.job_id AND w.lease_owner = $3 AND w.lease_epoch = $4)
+                         ORDER BY d.next_attempt_at, d.id LIMIT $2"
+                    ))
+                    .await?;
+                client.query(&stmt, &[&webhook, &sql_limit(limit), &m.name, &m.epoch]).await?
+            }
+            None => {
+                let stmt = client.prepare_cached(&format!("{HEADS} ORDER BY d.next_attempt_at, d.id LIMIT $2")).await?;
+                client.query(&stmt, &[&webhook, &sql_limit(limit)]).await?
+            }
+        };
         Ok(rows
             .iter()
             .map(|r| PendingHead { id: r.get(0), job_id: r.get(1), webhook: r.get(2), next_attempt_at: r.get(3) })
@@ -99,7 +110,13 @@ impl Postgres {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        self.check_fence(&tx).await?;
+        if self.member().is_some() {
+            let job: Option<String> =
+                tx.query_opt("SELECT job_id FROM deliveries WHERE id = $1", &[&id]).await?.map(|r| r.get(0));
+            if let Some(job) = job {
+                self.check_owner(&tx, &job).await?;
+            }
+        }
         let insert = tx
             .prepare_cached(
                 "INSERT INTO attempts (delivery_id, attempted_at, duration_ms, http_status, response_excerpt, error)
@@ -187,16 +204,20 @@ impl Postgres {
     /// Puts failed deliveries back to pending on a fresh schedule, their
     /// `webhook-id` unchanged: one by id, or every failed one.
     pub(super) async fn requeue_failed(&self, id: Option<i64>) -> Result<usize, StoreError> {
-        let client = self.client().await?;
-        let changed = client
-            .execute(
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $2, finished_at = NULL
-                 WHERE state = 'failed' AND ($1::BIGINT IS NULL OR id = $1)",
+                 WHERE state = 'failed' AND ($1::BIGINT IS NULL OR id = $1) RETURNING job_id",
                 &[&id, &now_ms()],
             )
             .await?;
+        let jobs: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        give_work_an_owner(&tx, &jobs).await?;
+        tx.commit().await?;
         self.committed();
-        Ok(changed as usize)
+        Ok(rows.len())
     }
 
     /// Pauses a webhook (a 410 Gone). Idempotent.
@@ -306,4 +327,25 @@ impl Postgres {
         }
         Ok(out)
     }
+}
+
+/// Pending work again for ended watches whose lease was given up when their
+/// deliveries were done (see `cluster`): they get an owner that is never
+/// alive, so a live instance claims them (and then sends). Watches that
+/// still hold a lease, or are active, keep theirs.
+pub(super) async fn give_work_an_owner(
+    tx: &deadpool_postgres::Transaction<'_>,
+    jobs: &[String],
+) -> Result<(), StoreError> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "UPDATE watches SET lease_owner = '', lease_epoch = 0
+         WHERE job_id = ANY($1) AND lease_owner IS NULL AND state <> 'active'",
+        &[&jobs],
+    )
+    .await?;
+    tx.execute("SELECT pg_notify($1, 'watches')", &[&super::cluster::CHANNEL]).await?;
+    Ok(())
 }

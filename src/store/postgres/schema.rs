@@ -130,6 +130,39 @@ CREATE TABLE live_messages (
     PRIMARY KEY (job_id, webhook)
 );
 "#,
+    r#"
+-- Several instances share the watches (store::postgres::cluster). Each live
+-- instance has a row, renewed every lease_ttl / 3 on the database's clock;
+-- its epoch (from one sequence, never reused) is bumped by every join.
+CREATE TABLE instances (
+    name       TEXT PRIMARY KEY,
+    epoch      BIGINT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    renewed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    expires_at TIMESTAMPTZ NOT NULL,
+    watches    BIGINT NOT NULL DEFAULT 0   -- watches owned at the last renewal
+);
+CREATE SEQUENCE instance_epochs;
+
+-- A watch's lease: the instance that owns its polls and its deliveries and
+-- the epoch it claimed it under (the fencing token its writes check). The
+-- lease lasts while that instance's row is renewed under that epoch. An
+-- instance that hands a watch over leaves it unclaimable until
+-- claimable_at, so a send it still has in flight ends first.
+ALTER TABLE watches ADD COLUMN lease_owner TEXT;
+ALTER TABLE watches ADD COLUMN lease_epoch BIGINT;
+ALTER TABLE watches ADD COLUMN claimable_at TIMESTAMPTZ;
+CREATE INDEX watches_lease ON watches (lease_owner, lease_epoch) WHERE lease_owner IS NOT NULL OR state = 'active';
+
+-- Ended watches whose deliveries are still pending need an owner too: give
+-- them one that is never alive, so the first instance claims them.
+UPDATE watches w SET lease_owner = '', lease_epoch = 0
+ WHERE w.state <> 'active' AND EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = w.job_id AND d.state = 'pending');
+
+-- The one-active-instance lease of earlier versions: per-watch leases
+-- replace it (stop every instance before upgrading: docs/operations.md).
+DROP TABLE active_lease;
+"#,
 ];
 
 /// Brings the schema to the latest version. The whole run holds a

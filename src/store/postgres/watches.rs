@@ -51,6 +51,10 @@ impl Postgres {
                 summary.existing += 1;
             }
         }
+        if summary.added > 0 {
+            // Delivered at the commit: an instance claims them at once.
+            self.notify_watches(&tx).await?;
+        }
         tx.commit().await?;
         self.committed();
         Ok(summary)
@@ -118,26 +122,51 @@ impl Postgres {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Every active watch and the revision, read in one snapshot.
+    /// Every active watch this instance owns (every active one, without a
+    /// cluster) and the revision, read in one snapshot.
     pub(super) async fn schedule_all(&self) -> Result<Schedule, StoreError> {
-        self.scheduled("WHERE state = 'active' AND $1::BIGINT IS NOT NULL", 0).await
+        match self.member() {
+            Some(_) => {
+                self.scheduled(
+                    "WHERE state = 'active' AND $1::BIGINT IS NOT NULL AND lease_owner = $2 AND lease_epoch = $3",
+                    0,
+                )
+                .await
+            }
+            None => self.scheduled("WHERE state = 'active' AND $1::BIGINT IS NOT NULL", 0).await,
+        }
     }
 
-    /// Watches changed since `rev` (any state) and the revision, in one snapshot.
+    /// Watches changed since `rev` (any state, any owner: claims and hand-
+    /// overs bump the revision too) and the revision, in one snapshot.
     pub(super) async fn schedule_changed(&self, rev: i64) -> Result<Schedule, StoreError> {
         self.scheduled("WHERE rev > $1", rev).await
     }
 
     async fn scheduled(&self, filter: &str, rev: i64) -> Result<Schedule, StoreError> {
+        let member = self.member();
         let mut client = self.client().await?;
         // One snapshot: the revision read is the one the watches are at.
         let tx =
             client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await?;
         let now: i64 = tx.query_one("SELECT value FROM meta WHERE key = 'watch_rev'", &[]).await?.get(0);
-        let sql = format!(
-            "SELECT job_id, org_id, endpoint_name, state, body_hash, created_at FROM watches {filter} ORDER BY rev"
-        );
-        let rows = tx.query(&tx.prepare_cached(&sql).await?, &[&rev]).await?;
+        let rows = match &member {
+            Some(m) => {
+                let sql = format!(
+                    "SELECT job_id, org_id, endpoint_name, state, body_hash, created_at,
+                         lease_owner IS NOT DISTINCT FROM $2 AND lease_epoch IS NOT DISTINCT FROM $3
+                     FROM watches {filter} ORDER BY rev"
+                );
+                tx.query(&tx.prepare_cached(&sql).await?, &[&rev, &m.name, &m.epoch]).await?
+            }
+            None => {
+                let sql = format!(
+                    "SELECT job_id, org_id, endpoint_name, state, body_hash, created_at, TRUE
+                     FROM watches {filter} ORDER BY rev"
+                );
+                tx.query(&tx.prepare_cached(&sql).await?, &[&rev]).await?
+            }
+        };
         tx.commit().await?;
         let mut watches = Vec::with_capacity(rows.len());
         for r in rows {
@@ -148,6 +177,7 @@ impl Postgres {
                 state: watch_state(&state)?,
                 body_hash: r.get::<_, Option<i64>>(4).map(|h| h as u64),
                 created_at: r.get(5),
+                owned: r.get(6),
             });
         }
         Ok(Schedule { rev: now, watches })
@@ -166,10 +196,11 @@ impl Postgres {
     pub(super) async fn commit_decided(&self, job_id: String, decide: Decide) -> Result<PollWrite, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        self.check_fence(&tx).await?;
         let stmt =
             tx.prepare_cached(&format!("SELECT {DIFF_COLUMNS} FROM watches WHERE job_id = $1 FOR UPDATE")).await?;
         let Some(row) = tx.query_opt(&stmt, &[&job_id]).await? else { return Ok(PollWrite::Skipped) };
+        // On the row now locked: no claim comes between this and the commit.
+        self.check_owner(&tx, &job_id).await?;
         let before = diff_context_of(&row, &job_id)?;
         if before.state != WatchState::Active {
             return Ok(PollWrite::Skipped);
@@ -214,7 +245,7 @@ impl Postgres {
     ) -> Result<CommitOutcome, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        self.check_fence(&tx).await?;
+        self.check_owner(&tx, job_id).await?;
         let now = now_ms();
         let updated = tx
             .execute(

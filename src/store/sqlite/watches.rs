@@ -176,6 +176,8 @@ impl Store {
                 state: watch_state(&state)?,
                 body_hash: body_hash.map(|h| h as u64),
                 created_at,
+                // One instance has a SQLite database to itself.
+                owned: true,
             });
         }
         Ok(out)
