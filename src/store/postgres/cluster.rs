@@ -50,6 +50,11 @@ const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 /// the next round takes the rest.
 const CLAIM_BATCH: i64 = 5_000;
 
+/// Whether the watch row read (alias-free `watches`) is this instance's:
+/// leased under `$2` (its name) and `$3` (its epoch), with its row alive.
+pub(super) const OWNED: &str = "(lease_owner IS NOT DISTINCT FROM $2 AND lease_epoch IS NOT DISTINCT FROM $3
+     AND EXISTS (SELECT 1 FROM instances i WHERE i.name = $2 AND i.epoch = $3 AND i.expires_at > now()))";
+
 /// This instance as the store's writes check it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -494,14 +499,27 @@ impl Postgres {
         job_id: &str,
     ) -> Result<(), StoreError> {
         let Some(member) = self.member() else { return Ok(()) };
-        let stmt = client
-            .prepare_cached(
-                "SELECT w.lease_owner IS NOT DISTINCT FROM $2 AND w.lease_epoch IS NOT DISTINCT FROM $3
-                     AND EXISTS (SELECT 1 FROM instances i WHERE i.name = $2 AND i.epoch = $3 AND i.expires_at > now())
-                 FROM watches w WHERE w.job_id = $1 FOR SHARE",
-            )
-            .await?;
+        let stmt = client.prepare_cached(&format!("SELECT {OWNED} FROM watches WHERE job_id = $1 FOR SHARE")).await?;
         match client.query_opt(&stmt, &[&job_id, &member.name, &member.epoch]).await? {
+            Some(r) if !r.get::<_, bool>(0) => Err(StoreError::Fenced),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Postgres::check_owner`] of the job delivery `id` belongs to, in one
+    /// statement (no check for a delivery or watch that is gone).
+    pub(super) async fn check_owner_of_delivery(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        id: i64,
+    ) -> Result<(), StoreError> {
+        let Some(member) = self.member() else { return Ok(()) };
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {OWNED} FROM watches WHERE job_id = (SELECT job_id FROM deliveries WHERE id = $1) FOR SHARE"
+            ))
+            .await?;
+        match client.query_opt(&stmt, &[&id, &member.name, &member.epoch]).await? {
             Some(r) if !r.get::<_, bool>(0) => Err(StoreError::Fenced),
             _ => Ok(()),
         }

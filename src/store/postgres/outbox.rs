@@ -110,13 +110,7 @@ impl Postgres {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        if self.member().is_some() {
-            let job: Option<String> =
-                tx.query_opt("SELECT job_id FROM deliveries WHERE id = $1", &[&id]).await?.map(|r| r.get(0));
-            if let Some(job) = job {
-                self.check_owner(&tx, &job).await?;
-            }
-        }
+        self.check_owner_of_delivery(&tx, id).await?;
         let insert = tx
             .prepare_cached(
                 "INSERT INTO attempts (delivery_id, attempted_at, duration_ms, http_status, response_excerpt, error)

@@ -196,11 +196,31 @@ impl Postgres {
     pub(super) async fn commit_decided(&self, job_id: String, decide: Decide) -> Result<PollWrite, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let stmt =
-            tx.prepare_cached(&format!("SELECT {DIFF_COLUMNS} FROM watches WHERE job_id = $1 FOR UPDATE")).await?;
-        let Some(row) = tx.query_opt(&stmt, &[&job_id]).await? else { return Ok(PollWrite::Skipped) };
-        // On the row now locked: no claim comes between this and the commit.
-        self.check_owner(&tx, &job_id).await?;
+        // In a cluster the same read says whether this instance still owns
+        // the watch; the row is locked, so no claim comes between this and
+        // the commit.
+        let row = match self.member() {
+            Some(m) => {
+                let stmt = tx
+                    .prepare_cached(&format!(
+                        "SELECT {DIFF_COLUMNS}, {OWNED} FROM watches WHERE job_id = $1 FOR UPDATE",
+                        OWNED = super::cluster::OWNED
+                    ))
+                    .await?;
+                let row = tx.query_opt(&stmt, &[&job_id, &m.name, &m.epoch]).await?;
+                if row.as_ref().is_some_and(|r| !r.get::<_, bool>(8)) {
+                    return Err(StoreError::Fenced);
+                }
+                row
+            }
+            None => {
+                let stmt = tx
+                    .prepare_cached(&format!("SELECT {DIFF_COLUMNS} FROM watches WHERE job_id = $1 FOR UPDATE"))
+                    .await?;
+                tx.query_opt(&stmt, &[&job_id]).await?
+            }
+        };
+        let Some(row) = row else { return Ok(PollWrite::Skipped) };
         let before = diff_context_of(&row, &job_id)?;
         if before.state != WatchState::Active {
             return Ok(PollWrite::Skipped);
