@@ -16,13 +16,20 @@
 //! phases and then just that one (for profiling).
 //! `--smoke` runs every phase briefly at a small scale, for CI (no figure is
 //! asserted); `--seconds N` sets each measuring phase's length (default 10).
+//! `--engine postgres` runs the unchanged, changed and delivery phases on
+//! PostgreSQL instead (benches/relay/postgres.rs), with the round trips per
+//! changed poll and three instances sharing the watches.
 
 #[path = "support/mod.rs"]
 mod support;
 
+#[path = "relay/postgres.rs"]
+mod postgres;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -248,7 +255,7 @@ fn polls(m: &Metrics) -> u64 {
     m.polls("bench", "unchanged") + m.polls("bench", "changed")
 }
 
-async fn bench(smoke: bool, seconds: u64, only: Option<String>) {
+async fn bench(smoke: bool, seconds: u64, only: Option<String>, postgres: bool) {
     let wants = |phase: &str| only.as_deref().is_none_or(|o| o == phase);
     let jobs = if smoke { 2_000 } else { 100_000 };
     let exe = std::env::current_exe().unwrap();
@@ -267,6 +274,12 @@ async fn bench(smoke: bool, seconds: u64, only: Option<String>) {
         jobs,
     };
     println!("relay-bench: {} watches, {} s per phase{}", b.jobs, b.seconds, if smoke { " (smoke)" } else { "" });
+    if postgres {
+        postgres::bench_postgres(&b, smoke).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    }
 
     // 1 and 2: start with the watches in the database; memory per idle watch.
     let small = b.jobs / 10;
@@ -428,10 +441,20 @@ fn main() {
     let smoke = args.iter().any(|a| a == "--smoke");
     let seconds = args.iter().position(|a| a == "--seconds").map_or(10, |i| args[i + 1].parse().unwrap());
     let only = args.iter().position(|a| a == "--only").map(|i| args[i + 1].clone());
+    let postgres = match args.iter().position(|a| a == "--engine").map(|i| args.get(i + 1).map(String::as_str)) {
+        None | Some(Some("sqlite")) => false,
+        Some(Some("postgres")) => true,
+        Some(other) => panic!("--engine takes sqlite or postgres, not {other:?}"),
+    };
     // The daemon's own logging, at its own level, so spans cost what they
     // cost in production; the lines go nowhere.
+    // BENCH_LOG=1 shows them on stderr (to see why a phase is slow).
     let filter = tracing_subscriber::EnvFilter::new("info");
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::sink).init();
+    if std::env::var_os("BENCH_LOG").is_some() {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::sink).init();
+    }
     // The daemon's runtime (see cli::block_on): one async thread.
     // BENCH_MULTI_THREAD=1 measures a multi-threaded one instead, for comparison.
     let mut builder = if std::env::var_os("BENCH_MULTI_THREAD").is_some() {
@@ -440,5 +463,5 @@ fn main() {
         tokio::runtime::Builder::new_current_thread()
     };
     let runtime = builder.enable_all().build().unwrap();
-    runtime.block_on(bench(smoke, seconds, only));
+    runtime.block_on(bench(smoke, seconds, only, postgres));
 }
