@@ -2,6 +2,7 @@
 
 mod heads;
 mod live;
+mod operator;
 pub mod ops;
 mod outbox;
 mod prune;
@@ -26,7 +27,7 @@ use serde_json::{Map, Value};
 
 use crate::notification::{self};
 use crate::store::*;
-use crate::vocab::{DeliveryState, NewWatch, WatchState};
+use crate::vocab::WatchState;
 
 use schema::MIGRATIONS;
 use writer::*;
@@ -476,39 +477,5 @@ impl DelivererStore for Sqlite {
 
     fn recent_events(&self, job_id: String, webhook: String, up_to: i64, limit: usize) -> StoreFuture<'_, Vec<String>> {
         Box::pin(self.0.call(move |s| s.recent_events(&job_id, &webhook, up_to, limit)))
-    }
-}
-
-impl OperatorStore for Sqlite {
-    fn add_watches(&self, watches: Vec<NewWatch>) -> StoreFuture<'_, AddSummary> {
-        Box::pin(self.0.call(move |s| s.add_watches(&watches)))
-    }
-
-    fn remove_watch(&self, job_id: String) -> StoreFuture<'_, bool> {
-        Box::pin(self.0.call(move |s| s.remove_watch(&job_id)))
-    }
-
-    fn list_deliveries(&self, state: Option<DeliveryState>, limit: usize) -> StoreFuture<'_, Vec<DeliverySummary>> {
-        Box::pin(self.0.call(move |s| s.list_deliveries(state, limit)))
-    }
-
-    fn notifications_of(&self, job_id: String) -> StoreFuture<'_, Vec<StoredNotification>> {
-        Box::pin(self.0.call(move |s| s.notifications_of(&job_id)))
-    }
-
-    fn attempts(&self, delivery_id: i64) -> StoreFuture<'_, Vec<AttemptRecord>> {
-        Box::pin(self.0.call(move |s| s.attempts(delivery_id)))
-    }
-
-    fn retry_failed(&self, id: Option<i64>) -> StoreFuture<'_, usize> {
-        Box::pin(self.0.call(move |s| s.retry_failed(id)))
-    }
-
-    fn resume_webhook(&self, webhook: String) -> StoreFuture<'_, bool> {
-        Box::pin(self.0.call(move |s| s.resume_webhook(&webhook)))
-    }
-
-    fn prune(&self, cutoff_ms: i64) -> StoreFuture<'_, PruneSummary> {
-        Box::pin(self.0.call(move |s| s.prune(cutoff_ms)))
     }
 }

@@ -18,11 +18,11 @@ use crate::vocab::{DeliveryState, now_ms};
 /// How many of the newest attempts the "last error" of each webhook is
 /// looked for in: a webhook that has not failed in that many attempts shows
 /// none, and the query never walks the whole history.
-const LAST_ERROR_WINDOW: i64 = 5000;
+pub(crate) const LAST_ERROR_WINDOW: i64 = 5000;
 /// At most this many delivered deliveries of each minute are read for the
 /// latency chart (the newest of the minute): a bounded sample, spread over
 /// the whole hour, enough for a p99 per minute that means something.
-const LATENCY_PER_MINUTE: usize = 200;
+pub(crate) const LATENCY_PER_MINUTE: usize = 200;
 const HOUR: i64 = 3_600_000;
 
 /// A filter over watches for the watches page.
