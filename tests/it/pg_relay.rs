@@ -1,7 +1,7 @@
 //! The relay on PostgreSQL: the lifecycle tests' job through the real
 //! `app::serve_postgres` (delivery in order, once, signed; a retry with the
 //! same id holding the chain; a restart that neither repeats nor misses),
-//! migrations racing at start, and what `run` refuses on PostgreSQL.
+//! migrations racing at start, and `run` serving the admin API on PostgreSQL.
 //! Each test takes a fresh database (`pg.rs`) and skips without a server.
 
 use std::collections::HashSet;
@@ -183,17 +183,27 @@ async fn instances_starting_together_migrate_once() {
     driver.await.unwrap().unwrap();
 }
 
-/// `run` on PostgreSQL refuses `[admin]` (not served there yet) with a
-/// clear error instead of starting without it.
+/// `run` on PostgreSQL serves `[admin]` once it holds the lease (it used to
+/// refuse it), and stops cleanly.
 #[tokio::test]
-async fn run_refuses_the_admin_api_on_postgres() {
+async fn run_serves_the_admin_api_on_postgres() {
     let Some(db) = TestDatabase::create() else { return };
     let dari = FakeDari::start().await;
-    let text = config_text(Path::new(&db.url), &dari, &[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let extra = format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n");
+    let text = config_text(Path::new(&db.url), &dari, &[], &extra);
     let config = Arc::new(Config::from_toml(&text, Path::new("test.toml"), &env).unwrap());
     let (_tx, rx) = tokio::sync::watch::channel(config);
-    let e = dari_relay::app::run(rx, CancellationToken::new()).await.expect_err("refused");
-    assert!(e.to_string().contains("admin API"), "{e}");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(dari_relay::app::run(rx, shutdown.clone()));
+    let url = format!("http://127.0.0.1:{port}/v1/watches");
+    let answered = async || reqwest::get(&url).await.is_ok_and(|r| r.status() == 200);
+    crate::fakes::eventually_async(Duration::from_secs(10), || format!("no 200 from {url}"), answered).await;
+    let body: serde_json::Value =
+        serde_json::from_str(&reqwest::get(&url).await.unwrap().text().await.unwrap()).unwrap();
+    assert_eq!(body["watches"], json!([]));
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
 }
 
 /// One active instance per database: a second waits as a standby (and
