@@ -3,9 +3,9 @@
 //! running daemon's admin API with `--admin`.
 //!
 //! Commands that only read or change the database need no secret: locally
-//! they read just `database`, the webhook names and the `[admin]` table from
-//! the config file ([`LocalView`]), so `watch list` works without
-//! `DARI_API_KEY`. `watch add` and `watch import` check watches against the
+//! they read just `database` (or `database_url_env`), the webhook names and
+//! the `[admin]` table from the config file ([`LocalView`]), so `watch list`
+//! works without `DARI_API_KEY`, on SQLite or PostgreSQL alike. `watch add` and `watch import` check watches against the
 //! whole config (orgs, webhook names) locally; through the API the daemon
 //! checks them. Both paths print the same text from the same JSON rows.
 

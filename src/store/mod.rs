@@ -23,6 +23,7 @@
 mod operator;
 pub mod postgres;
 mod sqlite;
+pub mod ui;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -36,10 +37,9 @@ use serde_json::{Map, Value};
 use crate::notification::Body;
 use crate::vocab::{DeliveryState, NotificationKind, PortalId, SeenState, WatchState};
 
-pub use operator::OperatorStore;
+pub use operator::{DeliveryDetail, DeliveryFilter, OperatorStore, TailAttempt, TailNotification};
 pub use postgres::Postgres;
-pub use sqlite::ops::{DeliveryDetail, DeliveryFilter, TailAttempt, TailNotification};
-pub use sqlite::{Sqlite, Store, ui};
+pub use sqlite::{Sqlite, Store};
 
 /// A store failure. The engine's own error is kept as the source (and
 /// repeated in the message, for logs; `cli::error_text` prints each cause once).

@@ -3,13 +3,13 @@
 mod heads;
 mod live;
 mod operator;
-pub mod ops;
+mod ops;
 mod outbox;
 mod prune;
 mod schema;
 #[cfg(test)]
 mod tests;
-pub mod ui;
+mod ui;
 mod watches;
 mod writer;
 
@@ -147,10 +147,10 @@ impl Store {
     /// Opens (creating if missing) the database at `path`: the folder is
     /// created 0700 and the file 0600, WAL is enabled and migrations run.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        // A PostgreSQL URL is not a file name: without this, a command not
-        // yet wired to PostgreSQL would create a SQLite file named like it.
+        // A PostgreSQL URL is not a file name: without this, a caller that
+        // took one for a path would create a SQLite file named like it.
         if path.to_str().is_some_and(crate::store::postgres::is_postgres_url) {
-            return Err(StoreError::Url("this command does not run on a PostgreSQL database yet".into()));
+            return Err(StoreError::Url("a PostgreSQL URL is not a SQLite database file".into()));
         }
         let create = |source| StoreError::Create { path: path.to_owned(), source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
