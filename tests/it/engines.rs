@@ -4,7 +4,8 @@
 //! fails and one that answers; then the admin API's routes, the status
 //! page's pages (over plain HTTP) and the commands (`watch add|import|list|rm`,
 //! `deliveries list|show|retry`, `webhooks list|resume`, `start`, the real
-//! binary on the same database) are checked against what it stored.
+//! binary on the same database) are checked against what it stored, with
+//! `GET /v1/events` following a retry of the dead letter.
 //! `operator_queries_agree` compares every operator query's rows across the
 //! two engines after the same writes, word for word but for the clock.
 
@@ -124,6 +125,26 @@ impl Running {
         (status, serde_json::from_str(&response.text().await.unwrap()).unwrap_or(Value::Null))
     }
 
+    async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        let request =
+            reqwest::Client::new().post(format!("{}{path}", self.api)).header("content-type", "application/json");
+        let response = request.body(body.to_string()).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, serde_json::from_str(&response.text().await.unwrap()).unwrap_or(Value::Null))
+    }
+
+    /// `GET /v1/events`, its answer's head read: the stream is open.
+    async fn events(&self) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let addr = self.api.trim_start_matches("http://");
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET /v1/events HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let head = read_until(&mut tcp, "\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/event-stream"), "{head}");
+        tcp
+    }
+
     async fn counts(&self) -> (i64, i64) {
         let counts = self.store.delivery_counts().await.unwrap();
         (counts.get("pending").copied().unwrap_or(0), counts.get("failed").copied().unwrap_or(0))
@@ -156,6 +177,20 @@ async fn announce(relay: &Running, query: &str, job_id: &str) -> (u16, Value) {
         .unwrap();
     let status = response.status().as_u16();
     (status, serde_json::from_str(&response.text().await.unwrap()).unwrap_or(Value::Null))
+}
+
+/// Reads `stream` until `want` has come, within 10 s; what was read.
+async fn read_until(stream: &mut tokio::net::TcpStream, want: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buffer = [0; 4096];
+    while !String::from_utf8_lossy(&seen).contains(want) {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await;
+        let n = read.unwrap_or_else(|_| panic!("no {want:?} within 10 s: {}", String::from_utf8_lossy(&seen))).unwrap();
+        assert!(n > 0, "the stream ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buffer[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
 }
 
 /// The real binary on `config`, with the fakes' secrets in its environment.
@@ -241,6 +276,20 @@ async fn operator_surfaces(db: Db) {
     assert!(metrics.contains("dari_relay_deliveries_failed{webhook=\"h\"} 1"), "{metrics}");
     assert_eq!(relay_.get("/readyz").await, (200, json!({"status": "ready"}).to_string()));
     assert_eq!(relay_.post(&format!("/v1/watches/{JOB}/poll")).await.0, 409, "a finished watch is not polled");
+    let (code, added) = relay_.post_json("/v1/watches", json!({"portal_id": "acme/form", "job_id": JOB3})).await;
+    assert_eq!((code, added["job_id"].as_str()), (201, Some(JOB3)), "{added}");
+    assert_eq!(relay_.post_json("/v1/watches", json!({"portal_id": "acme/form", "job_id": JOB3})).await.0, 200);
+    let deleted = reqwest::Client::new().delete(format!("{}/v1/watches/{JOB3}", relay_.api)).send().await.unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+
+    // The event stream follows a retry of the dead letter, which fails again.
+    let mut events = relay_.events().await;
+    failing.answer_with(&[500, 500]);
+    assert_eq!(relay_.post(&format!("/v1/deliveries/{id}/retry")).await, (200, json!({"requeued": id})));
+    let seen = read_until(&mut events, "\"state\":\"failed\"").await;
+    assert!(seen.contains("event: delivery") && seen.contains(&format!("\"delivery_id\":{id}")), "{seen}");
+    let failed_again = async || relay_.store.attempts(id).await.unwrap().len() == 4 && relay_.counts().await == (0, 1);
+    crate::fakes::eventually_async(Duration::from_secs(10), || "the retry never failed".into(), failed_again).await;
 
     // The status page, over plain HTTP (no token: each GET opens a session).
     let (code, overview) = relay_.get("/ui/").await;
@@ -260,9 +309,9 @@ async fn operator_surfaces(db: Db) {
     let cfg = config.as_path();
     let list = ok(cfg, &["deliveries", "list", "--status", "failed", "--json"]);
     let rows: Value = serde_json::from_str(&list).unwrap();
-    assert_eq!((rows[0]["id"].as_i64(), rows[0]["attempts_log"].as_array().map(Vec::len)), (Some(id), Some(2)));
+    assert_eq!((rows[0]["id"].as_i64(), rows[0]["attempts_log"].as_array().map(Vec::len)), (Some(id), Some(4)));
     let text = ok(cfg, &["deliveries", "list", "--status", "failed"]);
-    assert_eq!(text.lines().filter(|l| l.contains("attempt at") && l.contains("status 500")).count(), 2, "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains("attempt at") && l.contains("status 500")).count(), 4, "{text}");
     let shown = ok(cfg, &["deliveries", "show", &id.to_string()]);
     assert!(shown.starts_with(&format!("delivery {id}  job.event  to h  job {JOB}\n")), "{shown}");
     let hooks: Value = serde_json::from_str(&ok(cfg, &["webhooks", "list", "--json"])).unwrap();
@@ -302,12 +351,14 @@ async fn operator_surfaces(db: Db) {
     assert_eq!(started, format!("started job {STARTED} on acme/form; watching it\n"));
     let active: Value = serde_json::from_str(&ok(cfg, &["watch", "list", "--json"])).unwrap();
     let jobs: Vec<&str> = active.as_array().unwrap().iter().filter_map(|w| w["job_id"].as_str()).collect();
-    assert_eq!(jobs, [JOB2, JOB3, STARTED]);
-    assert_eq!(active[0]["labels"], json!({"team": "a"}));
+    // JOB3 keeps its place from the API's add: a removed watch added again is the same row.
+    assert_eq!(jobs, [JOB3, JOB2, STARTED]);
+    assert_eq!(active[1]["labels"], json!({"team": "a"}));
     assert_eq!(ok(cfg, &["watch", "rm", JOB2]), format!("stopped watching job {JOB2}\n"));
     assert_eq!(relay(cfg, &["watch", "rm", JOB2]).status.code(), Some(2));
     let all = ok(cfg, &["watch", "list", "--all"]);
     assert_eq!(all.lines().count(), 5, "a header and four watches: {all}");
+    assert!(all.lines().any(|l| l.starts_with(JOB3) && l.contains("active")), "imported again: {all}");
     assert!(all.lines().any(|l| l.starts_with(JOB2) && l.contains("removed")), "{all}");
 }
 
