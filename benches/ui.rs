@@ -23,7 +23,7 @@ use dari_relay::admin::{self, AdminState, Listener};
 use dari_relay::config::{Config, ListenAddr};
 use dari_relay::health::Health;
 use dari_relay::metrics::Metrics;
-use dari_relay::store::Store;
+use dari_relay::store::{Sqlite, Store};
 use dari_relay::vocab::{NewWatch, now_ms};
 use tokio_util::sync::CancellationToken;
 
@@ -119,7 +119,7 @@ async fn main() {
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(config));
     let state = AdminState {
         config: rx,
-        store: Arc::clone(&store),
+        store: Arc::new(Sqlite(Arc::clone(&store))),
         metrics: Arc::new(Metrics::default()),
         health: Arc::new(Health::default()),
         // No poller here: "poll now" requests go nowhere.

@@ -43,12 +43,6 @@ pub enum AppError {
     /// The admin API could not listen.
     #[error("cannot listen on {listen} for the admin API: {source}")]
     Admin { listen: String, source: std::io::Error },
-    /// The admin API and the inbound listener need the SQLite store (they
-    /// read it directly); on PostgreSQL they cannot be served yet.
-    #[error(
-        "the admin API ([admin]) and push assist ([inbound]) do not run on a PostgreSQL database yet; remove them or use SQLite"
-    )]
-    AdminOnPostgres,
     /// A loop ended on its own.
     #[error("the {task} loop stopped unexpectedly: {reason}")]
     TaskEnded { task: &'static str, reason: String },
@@ -77,10 +71,9 @@ pub async fn run_with_reload(
 ) -> Result<(), AppError> {
     let postgres = config.borrow().postgres.clone();
     if let Some(pg) = postgres {
-        if config.borrow().admin.is_some() || config.borrow().inbound.is_some() {
-            return Err(AppError::AdminOnPostgres);
-        }
         let store = Postgres::open(pg.url()).await?;
+        // Bound before joining the cluster, so a taken port fails at start.
+        let listeners = bind_listeners(&config, reload).await?;
         let cluster = config.borrow().cluster.clone();
         let instance = cluster.as_ref().map_or_else(crate::config::default_instance, |c| c.instance.clone());
         let lease_ttl = cluster.as_ref().map_or(crate::config::defaults::LEASE_TTL.default, |c| c.lease_ttl);
@@ -100,7 +93,8 @@ pub async fn run_with_reload(
             }
             Err(e) => warn!(error = %e, "cannot claim watches yet; will retry at the next renewal"),
         }
-        let serving = serve_postgres(config, Arc::clone(&store), Arc::clone(&metrics), shutdown.clone());
+        let serving =
+            serve_postgres_with(config, Arc::clone(&store), Arc::clone(&metrics), listeners, shutdown.clone());
         tokio::pin!(serving);
         let each = |b: &crate::store::postgres::Balance| {
             metrics.set_cluster(b.instances, b.owned, b.took_over);
@@ -137,6 +131,15 @@ pub async fn run_with_reload(
     }
     let path = config.borrow().database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.map_err(StoreError::Task)??;
+    let listeners = bind_listeners(&config, reload).await?;
+    serve_with(config, Arc::new(store), Arc::new(Metrics::default()), listeners, shutdown).await
+}
+
+/// Binds the admin listener and the `[inbound]` listener the config asks for.
+async fn bind_listeners(
+    config: &watch::Receiver<Arc<Config>>,
+    reload: Option<admin::Reload>,
+) -> Result<Listeners, AppError> {
     let admin_config = config.borrow().admin.clone();
     let admin = match admin_config {
         Some(a) => Some(
@@ -146,7 +149,8 @@ pub async fn run_with_reload(
         ),
         None => None,
     };
-    let inbound = match config.borrow().inbound.as_ref().map(|i| i.listen) {
+    let inbound_listen = config.borrow().inbound.as_ref().map(|i| i.listen);
+    let inbound = match inbound_listen {
         Some(listen) => Some(
             inbound::Listener::bind(listen)
                 .await
@@ -158,7 +162,7 @@ pub async fn run_with_reload(
         Some(reload) => l.with_reload(reload),
         None => l,
     });
-    serve_with(config, Arc::new(store), Arc::new(Metrics::default()), Listeners { admin, inbound }, shutdown).await
+    Ok(Listeners { admin, inbound })
 }
 
 /// The listeners bound before the relay starts, each optional.
@@ -195,20 +199,31 @@ pub async fn serve_with(
     serve_engine(config, Engine::Sqlite(store), metrics, listeners, shutdown).await
 }
 
-/// [`serve`] on a PostgreSQL database (without the admin API, which reads
-/// the SQLite store directly for now).
+/// [`serve`] on a PostgreSQL database, without listeners.
 pub async fn serve_postgres(
     config: watch::Receiver<Arc<Config>>,
     store: Arc<Postgres>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    serve_engine(config, Engine::Postgres(store), metrics, Listeners::default(), shutdown).await
+    serve_postgres_with(config, store, metrics, Listeners::default(), shutdown).await
 }
 
-/// The open database, by engine: the loops get it through the storage
-/// traits; the watchdog asks it for its problems; the admin API (SQLite
-/// only, for now) gets the store itself.
+/// [`serve_with`] on a PostgreSQL database: the admin API, the status page
+/// and push assist read it through the operator interface, as on SQLite.
+pub async fn serve_postgres_with(
+    config: watch::Receiver<Arc<Config>>,
+    store: Arc<Postgres>,
+    metrics: Arc<Metrics>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    serve_engine(config, Engine::Postgres(store), metrics, listeners, shutdown).await
+}
+
+/// The open database, by engine: the loops, the admin API and the inbound
+/// listener get it through the storage traits; the watchdog asks it for
+/// its problems.
 #[derive(Clone)]
 enum Engine {
     Sqlite(Arc<Store>),
@@ -229,7 +244,7 @@ impl Engine {
     /// whose store calls fail does not beat.
     fn problems(&self, health: &Health, now: std::time::Instant) -> Vec<String> {
         match self {
-            Engine::Sqlite(store) => health::problems(health, store, now),
+            Engine::Sqlite(store) => health::problems(health, &Sqlite(Arc::clone(store)), now),
             Engine::Postgres(_) => health.stale_at(now),
         }
     }
@@ -292,12 +307,12 @@ async fn serve_engine(
     tasks.spawn(async move { ("pruner", prune_loop(reloads, pruning, token).await.map_err(|e| e.to_string())) });
     let (token, watched, watched_store) = (shutdown.clone(), Arc::clone(&health), engine.clone());
     tasks.spawn(async move { ("watchdog", watchdog_loop(watched, watched_store, token).await) });
-    // The inbound listener and the admin API read the SQLite store itself
-    // (`run` refuses them on PostgreSQL).
-    if let (Some(listener), Engine::Sqlite(store)) = (inbound, &engine) {
+    // The inbound listener and the admin API see the store as operators do.
+    let operator = Arc::clone(&loops) as Arc<dyn OperatorStore>;
+    if let Some(listener) = inbound {
         let state = inbound::InboundState {
             config: config.clone(),
-            store: Arc::clone(store),
+            store: Arc::clone(&operator),
             metrics: Arc::clone(&metrics),
             poll_now: poll_now.clone(),
             limiter: Arc::default(),
@@ -307,10 +322,10 @@ async fn serve_engine(
             ("inbound listener", inbound::serve(listener, state, token).await.map_err(|e| e.to_string()))
         });
     }
-    if let (Some(listener), Engine::Sqlite(store)) = (admin, &engine) {
+    if let Some(listener) = admin {
         let state = AdminState {
             config,
-            store: Arc::clone(store),
+            store: operator,
             metrics,
             health,
             poll_now,

@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::store::Store;
+use crate::store::OperatorStore;
 
 /// A loop that has not stamped its heartbeat for this long is stuck, and so
 /// is one whose every store call has failed for this long.
@@ -81,7 +81,7 @@ impl Health {
 /// Everything that makes the relay not live at `now`: stale loops, and
 /// the store's own problems (a dead writer thread, every write or every
 /// store call failing for longer than [`STALE_AFTER`]).
-pub fn problems(health: &Health, store: &Store, now: Instant) -> Vec<String> {
+pub fn problems(health: &Health, store: &dyn OperatorStore, now: Instant) -> Vec<String> {
     let mut out = health.stale_at(now);
     out.extend(store.problems_at(now, STALE_AFTER));
     out

@@ -43,7 +43,7 @@ use crate::config::defaults::{INBOUND_MAX_BODY, INBOUND_MAX_SOURCES, INBOUND_RAT
 use crate::metrics::Metrics;
 use crate::poller::{PollNow, PollNowError};
 use crate::retry::TokenBucket;
-use crate::store::{Store, WatchQuery};
+use crate::store::{OperatorStore, WatchQuery};
 use crate::vocab::{NewWatch, PortalId, WatchState, parse_job_id};
 
 /// The header Dari signs its webhook with.
@@ -120,7 +120,8 @@ impl Listener {
 pub struct InboundState {
     /// The live config: the key and `auto_watch` follow reloads.
     pub config: watch::Receiver<Arc<Config>>,
-    pub store: Arc<Store>,
+    /// The database, whichever engine holds it.
+    pub store: Arc<dyn OperatorStore>,
     pub metrics: Arc<Metrics>,
     /// Asks the poller to poll a job now.
     pub poll_now: PollNow,
@@ -192,10 +193,8 @@ async fn handle(state: &InboundState, source: IpAddr, request: Request) -> (Outc
         return (Outcome::BadBody, Some("the body has no UUID job_id".into()));
     };
     let id = job_id.clone();
-    let found = state
-        .store
-        .call(move |s| s.query_watches(&WatchQuery { job_id: Some(id), limit: Some(1), ..WatchQuery::default() }))
-        .await;
+    let found =
+        state.store.query_watches(WatchQuery { job_id: Some(id), limit: Some(1), ..WatchQuery::default() }).await;
     let watch = match found {
         Ok(rows) => rows.into_iter().next(),
         Err(e) => {
@@ -237,7 +236,7 @@ async fn auto_watch(
         return (Outcome::Ignored, Some(format!("cannot watch the job: {}", e.message)));
     }
     let portal_id = watch.portal.to_string();
-    if let Err(e) = state.store.call(move |s| s.add_watches(std::slice::from_ref(&watch))).await {
+    if let Err(e) = state.store.add_watches(vec![watch]).await {
         warn!(job_id = %job_id, error = %e, "inbound: cannot store the auto-watch");
         return (Outcome::Unavailable, Some("database error".into()));
     }

@@ -14,7 +14,7 @@ use tracing::info;
 
 use super::{AdminState, ApiError, Json, MAX_PAGE, parse_limit, query};
 use crate::config::Config;
-use crate::store::{AttemptRecord, DeliveryDetail, DeliveryFilter, Store, StoreError};
+use crate::store::{AttemptRecord, DeliveryDetail, DeliveryFilter, OperatorStore, StoreError};
 use crate::vocab::{DeliveryState, now_ms, parse_job_id};
 
 /// What stands in for a secret in what is shown.
@@ -40,10 +40,10 @@ pub struct WebhookRow {
 
 /// Every webhook of the config (`names`, in order), then any name only the
 /// database still holds deliveries or a pause for, with state and backlog.
-pub fn webhook_rows(names: &[String], store: &Store) -> Result<Vec<WebhookRow>, StoreError> {
-    let paused = store.paused_webhooks()?;
-    let backlog = store.backlog()?;
-    let concurrency = store.webhook_concurrency()?;
+pub async fn webhook_rows(names: &[String], store: &dyn OperatorStore) -> Result<Vec<WebhookRow>, StoreError> {
+    let paused = store.webhook_pauses().await?;
+    let backlog = store.backlog().await?;
+    let concurrency = store.webhook_concurrency().await?;
     let stale_ms = crate::deliver::CONCURRENCY_STALE.as_millis() as i64;
     let configured: BTreeSet<&String> = names.iter().collect();
     let gone: BTreeSet<&String> = backlog.keys().chain(paused.keys()).filter(|n| !configured.contains(n)).collect();
@@ -158,22 +158,23 @@ pub(super) async fn list_deliveries(
     }
     // Failed deliveries come with every attempt: that is what a dead
     // letter is for (as in `deliveries list`).
-    let rows = state
-        .store
-        .call(move |s| {
-            let rows = s.query_deliveries(&filter)?;
-            let mut out = Vec::with_capacity(rows.len());
-            for d in rows {
-                let mut v = serde_json::to_value(&d).expect("rows serialise");
-                if d.state == DeliveryState::Failed.as_str() {
-                    v["attempts_log"] = s.attempts(d.id)?.iter().map(attempt_json).collect();
-                }
-                out.push(v);
-            }
-            Ok(out)
-        })
-        .await?;
+    let rows = delivery_rows(state.store.as_ref(), filter).await?;
     Ok(Json(json!({"deliveries": rows})))
+}
+
+/// The deliveries `filter` picks, as `GET /v1/deliveries` and `deliveries
+/// list --json` give them: failed ones with every attempt.
+pub async fn delivery_rows(store: &dyn OperatorStore, filter: DeliveryFilter) -> Result<Vec<Value>, StoreError> {
+    let rows = store.query_deliveries(filter).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for d in rows {
+        let mut v = serde_json::to_value(&d).expect("rows serialise");
+        if d.state == DeliveryState::Failed.as_str() {
+            v["attempts_log"] = store.attempts(d.id).await?.iter().map(attempt_json).collect();
+        }
+        out.push(v);
+    }
+    Ok(out)
 }
 
 /// `GET /v1/deliveries/{id}`: what was sent, as [`delivery_json`] shows it.
@@ -182,7 +183,7 @@ pub(super) async fn list_deliveries(
     responses((status = 200, description = "The row, `body` as rendered for its webhook, `headers` (secrets redacted), `attempts_log`"), (status = 404, description = "No such delivery"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn get_delivery(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json, ApiError> {
     let id = parse_id(&id)?;
-    let Some(detail) = state.store.call(move |s| s.delivery(id)).await? else {
+    let Some(detail) = state.store.delivery(id).await? else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no delivery {id}")));
     };
     let config = Arc::clone(&state.config.borrow());
@@ -195,7 +196,7 @@ pub(super) async fn get_delivery(State(state): State<AdminState>, Path(id): Path
 pub(super) async fn list_webhooks(State(state): State<AdminState>) -> Result<Json, ApiError> {
     let config = Arc::clone(&state.config.borrow());
     let names: Vec<String> = config.webhooks.iter().map(|w| w.name.clone()).collect();
-    let rows = state.store.call(move |s| webhook_rows(&names, s)).await?;
+    let rows = webhook_rows(&names, state.store.as_ref()).await?;
     Ok(Json(json!({"webhooks": rows})))
 }
 
@@ -209,7 +210,7 @@ pub(super) async fn resume_webhook(
     Path(name): Path<String>,
 ) -> Result<Json, ApiError> {
     let webhook = name.clone();
-    if !state.store.call(move |s| s.resume_webhook(&webhook)).await? {
+    if !state.store.resume_webhook(webhook).await? {
         return Err(ApiError::new(StatusCode::CONFLICT, format!("webhook {name:?} is not paused")));
     }
     info!(webhook = %name, "admin API: webhook resumed");
@@ -225,7 +226,7 @@ fn parse_id(id: &str) -> Result<i64, ApiError> {
     responses((status = 200, description = "`{requeued: id}`"), (status = 409, description = "Does not exist or is not failed"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn retry_delivery(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json, ApiError> {
     let id = parse_id(&id)?;
-    let requeued = state.store.call(move |s| s.retry_failed(Some(id))).await?;
+    let requeued = state.store.retry_failed(Some(id)).await?;
     if requeued == 0 {
         return Err(ApiError::new(StatusCode::CONFLICT, format!("delivery {id} does not exist or is not failed")));
     }

@@ -34,7 +34,7 @@ const PIPE: usize = 64 * 1024;
     responses((status = 200, description = "text/event-stream: `notification` and `delivery` events", content_type = "text/event-stream"),
         (status = 401, description = "No valid bearer token")))]
 pub(super) async fn events(State(state): State<AdminState>) -> Result<Response, ApiError> {
-    let (mut notification, mut attempt) = state.store.call(|s| s.tail_start()).await?;
+    let (mut notification, mut attempt) = state.store.tail_start().await?;
     let (reader, mut writer) = tokio::io::duplex(PIPE);
     let stopping = state.stopping.clone().unwrap_or_default();
     tokio::spawn(async move {
@@ -44,7 +44,7 @@ pub(super) async fn events(State(state): State<AdminState>) -> Result<Response, 
                 _ = stopping.cancelled() => return,
                 _ = tokio::time::sleep(POLL_EVERY) => {}
             }
-            let found = state.store.call(move |s| s.tail_after(notification, attempt, BATCH)).await;
+            let found = state.store.tail_after(notification, attempt, BATCH).await;
             let (notifications, attempts) = match found {
                 Ok(found) => found,
                 Err(e) => {

@@ -44,7 +44,7 @@ mod guard;
 mod openapi;
 mod watches;
 
-pub use deliveries::{WebhookRow, attempt_json, delivery_json, webhook_rows};
+pub use deliveries::{WebhookRow, attempt_json, delivery_json, delivery_rows, webhook_rows};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,7 +65,7 @@ use tracing::{info, warn};
 use crate::config::{Config, ListenAddr};
 use crate::health::Health;
 use crate::metrics::{Metrics, Snapshot};
-use crate::store::{Store, StoreError};
+use crate::store::{OperatorStore, StoreError};
 use crate::vocab::now_ms;
 
 /// How long `/readyz` trusts its last look at whether the database takes writes.
@@ -82,7 +82,8 @@ pub(crate) const MAX_PAGE: usize = 1000;
 pub struct AdminState {
     /// The live config (reloads included).
     pub config: watch::Receiver<Arc<Config>>,
-    pub store: Arc<Store>,
+    /// The database, whichever engine holds it.
+    pub store: Arc<dyn OperatorStore>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     /// Asks the poller to poll a watch now (`POST /v1/watches/{job_id}/poll`).
@@ -209,6 +210,7 @@ pub fn router(state: AdminState, bound: Option<SocketAddr>, pages: Router<AdminS
         .route("/v1/webhooks/{name}/resume", post(deliveries::resume_webhook))
         .route("/v1/jobs/{org_id}/{endpoint_name}/start", post(watches::start_job))
         .route("/v1/reload", post(reload))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/events", get(events::events))
         .route("/v1/openapi.json", get(openapi::document))
         .route("/healthz", get(healthz))
@@ -300,8 +302,8 @@ pub(crate) fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "`{status: ready}`"), (status = 503, description = "`{status: not ready, reasons}`"), (status = 401, description = "No valid bearer token")))]
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let mut reasons = crate::health::problems(&state.health, &state.store, std::time::Instant::now());
-    let writable = state.store.call(|s| Ok(s.writable(WRITABLE_CHECK_EVERY))).await;
+    let mut reasons = crate::health::problems(&state.health, state.store.as_ref(), std::time::Instant::now());
+    let writable = state.store.writable(WRITABLE_CHECK_EVERY).await;
     if let Err(e) = writable.map_err(|e| e.to_string()).and_then(|r| r) {
         reasons.push(format!("the database is not writable: {e}"));
     }
@@ -315,7 +317,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain"), (status = 401, description = "No valid bearer token")))]
 async fn metrics(State(state): State<AdminState>) -> Result<Response, ApiError> {
-    let (watches, backlog) = state.store.call(|s| Ok((s.watch_counts()?, s.backlog()?))).await?;
+    let (watches, backlog) = (state.store.watch_counts().await?, state.store.backlog().await?);
     let now = now_ms();
     let snapshot = Snapshot {
         watches,
@@ -326,6 +328,23 @@ async fn metrics(State(state): State<AdminState>) -> Result<Response, ApiError> 
     };
     let text = state.metrics.render(&snapshot);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+/// `GET /v1/cluster`: every live instance sharing the PostgreSQL database,
+/// with its watch count and last renewal; 404 on SQLite, which one relay
+/// has to itself.
+#[utoipa::path(get, path = "/v1/cluster", tag = "operations",
+    responses((status = 200, description = "`{instance, instances: [{instance, epoch, watches, started_at, last_renewal, expires_at}]}`"), (status = 404, description = "A SQLite database: no cluster"), (status = 401, description = "No valid bearer token")))]
+async fn cluster(State(state): State<AdminState>) -> Result<Json, ApiError> {
+    let Some(instances) = state.store.cluster().await? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this relay runs on SQLite: there is no cluster (several instances need PostgreSQL)",
+        ));
+    };
+    let this =
+        state.config.borrow().cluster.as_ref().map_or_else(crate::config::default_instance, |c| c.instance.clone());
+    Ok(Json(json!({"instance": this, "instances": instances})))
 }
 
 /// `GET /healthz`: liveness only, answered without the token; it says

@@ -27,6 +27,7 @@ use super::{Json, deliveries, events, watches};
         deliveries::list_webhooks,
         deliveries::resume_webhook,
         super::reload,
+        super::cluster,
         events::events,
         super::healthz,
         super::readyz,

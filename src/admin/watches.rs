@@ -26,14 +26,9 @@ fn invalid(e: InvalidRequest) -> ApiError {
 /// Stores a watch; 201 if new, 200 if it already existed.
 async fn add_watch(state: &AdminState, watch: NewWatch) -> Result<(StatusCode, Value), ApiError> {
     let job_id = watch.job_id.clone();
-    let (added, row) = state
-        .store
-        .call(move |s| {
-            let summary = s.add_watches(std::slice::from_ref(&watch))?;
-            let row = s.query_watches(&WatchQuery { job_id: Some(watch.job_id.clone()), ..WatchQuery::default() })?;
-            Ok((summary.added == 1, row))
-        })
-        .await?;
+    let summary = state.store.add_watches(vec![watch]).await?;
+    let row = state.store.query_watches(WatchQuery { job_id: Some(job_id.clone()), ..WatchQuery::default() }).await?;
+    let added = summary.added == 1;
     let watch = serde_json::to_value(row.first()).expect("rows serialise");
     if added {
         info!(job_id = %job_id, "admin API: watch added");
@@ -86,7 +81,7 @@ pub(super) async fn list_watches(
         }
     }
     let limit = *query.limit.get_or_insert(PAGE);
-    let rows = state.store.call(move |s| s.query_watches(&query)).await?;
+    let rows = state.store.query_watches(query).await?;
     let next = (rows.len() == limit).then(|| rows.last().map(|w| w.job_id.clone())).flatten();
     Ok(Json(json!({"watches": rows, "next_after": next})))
 }
@@ -96,13 +91,8 @@ pub(super) async fn list_watches(
     responses((status = 200, description = "The watch with its notifications and their deliveries"), (status = 404, description = "No such watch"), (status = 400, description = "A bad parameter: `{\"error\", \"field\"}`"), (status = 401, description = "No valid bearer token")))]
 pub(super) async fn get_watch(State(state): State<AdminState>, Path(job_id): Path<String>) -> Result<Json, ApiError> {
     let job_id = parse_job_id(&job_id).map_err(|e| ApiError::bad("job_id", e))?;
-    let (rows, notifications) = state
-        .store
-        .call(move |s| {
-            let rows = s.query_watches(&WatchQuery { job_id: Some(job_id.clone()), ..WatchQuery::default() })?;
-            Ok((rows, s.notifications_of(&job_id)?))
-        })
-        .await?;
+    let rows = state.store.query_watches(WatchQuery { job_id: Some(job_id.clone()), ..WatchQuery::default() }).await?;
+    let notifications = state.store.notifications_of(job_id).await?;
     let Some(watch) = rows.into_iter().next() else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no such watch"));
     };
@@ -134,7 +124,7 @@ pub(super) async fn delete_watch(
 ) -> Result<Response, ApiError> {
     let job_id = parse_job_id(&job_id).map_err(|e| ApiError::bad("job_id", e))?;
     let id = job_id.clone();
-    if state.store.call(move |s| s.remove_watch(&id)).await? {
+    if state.store.remove_watch(id).await? {
         info!(job_id = %job_id, "admin API: watch removed");
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
@@ -161,7 +151,7 @@ pub(crate) async fn poll_now(state: &AdminState, job_id: &str) -> Result<(), Pol
     let id = job_id.to_owned();
     let rows = state
         .store
-        .call(move |s| s.query_watches(&WatchQuery { job_id: Some(id), limit: Some(1), ..WatchQuery::default() }))
+        .query_watches(WatchQuery { job_id: Some(id), limit: Some(1), ..WatchQuery::default() })
         .await
         .map_err(PollNowRefused::Store)?;
     let watch = rows.into_iter().next().ok_or(PollNowRefused::Unknown)?;

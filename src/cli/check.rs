@@ -80,7 +80,12 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
 /// The database can be opened where the config says: the file, if it
 /// exists, is writable; else its folder is, or the nearest folder that
 /// exists above it (where `run` would create the rest). Nothing is created.
+/// A PostgreSQL database is not connected to (opening it would create its
+/// schema): its URL was checked when the config was resolved.
 fn database_writable(config: &Config) -> Result<(), Failure> {
+    if config.postgres.is_some() {
+        return Ok(());
+    }
     let db = &config.database;
     let refuse = |what: String| {
         usage(anyhow!(

@@ -11,12 +11,13 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH, LogFormat};
-use crate::store::Store;
+use crate::config::{Config, DEFAULT_CONFIG_PATH, LogFormat, PostgresDatabase};
+use crate::store::{OperatorStore, Postgres, Sqlite, Store};
 use crate::vocab::PortalId;
 
 mod check;
@@ -390,10 +391,59 @@ pub fn load_config(path: &Path) -> Result<Config, Failure> {
     Config::load(path).map_err(usage)
 }
 
-fn open_store(config: &Config) -> Result<Store, Failure> {
-    let opened =
-        Store::open(&config.database).with_context(|| format!("cannot open database {}", config.database.display()));
-    opened.map_err(|e| runtime(database_hint(e, &config.database)))
+/// The database a command works on: a SQLite file, or a PostgreSQL URL
+/// (kept secret: messages show it without its password).
+pub(crate) enum Database {
+    Sqlite(PathBuf),
+    Postgres(PostgresDatabase),
+}
+
+impl Database {
+    /// The database the resolved config names.
+    fn of(config: &Config) -> Database {
+        match &config.postgres {
+            Some(pg) => Database::Postgres(pg.clone()),
+            None => Database::Sqlite(config.database.clone()),
+        }
+    }
+
+    /// Opens it, whichever engine it is: the schema is created or migrated.
+    /// A database that cannot be opened (a file not ours, a server that
+    /// does not answer) is a runtime failure naming it, never with its
+    /// password.
+    async fn open(&self) -> Result<Arc<dyn OperatorStore>, Failure> {
+        match self {
+            Database::Sqlite(path) => {
+                let opened = Store::open(path).with_context(|| format!("cannot open database {}", path.display()));
+                let store = opened.map_err(|e| runtime(database_hint(e, path)))?;
+                Ok(Arc::new(Sqlite(Arc::new(store))))
+            }
+            Database::Postgres(pg) => {
+                let opened =
+                    Postgres::open(pg.url()).await.with_context(|| format!("cannot open database {}", pg.shown));
+                Ok(Arc::new(opened.map_err(runtime)?))
+            }
+        }
+    }
+
+    /// Opens it and runs `f` on it, on the command's runtime (a PostgreSQL
+    /// pool lives as long as the runtime that made its connections).
+    fn with<T>(&self, f: impl AsyncFnOnce(&dyn OperatorStore) -> Result<T, Failure>) -> Result<T, Failure> {
+        block_on(async {
+            let store = self.open().await?;
+            f(store.as_ref()).await
+        })
+    }
+}
+
+/// Opens the database the config names, either engine.
+async fn open_store(config: &Config) -> Result<Arc<dyn OperatorStore>, Failure> {
+    Database::of(config).open().await
+}
+
+/// [`open_store`] and `f` on it, for a command without a runtime of its own.
+fn with_store<T>(config: &Config, f: impl AsyncFnOnce(&dyn OperatorStore) -> Result<T, Failure>) -> Result<T, Failure> {
+    Database::of(config).with(f)
 }
 
 /// Adds what to do to an error opening the database, when the cause is a

@@ -3,9 +3,9 @@
 //! running daemon's admin API with `--admin`.
 //!
 //! Commands that only read or change the database need no secret: locally
-//! they read just `database`, the webhook names and the `[admin]` table from
-//! the config file ([`LocalView`]), so `watch list` works without
-//! `DARI_API_KEY`. `watch add` and `watch import` check watches against the
+//! they read just `database` (or `database_url_env`), the webhook names and
+//! the `[admin]` table from the config file ([`LocalView`]), so `watch list`
+//! works without `DARI_API_KEY`, on SQLite or PostgreSQL alike. `watch add` and `watch import` check watches against the
 //! whole config (orgs, webhook names) locally; through the API the daemon
 //! checks them. Both paths print the same text from the same JSON rows.
 
@@ -17,9 +17,10 @@ use serde_json::Value;
 
 use super::remote::{Admin, Answer};
 use super::watch::{ignored_options, read_import};
-use super::{DeliveriesCommand, Failure, WatchCommand, WebhooksCommand, count, load_config, runtime, usage};
-use crate::store::{DeliveryFilter, Store};
-use crate::vocab::{DeliveryState, NewWatch};
+use super::{Database, DeliveriesCommand, Failure, WatchCommand, WebhooksCommand, count, load_config, runtime, usage};
+use crate::config::PostgresDatabase;
+use crate::store::{DeliveryFilter, OperatorStore, WatchQuery};
+use crate::vocab::{DeliveryState, NewWatch, WatchState};
 use crate::watches::WatchRequest;
 
 /// Where an operator command goes.
@@ -31,10 +32,11 @@ pub enum Target {
 }
 
 /// What the database commands need from the config file, read without
-/// resolving it: no secret is loaded, so none is asked for.
+/// resolving it: no secret is loaded, so none is asked for (but the
+/// PostgreSQL URL, from `database_url_env` when the file names one).
 pub struct LocalView {
     pub path: PathBuf,
-    pub database: PathBuf,
+    pub database: Database,
     pub webhooks: Vec<String>,
     pub admin_listen: Option<String>,
     pub admin_token_env: Option<String>,
@@ -50,7 +52,15 @@ impl LocalView {
         let table: toml::Table = toml::from_str(&text)
             .map_err(|e| usage(anyhow!("invalid config file {}: {}", path.display(), e.to_string().trim_end())))?;
         let text_of = |v: Option<&toml::Value>| v.and_then(toml::Value::as_str).map(str::to_owned);
-        let database = text_of(table.get("database")).unwrap_or_else(|| crate::config::defaults::DATABASE.to_owned());
+        let (database, url_env) = (text_of(table.get("database")), text_of(table.get("database_url_env")));
+        let postgres = PostgresDatabase::from_keys(database.as_deref(), url_env.as_deref(), &|v| std::env::var(v).ok())
+            .map_err(|e| usage(anyhow!("invalid config file {}: {e}", path.display())))?;
+        let database = match postgres {
+            Some(pg) => Database::Postgres(pg),
+            None => Database::Sqlite(PathBuf::from(
+                database.unwrap_or_else(|| crate::config::defaults::DATABASE.to_owned()),
+            )),
+        };
         let webhooks = table
             .get("webhooks")
             .and_then(toml::Value::as_array)
@@ -59,7 +69,7 @@ impl LocalView {
         let admin = table.get("admin");
         Ok(LocalView {
             path: path.to_owned(),
-            database: PathBuf::from(database),
+            database,
             webhooks,
             admin_listen: text_of(admin.and_then(|a| a.get("listen"))),
             admin_token_env: text_of(admin.and_then(|a| a.get("token_env"))),
@@ -67,10 +77,9 @@ impl LocalView {
         })
     }
 
-    fn open(&self) -> Result<Store, Failure> {
-        let opened =
-            Store::open(&self.database).with_context(|| format!("cannot open database {}", self.database.display()));
-        opened.map_err(|e| runtime(super::database_hint(e, &self.database)))
+    /// Opens the database, either engine, and runs `f` on it.
+    fn with<T>(&self, f: impl AsyncFnOnce(&dyn OperatorStore) -> Result<T, Failure>) -> Result<T, Failure> {
+        self.database.with(f)
     }
 }
 
@@ -149,11 +158,12 @@ pub fn watch(path: &Path, target: Target, command: WatchCommand) -> Result<(), F
                 Target::Local(_) => {
                     let config = load_config(path)?;
                     config.check_watch(&watch).map_err(usage)?;
-                    let store = super::open_store(&config)?;
-                    let summary = store.add_watches(std::slice::from_ref(&watch)).map_err(runtime)?;
-                    let query = crate::store::WatchQuery { job_id: Some(watch.job_id.clone()), ..Default::default() };
-                    let existing = store.query_watches(&query).map_err(runtime)?.into_iter().next();
-                    (summary.added == 1, existing.map(|w| serde_json::to_value(w).expect("rows serialise")))
+                    super::with_store(&config, async |store| {
+                        let summary = store.add_watches(vec![watch.clone()]).await.map_err(runtime)?;
+                        let query = WatchQuery { job_id: Some(watch.job_id.clone()), ..Default::default() };
+                        let existing = store.query_watches(query).await.map_err(runtime)?.into_iter().next();
+                        Ok((summary.added == 1, existing.map(|w| serde_json::to_value(w).expect("rows serialise"))))
+                    })?
                 }
                 Target::Remote(admin) => {
                     let answer = call(&admin, "POST", "/v1/watches", Some(&WatchRequest::of(&watch).to_json()))?;
@@ -189,12 +199,14 @@ pub fn watch(path: &Path, target: Target, command: WatchCommand) -> Result<(), F
                 Target::Local(_) => {
                     let config = load_config(path)?;
                     let watches = read_import(&config, &file)?;
-                    let summary = super::open_store(&config)?.add_watches(&watches).map_err(runtime)?;
+                    let (count_of, watches) = (watches.len(), watches);
+                    let summary =
+                        super::with_store(&config, async |store| store.add_watches(watches).await.map_err(runtime))?;
                     let (added, existing) = (summary.added, summary.existing);
                     let _ = writeln!(
                         out,
                         "imported {} ({added} new, {existing} already watched)",
-                        count(watches.len(), "watch", "watches")
+                        count(count_of, "watch", "watches")
                     );
                     return Ok(());
                 }
@@ -235,7 +247,8 @@ pub fn watch(path: &Path, target: Target, command: WatchCommand) -> Result<(), F
         WatchCommand::List { all, json } => {
             let watches: Vec<Value> = match target {
                 Target::Local(view) => {
-                    let rows = view.open()?.list_watches(all).map_err(runtime)?;
+                    let query = WatchQuery { state: (!all).then_some(WatchState::Active), ..WatchQuery::default() };
+                    let rows = view.with(async |store| store.query_watches(query).await.map_err(runtime))?;
                     rows.into_iter().map(|w| serde_json::to_value(w).expect("rows serialise")).collect()
                 }
                 Target::Remote(admin) => remote_watches(&admin, all)?,
@@ -266,7 +279,10 @@ pub fn watch(path: &Path, target: Target, command: WatchCommand) -> Result<(), F
         }
         WatchCommand::Rm { job_id } => {
             let removed = match target {
-                Target::Local(view) => view.open()?.remove_watch(&job_id).map_err(runtime)?,
+                Target::Local(view) => {
+                    let id = job_id.clone();
+                    view.with(async |store| store.remove_watch(id).await.map_err(runtime))?
+                }
                 Target::Remote(admin) => {
                     let answer = call(&admin, "DELETE", &format!("/v1/watches/{job_id}"), None)?;
                     match answer.status {
@@ -322,21 +338,10 @@ pub fn deliveries(target: Target, command: DeliveriesCommand) -> Result<(), Fail
             let state = status.as_deref().and_then(DeliveryState::parse);
             let rows: Vec<Value> = match target {
                 Target::Local(view) => {
-                    let store = view.open()?;
                     let filter = DeliveryFilter { webhook, job_id: job, state, limit: crate::admin::MAX_PAGE };
-                    let rows = store.query_deliveries(&filter).map_err(runtime)?;
-                    let mut out = Vec::with_capacity(rows.len());
                     // Failed deliveries come with every attempt: that is what
                     // a dead letter is for.
-                    for d in rows {
-                        let mut v = serde_json::to_value(&d).expect("rows serialise");
-                        if d.state == DeliveryState::Failed.as_str() {
-                            let attempts = store.attempts(d.id).map_err(runtime)?;
-                            v["attempts_log"] = attempts.iter().map(crate::admin::attempt_json).collect();
-                        }
-                        out.push(v);
-                    }
-                    out
+                    view.with(async |store| crate::admin::delivery_rows(store, filter).await.map_err(runtime))?
                 }
                 Target::Remote(admin) => {
                     let mut query = Vec::new();
@@ -384,7 +389,7 @@ pub fn deliveries(target: Target, command: DeliveriesCommand) -> Result<(), Fail
         DeliveriesCommand::Show { delivery_id, json } => {
             let detail = match target {
                 Target::Local(view) => {
-                    let found = view.open()?.delivery(delivery_id).map_err(runtime)?;
+                    let found = view.with(async |store| store.delivery(delivery_id).await.map_err(runtime))?;
                     // Rendering needs the whole config (templates, secrets);
                     // without it the standard body is shown, and says so.
                     found
@@ -412,7 +417,7 @@ pub fn deliveries(target: Target, command: DeliveriesCommand) -> Result<(), Fail
         DeliveriesCommand::Retry { delivery_id, all_failed } => {
             let id = if all_failed { None } else { delivery_id };
             let requeued = match target {
-                Target::Local(view) => view.open()?.retry_failed(id).map_err(runtime)?,
+                Target::Local(view) => view.with(async |store| store.retry_failed(id).await.map_err(runtime))?,
                 Target::Remote(admin) => {
                     let ids: Vec<i64> = match id {
                         Some(id) => vec![id],
@@ -511,7 +516,9 @@ pub fn webhooks(target: Target, command: WebhooksCommand) -> Result<(), Failure>
     match command {
         WebhooksCommand::List { json } => {
             let rows: Vec<crate::admin::WebhookRow> = match target {
-                Target::Local(view) => crate::admin::webhook_rows(&view.webhooks, &view.open()?).map_err(runtime)?,
+                Target::Local(view) => {
+                    view.with(async |store| crate::admin::webhook_rows(&view.webhooks, store).await.map_err(runtime))?
+                }
                 Target::Remote(admin) => {
                     let answer = call(&admin, "GET", "/v1/webhooks", None)?;
                     if answer.status != 200 {
@@ -549,7 +556,10 @@ pub fn webhooks(target: Target, command: WebhooksCommand) -> Result<(), Failure>
         }
         WebhooksCommand::Resume { webhook } => {
             let resumed = match target {
-                Target::Local(view) => view.open()?.resume_webhook(&webhook).map_err(runtime)?,
+                Target::Local(view) => {
+                    let name = webhook.clone();
+                    view.with(async |store| store.resume_webhook(name).await.map_err(runtime))?
+                }
                 Target::Remote(admin) => {
                     let answer = call(&admin, "POST", &format!("/v1/webhooks/{}/resume", encode(&webhook)), None)?;
                     match answer.status {

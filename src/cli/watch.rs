@@ -108,7 +108,7 @@ pub(super) fn start(
     // The store is opened once the job is started, as it always was.
     let add = |watch: NewWatch| {
         let config = &config;
-        async move { open_store(config).and_then(|s| s.add_watches(std::slice::from_ref(&watch)).map_err(runtime)) }
+        async move { open_store(config).await?.add_watches(vec![watch]).await.map_err(runtime) }
     };
     let started = match block_on(start_and_watch(&config, request, body, add)) {
         Ok(started) => started,

@@ -184,6 +184,46 @@ impl PostgresDatabase {
     pub fn url(&self) -> &str {
         self.url.expose_secret()
     }
+
+    /// The PostgreSQL database named by a config file's `database` and
+    /// `database_url_env` as written, without resolving the rest of the
+    /// file (the operator commands read only these keys, so they need no
+    /// secret): by the resolver's rules, `None` for a SQLite path; `Err`
+    /// names the key, never the URL.
+    pub fn from_keys(
+        database: Option<&str>,
+        url_env: Option<&str>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<PostgresDatabase>, String> {
+        match (database.map(str::trim), url_env.map(str::trim)) {
+            (Some(_), Some(_)) => Err("database: set either database or database_url_env, not both".into()),
+            (Some(url), None) if is_postgres_url(url) => {
+                let parsed = parse_url(url).map_err(|e| format!("database: {e}"))?;
+                if parsed.get_password().is_some() {
+                    return Err("database: a password must not be written in the config file: put the whole URL \
+                                in an environment variable and name it with database_url_env"
+                        .into());
+                }
+                let shown = without_password(url);
+                Ok(Some(PostgresDatabase { url: SecretString::from(url.to_owned()), shown, env: None }))
+            }
+            (_, None) => Ok(None),
+            (None, Some(name)) => {
+                let value = env(name).map(|v| v.trim().to_owned()).unwrap_or_default();
+                if value.is_empty() {
+                    return Err(format!("database_url_env: environment variable {name} is not set or empty"));
+                }
+                if !is_postgres_url(&value) {
+                    return Err(format!(
+                        "database_url_env: environment variable {name} must hold a postgres:// or postgresql:// URL"
+                    ));
+                }
+                parse_url(&value).map_err(|e| format!("database_url_env: environment variable {name}: {e}"))?;
+                let shown = without_password(&value);
+                Ok(Some(PostgresDatabase { url: SecretString::from(value), shown, env: Some(name.into()) }))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -20,8 +20,10 @@
 //! its own `Store` on the same file; WAL mode and a busy timeout let all of
 //! them write.
 
+mod operator;
 pub mod postgres;
 mod sqlite;
+pub mod ui;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -33,11 +35,11 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::notification::Body;
-use crate::vocab::{DeliveryState, NewWatch, NotificationKind, PortalId, SeenState, WatchState};
+use crate::vocab::{DeliveryState, NotificationKind, PortalId, SeenState, WatchState};
 
+pub use operator::{DeliveryDetail, DeliveryFilter, InstanceInfo, OperatorStore, TailAttempt, TailNotification};
 pub use postgres::Postgres;
-pub use sqlite::ops::{DeliveryDetail, DeliveryFilter, TailAttempt, TailNotification};
-pub use sqlite::{Sqlite, Store, ui};
+pub use sqlite::{Sqlite, Store};
 
 /// A store failure. The engine's own error is kept as the source (and
 /// repeated in the message, for logs; `cli::error_text` prints each cause once).
@@ -485,27 +487,6 @@ pub trait DelivererStore: Send + Sync + 'static {
         let _ = limits;
         Box::pin(async { Ok(()) })
     }
-}
-
-/// What operators change and read (the CLI's and the admin API's commands),
-/// as every engine implements it.
-pub trait OperatorStore: Send + Sync + 'static {
-    /// Adds watches in one transaction (see `Store::add_watches`).
-    fn add_watches(&self, watches: Vec<NewWatch>) -> StoreFuture<'_, AddSummary>;
-    /// Removes a watch; `false` if there was none active.
-    fn remove_watch(&self, job_id: String) -> StoreFuture<'_, bool>;
-    /// Deliveries, newest first, optionally of one state, at most `limit`.
-    fn list_deliveries(&self, state: Option<DeliveryState>, limit: usize) -> StoreFuture<'_, Vec<DeliverySummary>>;
-    /// Every notification of a job, oldest first, with its deliveries.
-    fn notifications_of(&self, job_id: String) -> StoreFuture<'_, Vec<StoredNotification>>;
-    /// Every attempt of a delivery, oldest first.
-    fn attempts(&self, delivery_id: i64) -> StoreFuture<'_, Vec<AttemptRecord>>;
-    /// Makes failed deliveries pending again (one, or all); how many.
-    fn retry_failed(&self, id: Option<i64>) -> StoreFuture<'_, usize>;
-    /// Resumes a paused webhook; `false` if it was not paused.
-    fn resume_webhook(&self, webhook: String) -> StoreFuture<'_, bool>;
-    /// Deletes delivered history and ended watches older than `cutoff_ms`.
-    fn prune(&self, cutoff_ms: i64) -> StoreFuture<'_, PruneSummary>;
 }
 
 /// Every role at once: what an engine is.

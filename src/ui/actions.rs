@@ -94,7 +94,7 @@ pub(super) async fn retry_delivery(
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| UiError::new(StatusCode::BAD_REQUEST, "a delivery id is a positive number"))?;
-    let requeued = ui.admin.store.call(move |s| s.retry_failed(Some(id))).await?;
+    let requeued = ui.admin.store.retry_failed(Some(id)).await?;
     info!(delivery_id = id, requeued, "status page: retry pressed");
     Ok(back(&form, if requeued > 0 { "retried" } else { "nothing" }))
 }
@@ -107,7 +107,7 @@ pub(super) async fn retry_webhook(
 ) -> Result<Response, UiError> {
     check_csrf(&session, &form)?;
     let webhook = name.clone();
-    let requeued = ui.admin.store.call(move |s| s.retry_failed_of_webhook(&webhook)).await?;
+    let requeued = ui.admin.store.retry_failed_of_webhook(webhook).await?;
     info!(webhook = %name, requeued, "status page: retry all failed pressed");
     Ok(back(&form, if requeued > 0 { "retried-all" } else { "nothing" }))
 }
@@ -120,7 +120,7 @@ pub(super) async fn resume_webhook(
 ) -> Result<Response, UiError> {
     check_csrf(&session, &form)?;
     let webhook = name.clone();
-    let resumed = ui.admin.store.call(move |s| s.resume_webhook(&webhook)).await?;
+    let resumed = ui.admin.store.resume_webhook(webhook).await?;
     info!(webhook = %name, resumed, "status page: resume pressed");
     Ok(back(&form, if resumed { "resumed" } else { "nothing" }))
 }
@@ -134,7 +134,7 @@ pub(super) async fn remove_watch(
     check_csrf(&session, &form)?;
     let job_id = parse_job_id(&job_id).map_err(|e| UiError::new(StatusCode::BAD_REQUEST, e))?;
     let id = job_id.clone();
-    let removed = ui.admin.store.call(move |s| s.remove_watch(&id)).await?;
+    let removed = ui.admin.store.remove_watch(id).await?;
     info!(job_id = %job_id, removed, "status page: remove pressed");
     Ok(back(&form, if removed { "removed" } else { "nothing" }))
 }

@@ -21,24 +21,18 @@ pub(super) async fn overview(
     let config = Arc::clone(&ui.admin.config.borrow());
     let now = now_ms();
     let store = Arc::clone(&ui.admin.store);
-    let (counts, backlog, paused, errors, activity, newest, writable) = store
-        .call(move |s| {
-            Ok((
-                s.watch_counts()?,
-                s.webhook_backlog()?,
-                s.paused_webhooks()?,
-                s.last_errors()?,
-                s.activity(now, chart::MINUTES)?,
-                s.search_deliveries(&DeliverySearch { limit: NEWEST, ..DeliverySearch::default() })?,
-                s.writable(Duration::from_secs(5)),
-            ))
-        })
-        .await?;
+    let counts = store.watch_counts().await?;
+    let backlog = store.webhook_backlog().await?;
+    let paused = store.webhook_pauses().await?;
+    let errors = store.last_errors().await?;
+    let activity = store.activity(now, chart::MINUTES).await?;
+    let newest = store.search_deliveries(DeliverySearch { limit: NEWEST, ..DeliverySearch::default() }).await?;
+    let writable = store.writable(Duration::from_secs(5)).await?;
     let stale = ui.admin.health.stale();
     let loop_state = |name: &str| {
         stale.iter().find(|p| p.contains(&format!("the {name} loop"))).cloned().unwrap_or_else(|| "running".into())
     };
-    let problems = crate::health::problems(&ui.admin.health, &ui.admin.store, Instant::now());
+    let problems = crate::health::problems(&ui.admin.health, store.as_ref(), Instant::now());
     let mut names: Vec<String> = config.webhooks.iter().map(|w| w.name.clone()).collect();
     names.extend(backlog.keys().filter(|n| !names.contains(n)).cloned().collect::<Vec<_>>());
     let webhooks: Vec<Value> = names
@@ -148,7 +142,7 @@ pub(super) async fn watches(
         None => None,
     };
     search.limit = PAGE + 1;
-    let mut rows = ui.admin.store.call(move |s| s.search_watches(&search)).await?;
+    let mut rows = ui.admin.store.search_watches(search).await?;
     let more = rows.len() > PAGE;
     rows.truncate(PAGE);
     let next = more.then(|| {
@@ -194,15 +188,11 @@ pub(super) async fn job(
         None => 0,
     };
     let id = job_id.clone();
-    let (watch, mut timeline, total) = ui
-        .admin
-        .store
-        .call(move |s| {
-            let watch =
-                s.search_watches(&WatchSearch { job_id: Some(id.clone()), limit: 1, ..WatchSearch::default() })?;
-            Ok((watch.into_iter().next(), s.job_timeline(&id, after, TIMELINE + 1)?, s.notification_count(&id)?))
-        })
-        .await?;
+    let store = &ui.admin.store;
+    let watch = store.search_watches(WatchSearch { job_id: Some(id.clone()), limit: 1, ..WatchSearch::default() });
+    let watch = watch.await?.into_iter().next();
+    let mut timeline = store.job_timeline(id.clone(), after, TIMELINE + 1).await?;
+    let total = store.notification_count(id).await?;
     let more = timeline.len() > TIMELINE;
     timeline.truncate(TIMELINE);
     let next = more.then(|| format!("/ui/jobs/{job_id}?after={}", timeline.last().map_or(0, |n| n.id)));
@@ -291,11 +281,9 @@ pub(super) async fn deliveries(
         None => None,
     };
     let search = DeliverySearch { state, webhook: webhook.clone(), job_id: job_id.clone(), before, limit: PAGE + 1 };
-    let (mut rows, paused, backlog) = ui
-        .admin
-        .store
-        .call(move |s| Ok((s.search_deliveries(&search)?, s.paused_webhooks()?, s.webhook_backlog()?)))
-        .await?;
+    let store = &ui.admin.store;
+    let mut rows = store.search_deliveries(search).await?;
+    let (paused, backlog) = (store.webhook_pauses().await?, store.webhook_backlog().await?);
     let more = rows.len() > PAGE;
     rows.truncate(PAGE);
     let mut base = format!("/ui/deliveries?{}", serde_urlencoded_pair("status", status));

@@ -14,6 +14,7 @@ mod delivery;
 mod delivery_stress;
 mod diff_props;
 mod docs;
+mod engines;
 mod fakes;
 mod faults;
 mod formats;

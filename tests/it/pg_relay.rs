@@ -1,7 +1,7 @@
 //! The relay on PostgreSQL: the lifecycle tests' job through the real
 //! `app::serve_postgres` (delivery in order, once, signed; a retry with the
 //! same id holding the chain; a restart that neither repeats nor misses),
-//! migrations racing at start, and what `run` refuses on PostgreSQL.
+//! migrations racing at start, and `run` serving the admin API on PostgreSQL.
 //! Each test takes a fresh database (`pg.rs`) and skips without a server.
 
 use std::collections::HashSet;
@@ -183,17 +183,45 @@ async fn instances_starting_together_migrate_once() {
     driver.await.unwrap().unwrap();
 }
 
-/// `run` on PostgreSQL refuses `[admin]` (not served there yet) with a
-/// clear error instead of starting without it.
+/// `run` on PostgreSQL serves `[admin]` (it used to refuse it), with
+/// `GET /v1/cluster` listing this instance and its watches and the cluster
+/// metrics, and stops cleanly.
 #[tokio::test]
-async fn run_refuses_the_admin_api_on_postgres() {
+async fn run_serves_the_admin_api_on_postgres() {
     let Some(db) = TestDatabase::create() else { return };
     let dari = FakeDari::start().await;
-    let text = config_text(Path::new(&db.url), &dari, &[], "[admin]\nlisten = \"127.0.0.1:0\"\n");
+    dari.script(JOB, vec![Reply::Json(answer("running", &[event(0)], json!({})))]);
+    let seed = Postgres::open(&db.url).await.unwrap();
+    seed.add_watches(vec![watch(JOB)]).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let extra =
+        format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n[cluster]\ninstance = \"relay-t\"\nlease_ttl = \"3s\"\n");
+    let text = config_text(Path::new(&db.url), &dari, &[], &extra);
     let config = Arc::new(Config::from_toml(&text, Path::new("test.toml"), &env).unwrap());
     let (_tx, rx) = tokio::sync::watch::channel(config);
-    let e = dari_relay::app::run(rx, CancellationToken::new()).await.expect_err("refused");
-    assert!(e.to_string().contains("admin API"), "{e}");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(dari_relay::app::run(rx, shutdown.clone()));
+    let url = format!("http://127.0.0.1:{port}/v1/watches");
+    let answered = async || reqwest::get(&url).await.is_ok_and(|r| r.status() == 200);
+    crate::fakes::eventually_async(Duration::from_secs(10), || format!("no 200 from {url}"), answered).await;
+    let body: serde_json::Value =
+        serde_json::from_str(&reqwest::get(&url).await.unwrap().text().await.unwrap()).unwrap();
+    assert_eq!(body["watches"].as_array().map(Vec::len), Some(1));
+    // After a renewal (every second here) the row says how many it owns.
+    let cluster_url = format!("http://127.0.0.1:{port}/v1/cluster");
+    let listed = async || {
+        let Ok(r) = reqwest::get(&cluster_url).await else { return false };
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        v["instance"] == "relay-t" && v["instances"][0]["instance"] == "relay-t" && v["instances"][0]["watches"] == 1
+    };
+    crate::fakes::eventually_async(Duration::from_secs(10), || "relay-t never listed with its watch".into(), listed)
+        .await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    for line in ["dari_relay_cluster_instances 1", "dari_relay_watches_owned 1", "dari_relay_lease_takeovers_total 0"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
 }
 
 /// Per-watch leases on the store: a second instance gets its fair share

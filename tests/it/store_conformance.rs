@@ -68,7 +68,13 @@ fn notification(job_id: &str, n: usize, webhooks: &[&str]) -> NewNotification {
 }
 
 /// Stores `count` notifications for `job_id` in one poll, to `webhooks`.
-async fn commit(store: &dyn Storage, job_id: &str, status: &str, count: usize, webhooks: &[&str]) -> PollWrite {
+pub(crate) async fn commit(
+    store: &dyn Storage,
+    job_id: &str,
+    status: &str,
+    count: usize,
+    webhooks: &[&str],
+) -> PollWrite {
     let (job, status, hooks) =
         (job_id.to_owned(), status.to_owned(), webhooks.iter().map(|w| w.to_string()).collect::<Vec<_>>());
     store
@@ -92,7 +98,7 @@ async fn commit(store: &dyn Storage, job_id: &str, status: &str, count: usize, w
         .unwrap()
 }
 
-fn attempt(status: Option<u16>, error: Option<&str>) -> AttemptRecord {
+pub(crate) fn attempt(status: Option<u16>, error: Option<&str>) -> AttemptRecord {
     AttemptRecord {
         attempted_at: now_ms(),
         duration_ms: 3,

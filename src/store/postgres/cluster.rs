@@ -37,6 +37,7 @@ use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 
 use super::*;
+pub use crate::store::InstanceInfo;
 use crate::vocab::ms_to_rfc3339;
 
 /// The channel instances notify each other on: `joined`, `left`, `watches`.
@@ -87,23 +88,6 @@ pub struct Balance {
     pub took_over: usize,
     /// Watches handed over in this round.
     pub released: usize,
-}
-
-/// One live instance, for `GET /v1/cluster`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct InstanceInfo {
-    /// Its name.
-    pub instance: String,
-    /// The epoch it joined under.
-    pub epoch: i64,
-    /// Watches it owned at its last renewal.
-    pub watches: i64,
-    /// When it joined (RFC 3339).
-    pub started_at: String,
-    /// Its last renewal (RFC 3339).
-    pub last_renewal: String,
-    /// When its leases end unless renewed (RFC 3339).
-    pub expires_at: String,
 }
 
 fn ms(d: Duration) -> i64 {

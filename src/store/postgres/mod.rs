@@ -16,9 +16,11 @@
 
 pub mod cluster;
 mod live;
+mod ops;
 mod outbox;
 mod prune;
 mod schema;
+mod ui;
 mod watches;
 
 use std::collections::BTreeMap;
@@ -280,39 +282,5 @@ impl DelivererStore for Postgres {
 
     fn recent_events(&self, job_id: String, webhook: String, up_to: i64, limit: usize) -> StoreFuture<'_, Vec<String>> {
         Box::pin(async move { self.chain_events(&job_id, &webhook, up_to, limit).await })
-    }
-}
-
-impl OperatorStore for Postgres {
-    fn add_watches(&self, watches: Vec<NewWatch>) -> StoreFuture<'_, AddSummary> {
-        Box::pin(async move { self.add(&watches).await })
-    }
-
-    fn remove_watch(&self, job_id: String) -> StoreFuture<'_, bool> {
-        Box::pin(async move { self.remove(&job_id).await })
-    }
-
-    fn list_deliveries(&self, state: Option<DeliveryState>, limit: usize) -> StoreFuture<'_, Vec<DeliverySummary>> {
-        Box::pin(self.deliveries(state, limit))
-    }
-
-    fn notifications_of(&self, job_id: String) -> StoreFuture<'_, Vec<StoredNotification>> {
-        Box::pin(async move { self.notifications(&job_id).await })
-    }
-
-    fn attempts(&self, delivery_id: i64) -> StoreFuture<'_, Vec<AttemptRecord>> {
-        Box::pin(self.attempts_of(delivery_id))
-    }
-
-    fn retry_failed(&self, id: Option<i64>) -> StoreFuture<'_, usize> {
-        Box::pin(self.requeue_failed(id))
-    }
-
-    fn resume_webhook(&self, webhook: String) -> StoreFuture<'_, bool> {
-        Box::pin(async move { self.resume(&webhook).await })
-    }
-
-    fn prune(&self, cutoff_ms: i64) -> StoreFuture<'_, PruneSummary> {
-        Box::pin(self.prune_before(cutoff_ms))
     }
 }

@@ -2,13 +2,14 @@
 
 mod heads;
 mod live;
-pub mod ops;
+mod operator;
+mod ops;
 mod outbox;
 mod prune;
 mod schema;
 #[cfg(test)]
 mod tests;
-pub mod ui;
+mod ui;
 mod watches;
 mod writer;
 
@@ -26,7 +27,7 @@ use serde_json::{Map, Value};
 
 use crate::notification::{self};
 use crate::store::*;
-use crate::vocab::{DeliveryState, NewWatch, WatchState};
+use crate::vocab::WatchState;
 
 use schema::MIGRATIONS;
 use writer::*;
@@ -146,10 +147,10 @@ impl Store {
     /// Opens (creating if missing) the database at `path`: the folder is
     /// created 0700 and the file 0600, WAL is enabled and migrations run.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        // A PostgreSQL URL is not a file name: without this, a command not
-        // yet wired to PostgreSQL would create a SQLite file named like it.
+        // A PostgreSQL URL is not a file name: without this, a caller that
+        // took one for a path would create a SQLite file named like it.
         if path.to_str().is_some_and(crate::store::postgres::is_postgres_url) {
-            return Err(StoreError::Url("this command does not run on a PostgreSQL database yet".into()));
+            return Err(StoreError::Url("a PostgreSQL URL is not a SQLite database file".into()));
         }
         let create = |source| StoreError::Create { path: path.to_owned(), source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
@@ -476,39 +477,5 @@ impl DelivererStore for Sqlite {
 
     fn recent_events(&self, job_id: String, webhook: String, up_to: i64, limit: usize) -> StoreFuture<'_, Vec<String>> {
         Box::pin(self.0.call(move |s| s.recent_events(&job_id, &webhook, up_to, limit)))
-    }
-}
-
-impl OperatorStore for Sqlite {
-    fn add_watches(&self, watches: Vec<NewWatch>) -> StoreFuture<'_, AddSummary> {
-        Box::pin(self.0.call(move |s| s.add_watches(&watches)))
-    }
-
-    fn remove_watch(&self, job_id: String) -> StoreFuture<'_, bool> {
-        Box::pin(self.0.call(move |s| s.remove_watch(&job_id)))
-    }
-
-    fn list_deliveries(&self, state: Option<DeliveryState>, limit: usize) -> StoreFuture<'_, Vec<DeliverySummary>> {
-        Box::pin(self.0.call(move |s| s.list_deliveries(state, limit)))
-    }
-
-    fn notifications_of(&self, job_id: String) -> StoreFuture<'_, Vec<StoredNotification>> {
-        Box::pin(self.0.call(move |s| s.notifications_of(&job_id)))
-    }
-
-    fn attempts(&self, delivery_id: i64) -> StoreFuture<'_, Vec<AttemptRecord>> {
-        Box::pin(self.0.call(move |s| s.attempts(delivery_id)))
-    }
-
-    fn retry_failed(&self, id: Option<i64>) -> StoreFuture<'_, usize> {
-        Box::pin(self.0.call(move |s| s.retry_failed(id)))
-    }
-
-    fn resume_webhook(&self, webhook: String) -> StoreFuture<'_, bool> {
-        Box::pin(self.0.call(move |s| s.resume_webhook(&webhook)))
-    }
-
-    fn prune(&self, cutoff_ms: i64) -> StoreFuture<'_, PruneSummary> {
-        Box::pin(self.0.call(move |s| s.prune(cutoff_ms)))
     }
 }

@@ -6,33 +6,8 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{BODY_COLUMNS, Store, read_body, sql_limit};
-use crate::store::{AttemptRecord, DeliverySummary, StoreError};
+use crate::store::{DeliveryDetail, DeliveryFilter, DeliverySummary, StoreError, TailAttempt, TailNotification};
 use crate::vocab::{DeliveryState, ms_to_rfc3339};
-
-/// Which deliveries to list: every `Some` must match; newest first, at most `limit`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeliveryFilter {
-    /// Only this webhook's deliveries.
-    pub webhook: Option<String>,
-    /// Only this job's deliveries.
-    pub job_id: Option<String>,
-    /// Only deliveries in this state.
-    pub state: Option<DeliveryState>,
-    /// At most this many (bounded by the caller).
-    pub limit: usize,
-}
-
-/// One delivery with the standard body of its notification and every attempt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeliveryDetail {
-    /// The row as `deliveries list` shows it.
-    pub summary: DeliverySummary,
-    /// The standard body, as stored when the transition was detected; the
-    /// receiver got it rendered for its webhook's format.
-    pub body: String,
-    /// Every attempt, oldest first.
-    pub attempts: Vec<AttemptRecord>,
-}
 
 const SUMMARY_COLUMNS: &str =
     "d.id, d.msg_id, d.job_id, d.webhook, n.type, d.state, d.attempts, d.next_attempt_at, d.created_at, d.last_error";
@@ -106,36 +81,6 @@ impl Store {
         let attempts = self.attempts(id)?;
         Ok(Some(DeliveryDetail { summary: summary?, body, attempts }))
     }
-}
-
-/// A notification as `GET /v1/events` streams it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct TailNotification {
-    pub id: i64,
-    pub job_id: String,
-    pub portal_id: Option<String>,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub at: String,
-}
-
-/// A delivery attempt's outcome as `GET /v1/events` streams it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct TailAttempt {
-    pub id: i64,
-    pub delivery_id: i64,
-    pub webhook: String,
-    pub job_id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// What the attempt made of its delivery: `delivered` (2xx), `failed`
-    /// (the last attempt of a delivery that gave up), else `pending` (it
-    /// will be tried again).
-    pub state: String,
-    pub http_status: Option<u16>,
-    pub duration_ms: i64,
-    pub error: Option<String>,
-    pub at: String,
 }
 
 impl Store {
