@@ -37,6 +37,7 @@ use crate::vocab::{DeliveryState, NewWatch, NotificationKind, PortalId, SeenStat
 
 pub use postgres::Postgres;
 pub use sqlite::ops::{DeliveryDetail, DeliveryFilter, TailAttempt, TailNotification};
+pub use sqlite::running::{RunningLock, lock_path};
 pub use sqlite::{Sqlite, Store, ui};
 
 /// A store failure. The engine's own error is kept as the source (and
@@ -86,6 +87,10 @@ pub enum StoreError {
     /// never repeated: it may hold a password).
     #[error("{0}")]
     Url(String),
+    /// Another process holds the SQLite database's running lock (see
+    /// [`RunningLock`]): a daemon, or a `db copy`, named as it said.
+    #[error("the database is in use by {0}")]
+    InUse(String),
 }
 
 /// A PostgreSQL error as one line: the server's message when it sent one.

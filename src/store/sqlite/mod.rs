@@ -5,6 +5,7 @@ mod live;
 pub mod ops;
 mod outbox;
 mod prune;
+pub mod running;
 mod schema;
 #[cfg(test)]
 mod tests;
