@@ -20,6 +20,7 @@
 //! its own `Store` on the same file; WAL mode and a busy timeout let all of
 //! them write.
 
+pub mod copy;
 pub mod postgres;
 mod sqlite;
 
@@ -36,6 +37,8 @@ use crate::notification::Body;
 use crate::vocab::{DeliveryState, NewWatch, NotificationKind, PortalId, SeenState, WatchState};
 
 pub use postgres::Postgres;
+pub use postgres::copy::PostgresCopy;
+pub use sqlite::copy::SqliteCopy;
 pub use sqlite::ops::{DeliveryDetail, DeliveryFilter, TailAttempt, TailNotification};
 pub use sqlite::running::{RunningLock, lock_path};
 pub use sqlite::{Sqlite, Store, ui};

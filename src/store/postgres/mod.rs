@@ -11,9 +11,11 @@
 //!
 //! Files by role: [`schema`] (migrations under an advisory lock),
 //! [`watches`] (adds, removals, the schedule and the poll's commit),
-//! [`outbox`] (heads, sends, attempts, listings, pauses), [`prune`], and
-//! [`standby`] (one active instance per database, the others waiting).
+//! [`outbox`] (heads, sends, attempts, listings, pauses), [`prune`],
+//! [`standby`] (one active instance per database, the others waiting), and
+//! [`copy`] (`db copy`'s end on PostgreSQL).
 
+pub mod copy;
 mod live;
 mod outbox;
 mod prune;

@@ -1,5 +1,6 @@
 //! The SQLite implementation of the store.
 
+pub mod copy;
 mod heads;
 mod live;
 pub mod ops;
