@@ -41,14 +41,16 @@ impl RunningLock {
     pub fn take(database: &Path, who: &str) -> Result<RunningLock, StoreError> {
         let path = lock_path(database);
         let create = |source| StoreError::Create { path: path.clone(), source };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(create)?;
+        // 0644: it holds only a pid, and a daemon must be able to take a
+        // lock file that a command run as another user (root) created.
+        let opened = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(&path);
+        let (mut file, writable) = match opened {
+            Ok(file) => (file, true),
+            // Another user's file: a read-only descriptor takes the same
+            // lock, it just cannot say who holds it.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => (File::open(&path).map_err(create)?, false),
+            Err(e) => return Err(create(e)),
+        };
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -62,7 +64,9 @@ impl RunningLock {
         }
         // Who holds it, for the refusal; the lock is what counts, so a
         // failure to say so is not one.
-        let _ = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| file.write_all(who.as_bytes()));
+        if writable {
+            let _ = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| file.write_all(who.as_bytes()));
+        }
         Ok(RunningLock { _file: file })
     }
 }
