@@ -215,10 +215,12 @@ fn print_summary(
 /// How often a progress line is printed at most, off a terminal.
 const LINE_EVERY: Duration = Duration::from_secs(2);
 
-/// Progress on stderr: a bar per table on a terminal; else a line now and
-/// then, and one per table copied.
+/// Progress on stderr. On a terminal, one bar for the table being copied,
+/// with a line above it for each table done; otherwise a line now and then,
+/// and one per table copied.
 struct Shown {
     terminal: bool,
+    /// The terminal's bar, made when the first table starts.
     bar: Option<ProgressBar>,
     last_line: Instant,
 }
@@ -229,14 +231,19 @@ impl Shown {
     }
 
     fn line(&mut self, table: Table, copied: u64, total: u64) {
-        eprintln!("copied {copied} of {total} {}", table.name());
+        let text = format!("copied {copied} of {total} {}", table.name());
+        match &self.bar {
+            // Above the bar, which stays at the bottom.
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
         self.last_line = Instant::now();
     }
 
-    /// Removes a bar left unfinished (the copy failed).
+    /// Takes the bar off the terminal (done, or the copy failed).
     fn clear(&mut self) {
         if let Some(bar) = self.bar.take() {
-            bar.abandon();
+            bar.finish_and_clear();
         }
     }
 }
@@ -246,12 +253,16 @@ impl Progress for Shown {
         if !self.terminal {
             return;
         }
-        let bar = ProgressBar::new(total);
-        if let Ok(style) = ProgressStyle::with_template("{msg:<15} [{bar:40}] {pos}/{len} ({eta})") {
-            bar.set_style(style.progress_chars("=> "));
-        }
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = ProgressBar::new(total);
+            if let Ok(style) = ProgressStyle::with_template("{msg:<15} [{bar:40}] {pos}/{len} ({eta})") {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        bar.reset();
+        bar.set_length(total);
         bar.set_message(table.name());
-        self.bar = Some(bar);
     }
 
     fn advance(&mut self, table: Table, copied: u64, total: u64) {
@@ -266,10 +277,8 @@ impl Progress for Shown {
     }
 
     fn finish(&mut self, table: Table, copied: u64) {
-        match self.bar.take() {
-            Some(bar) => bar.finish(),
-            None if copied > 0 => self.line(table, copied, copied),
-            None => {}
+        if copied > 0 || self.bar.is_some() {
+            self.line(table, copied, copied);
         }
     }
 }
