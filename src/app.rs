@@ -24,7 +24,7 @@ use crate::inbound;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
 use crate::store::{
-    DelivererStore, OperatorStore, PollerStore, Postgres, PruneSummary, Sqlite, Storage, Store, StoreError,
+    DelivererStore, OperatorStore, PollerStore, Postgres, PruneSummary, RunningLock, Sqlite, Storage, Store, StoreError,
 };
 use crate::vocab::now_ms;
 
@@ -43,6 +43,10 @@ pub enum AppError {
     /// The admin API could not listen.
     #[error("cannot listen on {listen} for the admin API: {source}")]
     Admin { listen: String, source: std::io::Error },
+    /// Another relay (or a `db copy`) holds the SQLite database's running
+    /// lock: two relays on one file would both send every notification.
+    #[error("the database {path} is in use by {by}: stop it first")]
+    InUse { path: String, by: String },
     /// A loop ended on its own.
     #[error("the {task} loop stopped unexpectedly: {reason}")]
     TaskEnded { task: &'static str, reason: String },
@@ -130,7 +134,16 @@ pub async fn run_with_reload(
         return result;
     }
     let path = config.borrow().database.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.map_err(StoreError::Task)??;
+    let opened = path.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&opened)).await.map_err(StoreError::Task)??;
+    // Held for as long as the relay runs (dropped when this returns, or by
+    // the kernel when the process dies): `db copy` refuses a database a
+    // relay runs on, and a second relay on the same file is refused here.
+    let _running = match RunningLock::take(&path, &format!("dari-relay run, pid {}", std::process::id())) {
+        Ok(lock) => lock,
+        Err(StoreError::InUse(by)) => return Err(AppError::InUse { path: path.display().to_string(), by }),
+        Err(e) => return Err(e.into()),
+    };
     let listeners = bind_listeners(&config, reload).await?;
     serve_with(config, Arc::new(store), Arc::new(Metrics::default()), listeners, shutdown).await
 }

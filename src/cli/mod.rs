@@ -20,8 +20,11 @@ use crate::config::{Config, DEFAULT_CONFIG_PATH, LogFormat, PostgresDatabase};
 use crate::store::{OperatorStore, Postgres, Sqlite, Store};
 use crate::vocab::PortalId;
 
+pub use db::DbCommand;
+
 mod check;
 mod daemon;
+mod db;
 mod logging;
 mod operate;
 mod remote;
@@ -71,6 +74,9 @@ pub enum Command {
     /// Show webhooks' state and backlog, or resume a paused one.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
+    /// Copy a relay's database to another (SQLite or PostgreSQL, either way).
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Start a Dari job and watch it, in one step.
     Start {
         /// The portal, as <org_id>/<endpoint_name>.
@@ -350,6 +356,7 @@ pub fn execute(cli: Cli) -> Result<(), Failure> {
                 operate::Target::Local(_) => Err(usage(anyhow::anyhow!("tail needs the admin API"))),
             }
         }
+        Command::Db(d) => db::execute(d),
         Command::SendTest { webhook, kind } => send_test::send_test(path, &webhook, kind.as_deref()),
         Command::Completions { shell } => {
             let shell = match shell {

@@ -55,8 +55,9 @@ pub fn default_instance() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// `url` with any password replaced by `***`.
-fn without_password(url: &str) -> String {
+/// `url` with any password replaced by `***` (in its user info, or as a
+/// `password=` parameter), for messages.
+pub fn without_password(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
     let authority_end = url[scheme_end..].find(['/', '?']).map_or(url.len(), |i| scheme_end + i);
     let authority = &url[scheme_end..authority_end];

@@ -23,7 +23,7 @@ mod webhook;
 
 use std::path::{Path, PathBuf};
 
-pub use database::{Cluster, PostgresDatabase, default_instance};
+pub use database::{Cluster, PostgresDatabase, default_instance, without_password};
 pub use raw::parse_duration;
 pub use resolved::{Admin, Config, Delivery, Inbound, ListenAddr, LogFormat, Org, SecretSource, Upstream};
 pub use webhook::{CaFile, ExtraHeader, SlackBot, Webhook};

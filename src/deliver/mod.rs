@@ -568,7 +568,22 @@ impl Deliverer {
             }
             // One query for the bodies of everything this webhook starts now.
             let ids = std::mem::take(&mut to_start);
-            for delivery in self.store.outbound(ids).await? {
+            let outbound = self.store.outbound(ids).await?;
+            if !self.store.still_owner() {
+                // The leases may have lapsed while this turn waited on the
+                // database (a freeze: several instances on PostgreSQL):
+                // another instance may be sending these chains now, so none
+                // is started; the store refuses this instance's writes too.
+                warn!(webhook = %webhook.name, "this instance's leases may have lapsed; not sending");
+                for delivery in outbound {
+                    self.in_flight.remove(&(delivery.job_id, delivery.webhook));
+                    if let Some(n) = self.per_webhook.get_mut(&webhook.name) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                return Ok(None);
+            }
+            for delivery in outbound {
                 let chain = (delivery.job_id.clone(), delivery.webhook.clone());
                 let id = delivery.id;
                 let attempts = delivery.attempts;

@@ -20,6 +20,7 @@
 //! its own `Store` on the same file; WAL mode and a busy timeout let all of
 //! them write.
 
+pub mod copy;
 mod operator;
 pub mod postgres;
 mod sqlite;
@@ -39,6 +40,9 @@ use crate::vocab::{DeliveryState, NotificationKind, PortalId, SeenState, WatchSt
 
 pub use operator::{DeliveryDetail, DeliveryFilter, InstanceInfo, OperatorStore, TailAttempt, TailNotification};
 pub use postgres::Postgres;
+pub use postgres::copy::PostgresCopy;
+pub use sqlite::copy::SqliteCopy;
+pub use sqlite::running::{RunningLock, lock_path};
 pub use sqlite::{Sqlite, Store};
 
 /// A store failure. The engine's own error is kept as the source (and
@@ -89,6 +93,10 @@ pub enum StoreError {
     /// never repeated: it may hold a password).
     #[error("{0}")]
     Url(String),
+    /// Another process holds the SQLite database's running lock (see
+    /// [`RunningLock`]): a daemon, or a `db copy`, named as it said.
+    #[error("the database is in use by {0}")]
+    InUse(String),
 }
 
 /// A PostgreSQL error as one line: the server's message when it sent one.
@@ -479,6 +487,14 @@ pub trait DelivererStore: Send + Sync + 'static {
     /// the chain up to delivery `up_to` (included), oldest first, whatever
     /// their state: the recent events a live message lists.
     fn recent_events(&self, job_id: String, webhook: String, up_to: i64, limit: usize) -> StoreFuture<'_, Vec<String>>;
+    /// Whether this instance may still act on the work it owns: `false`
+    /// once its leases may have lapsed on this instance's own monotonic
+    /// clock (several instances on PostgreSQL: a freeze, or renewals that
+    /// fail), checked just before sends start. An engine one instance has
+    /// to itself (this default) always may.
+    fn still_owner(&self) -> bool {
+        true
+    }
     /// Keeps each webhook's current adaptive concurrency where other
     /// processes can read it (`webhooks list`, the status page), with the
     /// time it was written. Advisory: an engine that keeps nothing (this

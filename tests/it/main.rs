@@ -10,6 +10,7 @@ mod check_config;
 mod cli;
 mod config_bounds;
 mod crash;
+mod db_copy;
 mod delivery;
 mod delivery_stress;
 mod diff_props;

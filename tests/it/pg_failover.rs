@@ -160,8 +160,10 @@ async fn three_instances_share_the_work_and_survive_a_freeze_a_restart_and_a_kil
     assert!(!jobs.is_empty(), "relay-0 owns busy jobs: {shares:?}");
     signal(&relays[0], "STOP");
     let frozen = Instant::now();
+    eprintln!("{:?}: SIGSTOP relay-0", frozen - began);
     polled_again(&dari, &jobs, frozen, "after SIGSTOP").await;
     tokio::time::sleep(TTL.saturating_sub(frozen.elapsed()) + Duration::from_millis(500)).await;
+    eprintln!("{:?}: SIGCONT relay-0", began.elapsed());
     signal(&relays[0], "CONT");
     let status = wait_exit(&mut relays[0], Duration::from_secs(10)).await;
     assert!(!status.success(), "the resumed instance stops: it lost its leases");
@@ -173,6 +175,7 @@ async fn three_instances_share_the_work_and_survive_a_freeze_a_restart_and_a_kil
     assert!(!jobs.is_empty(), "relay-1 owns busy jobs");
     signal(&relays[1], "TERM");
     let stopped = Instant::now();
+    eprintln!("{:?}: SIGTERM relay-1", stopped - began);
     assert!(wait_exit(&mut relays[1], Duration::from_secs(15)).await.success());
     polled_again(&dari, &jobs, stopped, "after SIGTERM").await;
     eventually_async(
@@ -241,12 +244,12 @@ async fn three_instances_share_the_work_and_survive_a_freeze_a_restart_and_a_kil
     // requests of one chain overlapped (one sender at a time).
     let mut bodies: BTreeMap<String, String> = BTreeMap::new();
     let mut per_job: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    let mut arrivals: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
+    let mut arrivals: BTreeMap<String, Vec<(Instant, String, String)>> = BTreeMap::new();
     for r in &got {
         let v = r.json();
         let job = v["data"]["job_id"].as_str().unwrap().to_owned();
-        arrivals.entry(job.clone()).or_default().push(r.at);
         let id = r.header("webhook-id");
+        arrivals.entry(job.clone()).or_default().push((r.at, id.clone(), r.kind()));
         if let Some(body) = bodies.get(&id) {
             assert_eq!(body, &r.body, "a re-send of {id} has its first body");
             continue;
@@ -266,10 +269,14 @@ async fn three_instances_share_the_work_and_survive_a_freeze_a_restart_and_a_kil
     for (job, mut at) in arrivals {
         at.sort();
         for pair in at.windows(2) {
-            let gap = pair[1] - pair[0];
+            let gap = pair[1].0 - pair[0].0;
             assert!(
                 gap + Duration::from_millis(5) >= ANSWER,
-                "job {job}: two requests {gap:?} apart, one was still being answered: two senders at once"
+                "job {job}: two requests {gap:?} apart ({:?} at {:?}, then {:?} at {:?}, test start {began:?}), one was still being answered: two senders at once",
+                (&pair[0].1, &pair[0].2),
+                pair[0].0 - began,
+                (&pair[1].1, &pair[1].2),
+                pair[1].0 - began
             );
         }
     }

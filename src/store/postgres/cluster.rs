@@ -90,6 +90,12 @@ pub struct Balance {
     pub released: usize,
 }
 
+/// The instant the lease deadlines count from (the first use in this process).
+pub(super) fn clock_base() -> Instant {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -98,6 +104,7 @@ fn ms(d: Duration) -> i64 {
 /// process of that name still holds), the others told. From then on
 /// `store` fences its writes with it and sees only the watches it owns.
 pub async fn join(store: &Postgres, name: &str, ttl: Duration, handoff: Duration) -> Result<Membership, StoreError> {
+    let asked = Instant::now();
     let client = store.client().await?;
     let row = client
         .query_one(
@@ -112,6 +119,7 @@ pub async fn join(store: &Postgres, name: &str, ttl: Duration, handoff: Duration
     client.execute("SELECT pg_notify($1, 'joined')", &[&CHANNEL]).await?;
     let member = Member { name: name.to_owned(), epoch: row.get(0) };
     store.set_member(Some(member.clone()));
+    store.leases_hold_until(asked + ttl);
     Ok(Membership { member, ttl, handoff })
 }
 
@@ -185,9 +193,13 @@ impl Membership {
     /// One round of [`Membership::keep`]: renew (saying `owned` watches
     /// are held here), then balance. `None` if the renewal was refused.
     pub async fn round(&self, store: &Postgres, owned: i64) -> Result<Option<Balance>, StoreError> {
+        // The database sets the new expiry after this moment, so the
+        // leases surely hold until this moment plus the ttl.
+        let asked = Instant::now();
         if !store.renew(&self.member, self.ttl, owned).await? {
             return Ok(None);
         }
+        store.leases_hold_until(asked + self.ttl);
         self.balance(store).await.map(Some)
     }
 
@@ -283,6 +295,19 @@ impl Postgres {
     /// Sets (or clears) the membership the writes check.
     pub(super) fn set_member(&self, member: Option<Member>) {
         *self.member.write().unwrap_or_else(std::sync::PoisonError::into_inner) = member.map(Arc::new);
+    }
+
+    /// Notes that this instance's leases surely hold until `until`.
+    fn leases_hold_until(&self, until: Instant) {
+        let ms = until.saturating_duration_since(clock_base()).as_millis().max(1);
+        self.lease_deadline.fetch_max(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Whether this instance's leases surely hold now (always without a
+    /// cluster): what [`DelivererStore::still_owner`] answers.
+    pub(super) fn leases_hold(&self) -> bool {
+        let deadline = self.lease_deadline.load(Ordering::Relaxed);
+        deadline == 0 || clock_base().elapsed().as_millis() < u128::from(deadline)
     }
 
     /// The membership the writes check, if this store joined a cluster.

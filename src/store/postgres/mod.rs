@@ -11,10 +11,12 @@
 //!
 //! Files by role: [`schema`] (migrations under an advisory lock),
 //! [`watches`] (adds, removals, the schedule and the poll's commit),
-//! [`outbox`] (heads, sends, attempts, listings, pauses), [`prune`], and
-//! [`cluster`] (several instances: membership, per-watch leases, fencing).
+//! [`outbox`] (heads, sends, attempts, listings, pauses), [`prune`],
+//! [`cluster`] (several instances: membership, per-watch leases, fencing),
+//! and [`copy`] (`db copy`'s end on PostgreSQL).
 
 pub mod cluster;
+pub mod copy;
 mod live;
 mod ops;
 mod outbox;
@@ -70,6 +72,10 @@ pub struct Postgres {
     /// The server's settings and the TLS connector, for the connection
     /// that listens for the other instances.
     connect: (tokio_postgres::Config, MakeRustlsConnect),
+    /// Until when (ms after [`cluster::clock_base`], on this process's
+    /// monotonic clock) this instance's leases surely hold: the start of
+    /// its last successful renewal plus `lease_ttl` (0: no cluster joined).
+    lease_deadline: AtomicU64,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -151,7 +157,13 @@ impl Postgres {
             .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Url(format!("cannot build the connection pool: {e}")))?;
-        Ok(Postgres { pool, commits: AtomicU64::new(0), member: RwLock::new(None), connect })
+        Ok(Postgres {
+            pool,
+            commits: AtomicU64::new(0),
+            member: RwLock::new(None),
+            connect,
+            lease_deadline: AtomicU64::new(0),
+        })
     }
 
     /// Write transactions committed through this handle so far.
@@ -282,5 +294,9 @@ impl DelivererStore for Postgres {
 
     fn recent_events(&self, job_id: String, webhook: String, up_to: i64, limit: usize) -> StoreFuture<'_, Vec<String>> {
         Box::pin(async move { self.chain_events(&job_id, &webhook, up_to, limit).await })
+    }
+
+    fn still_owner(&self) -> bool {
+        self.leases_hold()
     }
 }

@@ -1,11 +1,13 @@
 //! The SQLite implementation of the store.
 
+pub mod copy;
 mod heads;
 mod live;
 mod operator;
 mod ops;
 mod outbox;
 mod prune;
+pub mod running;
 mod schema;
 #[cfg(test)]
 mod tests;
