@@ -139,10 +139,9 @@ impl Membership {
     /// stops the relay then; the store's fence already refuses its writes.
     pub async fn keep(&self, store: &Postgres, mut each: impl FnMut(&Balance)) -> String {
         let (wake_tx, mut wake) = tokio::sync::mpsc::channel::<()>(1);
-        let listener = tokio::spawn(listen(store.connect_config(), wake_tx));
-        let reason = self.keep_with(store, &mut wake, &mut each).await;
-        listener.abort();
-        reason
+        // Aborted when this returns or is dropped (the relay stopping).
+        let _listener = AbortOnDrop(tokio::spawn(listen(store.connect_config(), wake_tx)));
+        self.keep_with(store, &mut wake, &mut each).await
     }
 
     async fn keep_with(
@@ -238,6 +237,15 @@ impl Membership {
             .await?;
         client.execute("SELECT pg_notify($1, 'left')", &[&CHANNEL]).await?;
         Ok(())
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
