@@ -175,8 +175,9 @@ impl Membership {
             }
             // The next round: the renewal's time, or a wake-up from another
             // instance (a join, a departure, new watches), or the moment the
-            // next of the others' rows would expire unrenewed, so a dead
-            // owner's watches are taken over without waiting a whole period.
+            // next of the others' rows would expire unrenewed or the next
+            // handed-over watch becomes claimable, so a dead owner's watches
+            // and a newcomer's share are taken without waiting a period.
             let expiry = match store.next_expiry(&self.member).await {
                 Ok(Some(after)) => Some(Instant::now() + after),
                 _ => None,
@@ -370,13 +371,16 @@ impl Postgres {
     }
 
     /// How long until the next of the other live instances' rows expires
-    /// unrenewed (plus a little, so it has), if any.
+    /// unrenewed, or the next handed-over watch becomes claimable (plus a
+    /// little, so it has), if any.
     async fn next_expiry(&self, member: &Member) -> Result<Option<Duration>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT CEIL(EXTRACT(EPOCH FROM MIN(expires_at) - now()) * 1000)::BIGINT FROM instances
-                 WHERE expires_at > now() AND name <> $1",
+                "SELECT CEIL(EXTRACT(EPOCH FROM LEAST(
+                     (SELECT MIN(expires_at) FROM instances WHERE expires_at > now() AND name <> $1),
+                     (SELECT MIN(claimable_at) FROM watches
+                      WHERE lease_owner IS NULL AND state = 'active' AND claimable_at > now())) - now()) * 1000)::BIGINT",
             )
             .await?;
         let left: Option<i64> = client.query_one(&stmt, &[&member.name]).await?.get(0);

@@ -4,7 +4,7 @@
 //! more than a batch. Several instances may prune at once without harm
 //! (each batch is a transaction and re-checks what it deletes); an
 //! advisory lock makes the others skip a round instead of doing the same
-//! work twice.
+//! work twice. Each round ends with an `ANALYZE` of the busy tables.
 
 use super::*;
 
@@ -27,7 +27,15 @@ impl Postgres {
         if !locked {
             return Ok(PruneSummary::default());
         }
-        let result = self.prune_batches(&mut client, cutoff_ms).await;
+        let mut result = self.prune_batches(&mut client, cutoff_ms).await;
+        if result.is_ok() {
+            // Fresh statistics for the planner, whatever autovacuum does
+            // (it may be off): without them the outbox's queries are
+            // planned for empty tables (see `heads`).
+            if let Err(e) = client.batch_execute("ANALYZE watches, notifications, deliveries, attempts").await {
+                result = Err(e.into());
+            }
+        }
         let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&PRUNE_LOCK]).await;
         let summary = result?;
         unlocked?;
