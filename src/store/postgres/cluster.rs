@@ -200,7 +200,12 @@ impl Membership {
             return Ok(None);
         }
         store.leases_hold_until(asked + self.ttl);
-        self.balance(store).await.map(Some)
+        let balance = self.balance(store).await?;
+        if balance.owned != owned {
+            // Shown at once (`GET /v1/cluster`), not at the next renewal.
+            store.say_owned(&self.member, balance.owned).await?;
+        }
+        Ok(Some(balance))
     }
 
     /// Claims unowned watches up to this instance's fair share and hands
@@ -353,6 +358,14 @@ impl Postgres {
             )
             .await?;
         client.execute(&stmt, &[&member.name, &member.epoch]).await?;
+        Ok(())
+    }
+
+    /// Records how many watches this instance owns on its row.
+    async fn say_owned(&self, member: &Member, owned: i64) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("UPDATE instances SET watches = $3 WHERE name = $1 AND epoch = $2").await?;
+        client.execute(&stmt, &[&member.name, &member.epoch, &owned]).await?;
         Ok(())
     }
 
