@@ -302,6 +302,46 @@ async fn watches_are_shared_fairly_handed_over_taken_over_and_fenced() {
     assert_eq!(c.owner_of(&theirs).await.unwrap().as_deref(), Some("c"));
 }
 
+/// The keepers wake on each other's notifications, not only at their
+/// renewals: with `lease_ttl = 30s` (a round every 10 s), watches added
+/// while two instances run are claimed within a second, and when one
+/// leaves the other takes its watches within a second.
+#[tokio::test]
+async fn keepers_wake_on_notifications_not_only_at_renewals() {
+    use dari_relay::store::postgres::join;
+    let Some(db) = TestDatabase::create() else { return };
+    let ttl = Duration::from_secs(30);
+    let (a, b) = (Arc::new(Postgres::open(&db.url).await.unwrap()), Arc::new(Postgres::open(&db.url).await.unwrap()));
+    let ma = Arc::new(join(&a, "a", ttl, Duration::from_millis(100)).await.unwrap());
+    let mb = Arc::new(join(&b, "b", ttl, Duration::from_millis(100)).await.unwrap());
+    let keep = |m: Arc<dari_relay::store::postgres::Membership>, s: Arc<Postgres>| {
+        tokio::spawn(async move { m.keep(&s, |_| {}).await })
+    };
+    let (ka, kb) = (keep(Arc::clone(&ma), Arc::clone(&a)), keep(Arc::clone(&mb), Arc::clone(&b)));
+    // Past the first rounds, so that what follows can only be a wake-up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let jobs: Vec<String> = (0..6).map(|n| format!("00000000-0000-4000-8000-{n:012}")).collect();
+    let added = Instant::now();
+    a.add_watches(jobs.iter().map(|j| watch(j)).collect()).await.unwrap();
+    let owners = async |jobs: &[String]| {
+        let mut out = Vec::new();
+        for j in jobs {
+            out.push(a.owner_of(j).await.unwrap());
+        }
+        out
+    };
+    let claimed = async || owners(&jobs).await.iter().all(Option::is_some);
+    crate::fakes::eventually_async(Duration::from_secs(3), || "new watches not claimed".into(), claimed).await;
+    assert!(added.elapsed() < Duration::from_secs(1), "claimed {:?} after the add", added.elapsed());
+    kb.abort();
+    mb.leave(&b).await.unwrap();
+    let left = Instant::now();
+    let all_a = async || owners(&jobs).await.iter().all(|o| o.as_deref() == Some("a"));
+    crate::fakes::eventually_async(Duration::from_secs(3), || "b's watches not taken over".into(), all_a).await;
+    assert!(left.elapsed() < Duration::from_secs(1), "taken {:?} after b left", left.elapsed());
+    ka.abort();
+}
+
 /// Polls of one watch committed at once, from many connections, each read
 /// the state the previous one wrote (the row is read `FOR UPDATE`): none
 /// is lost and none sees the same fingerprints twice.
