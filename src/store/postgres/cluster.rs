@@ -407,10 +407,7 @@ impl Postgres {
     async fn claim(&self, member: &Member, want: i64) -> Result<(usize, usize), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let rev: i64 = tx
-            .query_one("UPDATE meta SET value = value + 1 WHERE key = 'watch_rev' RETURNING value", &[])
-            .await?
-            .get(0);
+        let rev = super::watches::bump_rev(&tx).await?;
         let stmt = tx
             .prepare_cached(
                 "WITH picked AS (
@@ -438,10 +435,7 @@ impl Postgres {
     async fn hand_over(&self, member: &Member, count: i64, handoff: Duration) -> Result<usize, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let rev: i64 = tx
-            .query_one("UPDATE meta SET value = value + 1 WHERE key = 'watch_rev' RETURNING value", &[])
-            .await?
-            .get(0);
+        let rev = super::watches::bump_rev(&tx).await?;
         let stmt = tx
             .prepare_cached(
                 "WITH picked AS (

@@ -16,10 +16,10 @@ use crate::store::ui::{Activity, DeliveryRow, DeliverySearch, JobNotification, L
 use crate::vocab::{ms_to_rfc3339, now_ms};
 
 /// The columns [`summary`] reads, in order (as SQLite's `SUMMARY_COLUMNS`).
-const SUMMARY_COLUMNS: &str =
+pub(super) const SUMMARY_COLUMNS: &str =
     "d.id, d.msg_id, d.job_id, d.webhook, n.type, d.state, d.attempts, d.next_attempt_at, d.created_at, d.last_error";
 
-fn summary(r: &Row) -> Result<DeliverySummary, StoreError> {
+pub(super) fn summary(r: &Row) -> Result<DeliverySummary, StoreError> {
     let state = delivery_state(r.get(5))?;
     Ok(DeliverySummary {
         id: r.get(0),

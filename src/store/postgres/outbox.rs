@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 
 use super::*;
 use crate::notification;
-use crate::vocab::{ms_to_rfc3339, now_ms};
+use crate::vocab::now_ms;
 
 /// The columns [`read_body`] reads, in order, from `notifications n LEFT
 /// JOIN answers a`.
@@ -183,27 +183,16 @@ impl Postgres {
         let filter = if state.is_some() { "d.state = $1" } else { "$1::TEXT IS NULL" };
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT d.id, d.msg_id, d.job_id, d.webhook, n.type, d.state, d.attempts, d.next_attempt_at, d.created_at, d.last_error
+                "SELECT {SUMMARY_COLUMNS}
                  FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-                 WHERE {filter} ORDER BY d.id DESC LIMIT $2"
+                 WHERE {filter} ORDER BY d.id DESC LIMIT $2",
+                SUMMARY_COLUMNS = super::ops::SUMMARY_COLUMNS
             ))
             .await?;
         let rows = client.query(&stmt, &[&state.map(DeliveryState::as_str), &sql_limit(limit)]).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let state = delivery_state(r.get(5))?;
-            out.push(DeliverySummary {
-                id: r.get(0),
-                msg_id: r.get(1),
-                job_id: r.get(2),
-                webhook: r.get(3),
-                kind: r.get(4),
-                state: state.as_str(),
-                attempts: count(r.get(6)),
-                next_attempt_at: (state == DeliveryState::Pending).then(|| ms_to_rfc3339(r.get(7))),
-                created_at: ms_to_rfc3339(r.get(8)),
-                last_error: r.get(9),
-            });
+            out.push(super::ops::summary(&r)?);
         }
         Ok(out)
     }

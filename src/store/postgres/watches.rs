@@ -309,7 +309,7 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
 
 /// Bumps the watch revision; the row lock it takes is held to the commit,
 /// so revisions are committed in the order they are handed out.
-async fn bump_rev(tx: &Transaction<'_>) -> Result<i64, StoreError> {
+pub(super) async fn bump_rev(tx: &Transaction<'_>) -> Result<i64, StoreError> {
     Ok(tx.query_one("UPDATE meta SET value = value + 1 WHERE key = 'watch_rev' RETURNING value", &[]).await?.get(0))
 }
 
