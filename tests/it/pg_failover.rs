@@ -16,7 +16,9 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::delivery::{signal, spawn_daemon, wait_exit};
-use crate::fakes::{Behaviour, FakeDari, FakeReceiver, Received, Reply, config_text, eventually_async, log_says};
+use crate::fakes::{
+    Behaviour, FakeDari, FakeReceiver, Received, Reply, config_text, eventually, eventually_async, log_says,
+};
 use crate::pg::TestDatabase;
 use dari_relay::store::{OperatorStore, Postgres};
 use dari_relay::vocab::NewWatch;
@@ -76,10 +78,13 @@ async fn polled_again(dari: &FakeDari, jobs: &[String], lost: Instant, what: &st
         let requests = dari.requests();
         jobs.iter().filter(|j| !requests.iter().any(|r| &r.job_id == *j && r.at > lost)).cloned().collect()
     };
-    while !pending(dari).is_empty() {
-        assert!(lost.elapsed() < bound, "{what}: not polled again within {bound:?}: {:?}", pending(dari));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let left = bound.saturating_sub(lost.elapsed());
+    eventually(
+        left,
+        || format!("{what}: not polled again within {bound:?}: {:?}", pending(dari)),
+        || pending(dari).is_empty(),
+    )
+    .await;
     for job in jobs {
         let first = dari.requests().iter().filter(|r| &r.job_id == job && r.at > lost).map(|r| r.at).min().unwrap();
         assert!(first - lost <= bound, "{what}: {job} polled again after {:?}", first - lost);
@@ -162,7 +167,14 @@ async fn three_instances_share_the_work_and_survive_a_freeze_a_restart_and_a_kil
     let frozen = Instant::now();
     eprintln!("{:?}: SIGSTOP relay-0", frozen - began);
     polled_again(&dari, &jobs, frozen, "after SIGSTOP").await;
-    tokio::time::sleep(TTL.saturating_sub(frozen.elapsed()) + Duration::from_millis(500)).await;
+    // Its jobs were taken over, so its row has expired: it is past its
+    // lease (checked, not slept for).
+    let gone = async || store.instances().await.unwrap().iter().all(|i| i.instance != "relay-0");
+    eventually_async(Duration::from_secs(1), || "relay-0 still listed as live".to_owned(), gone).await;
+    assert!(
+        frozen.elapsed() >= TTL.saturating_sub(Duration::from_millis(500)),
+        "taken over before its lease could end"
+    );
     eprintln!("{:?}: SIGCONT relay-0", began.elapsed());
     signal(&relays[0], "CONT");
     let status = wait_exit(&mut relays[0], Duration::from_secs(10)).await;

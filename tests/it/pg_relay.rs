@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fakes::{FakeDari, FakeReceiver, Reply, SECRET, config_text, env};
+use crate::fakes::{FakeDari, FakeReceiver, Reply, SECRET, config_text, env, eventually_async};
 use crate::lifecycle::{FULL_LIFE_TYPES, JOB, answer, event, full_life, watch};
 use crate::pg::TestDatabase;
 use dari_relay::config::Config;
@@ -248,12 +248,21 @@ async fn watches_are_shared_fairly_handed_over_taken_over_and_fenced() {
     // surplus, and nothing before the hand-over time has passed.
     let mb = join(&b, "b", ttl, handoff).await.unwrap();
     assert_eq!(mb.round(&b, 0).await.unwrap().unwrap().owned, 0);
+    let handed_at = Instant::now();
     let handed = ma.round(&a, 10).await.unwrap().unwrap();
     assert_eq!((handed.instances, handed.released, handed.owned), (2, 5, 5));
     let early = mb.round(&b, 0).await.unwrap().unwrap();
     assert_eq!(early.claimed, 0, "not claimable before the hand-over time");
-    tokio::time::sleep(handoff).await;
-    let share = mb.round(&b, 0).await.unwrap().unwrap();
+    let mut share = None;
+    let claims = async || {
+        let round = mb.round(&b, 0).await.unwrap().unwrap();
+        let claimed = round.claimed > 0;
+        share = Some(round);
+        claimed
+    };
+    eventually_async(handoff * 10, || "the handed-over watches were never claimed".into(), claims).await;
+    let share = share.unwrap();
+    assert!(handed_at.elapsed() >= handoff, "claimed {:?} after the hand-over", handed_at.elapsed());
     assert_eq!((share.claimed, share.took_over, share.owned), (5, 0, 5), "hand-overs are not takeovers");
 
     // Each schedules only its own, and together they cover every watch once.
@@ -273,16 +282,15 @@ async fn watches_are_shared_fairly_handed_over_taken_over_and_fenced() {
 
     // B goes silent: A takes its watches once B's row expires, not before.
     let silent = Instant::now();
-    let mut owned_a = 5;
-    let took = loop {
-        let round = ma.round(&a, owned_a).await.unwrap().expect("A renews");
-        owned_a = round.owned;
-        if round.took_over > 0 {
-            break round;
-        }
-        assert!(silent.elapsed() < ttl + Duration::from_secs(2), "never taken over");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut took = None;
+    let takes_over = async || {
+        let owned = took.map_or(5, |t: dari_relay::store::postgres::Balance| t.owned);
+        let round = ma.round(&a, owned).await.unwrap().expect("A renews");
+        took = Some(round);
+        round.took_over > 0
     };
+    eventually_async(ttl + Duration::from_secs(2), || "never taken over".into(), takes_over).await;
+    let took = took.unwrap();
     assert!(silent.elapsed() >= Duration::from_millis(1000), "not before B's row expired: {:?}", silent.elapsed());
     assert_eq!((took.instances, took.took_over, took.owned), (1, 5, 10));
     // B is fenced: its write is refused and its renewal too.
@@ -314,12 +322,22 @@ async fn keepers_wake_on_notifications_not_only_at_renewals() {
     let (a, b) = (Arc::new(Postgres::open(&db.url).await.unwrap()), Arc::new(Postgres::open(&db.url).await.unwrap()));
     let ma = Arc::new(join(&a, "a", ttl, Duration::from_millis(100)).await.unwrap());
     let mb = Arc::new(join(&b, "b", ttl, Duration::from_millis(100)).await.unwrap());
-    let keep = |m: Arc<dari_relay::store::postgres::Membership>, s: Arc<Postgres>| {
-        tokio::spawn(async move { m.keep(&s, |_| {}).await })
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let keep = |m: Arc<dari_relay::store::postgres::Membership>, s: Arc<Postgres>, rounds: Arc<AtomicUsize>| {
+        tokio::spawn(async move {
+            m.keep(&s, |_| {
+                rounds.fetch_add(1, Ordering::Relaxed);
+            })
+            .await
+        })
     };
-    let (ka, kb) = (keep(Arc::clone(&ma), Arc::clone(&a)), keep(Arc::clone(&mb), Arc::clone(&b)));
-    // Past the first rounds, so that what follows can only be a wake-up.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ra, rb) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let ka = keep(Arc::clone(&ma), Arc::clone(&a), Arc::clone(&ra));
+    let kb = keep(Arc::clone(&mb), Arc::clone(&b), Arc::clone(&rb));
+    // Past each keeper's first round, so that what follows can only be a
+    // wake-up by a notification.
+    let first_rounds = || ra.load(Ordering::Relaxed) >= 1 && rb.load(Ordering::Relaxed) >= 1;
+    crate::fakes::eventually(Duration::from_secs(5), || "the keepers never ran a round".into(), first_rounds).await;
     let jobs: Vec<String> = (0..6).map(|n| format!("00000000-0000-4000-8000-{n:012}")).collect();
     let added = Instant::now();
     a.add_watches(jobs.iter().map(|j| watch(j)).collect()).await.unwrap();
