@@ -201,9 +201,12 @@ impl Membership {
         }
         store.leases_hold_until(asked + self.ttl);
         let balance = self.balance(store).await?;
-        if balance.owned != owned {
-            // Shown at once (`GET /v1/cluster`), not at the next renewal.
-            store.say_owned(&self.member, balance.owned).await?;
+        if balance.owned != owned
+            && let Err(e) = store.say_owned(&self.member, balance.owned).await
+        {
+            // Advisory (`GET /v1/cluster`): the renewal stands, and the
+            // next one writes the count anyway.
+            tracing::debug!(error = %e, "cannot record this instance's watch count yet");
         }
         Ok(Some(balance))
     }
@@ -243,6 +246,15 @@ impl Membership {
             .await?;
         client.execute("SELECT pg_notify($1, 'left')", &[&CHANNEL]).await?;
         Ok(())
+    }
+}
+
+/// The answer of an [`OWNED`] check: fenced if the row says another owns
+/// it; no row (the watch is gone) fences nothing.
+fn owned_or_fenced(row: Option<tokio_postgres::Row>) -> Result<(), StoreError> {
+    match row {
+        Some(r) if !r.get::<_, bool>(0) => Err(StoreError::Fenced),
+        _ => Ok(()),
     }
 }
 
@@ -528,10 +540,7 @@ impl Postgres {
     ) -> Result<(), StoreError> {
         let Some(member) = self.member() else { return Ok(()) };
         let stmt = client.prepare_cached(&format!("SELECT {OWNED} FROM watches WHERE job_id = $1 FOR SHARE")).await?;
-        match client.query_opt(&stmt, &[&job_id, &member.name, &member.epoch]).await? {
-            Some(r) if !r.get::<_, bool>(0) => Err(StoreError::Fenced),
-            _ => Ok(()),
-        }
+        owned_or_fenced(client.query_opt(&stmt, &[&job_id, &member.name, &member.epoch]).await?)
     }
 
     /// [`Postgres::check_owner`] of the job delivery `id` belongs to, in one
@@ -547,9 +556,6 @@ impl Postgres {
                 "SELECT {OWNED} FROM watches WHERE job_id = (SELECT job_id FROM deliveries WHERE id = $1) FOR SHARE"
             ))
             .await?;
-        match client.query_opt(&stmt, &[&id, &member.name, &member.epoch]).await? {
-            Some(r) if !r.get::<_, bool>(0) => Err(StoreError::Fenced),
-            _ => Ok(()),
-        }
+        owned_or_fenced(client.query_opt(&stmt, &[&id, &member.name, &member.epoch]).await?)
     }
 }
