@@ -127,11 +127,16 @@ fn assert_in_order(seen: &[Seen], jobs: usize, events: usize) {
 /// fixed 4 in flight this took 8 times as long; now the relay opens at
 /// least 16 requests at once and the backlog drains within 10% of what 32
 /// parallel chains allow (each chain strictly one at a time, in order).
-/// What they allow is one chain's own time: 60 answers of 250 ms plus the
-/// relay's own time per delivery on this host at this moment, measured by a
-/// control chain of the same length to a second webhook, run alongside
-/// (on a loaded CI host the relay's own part moves, and the bar is about
-/// the adaptation, not the host). The strict 60 x 250 ms is printed too.
+///
+/// What they allow is measured, not assumed: 32 control chains of the same
+/// length run alongside, each to a webhook of its own, where adaptation
+/// never holds one back (a webhook starts at 10 attempts at once and each
+/// has one chain). Both groups share the host, the writer and its group
+/// commits at the same moment, so the bar is the adaptation's share of the
+/// time, not the host's: on a loaded CI host the relay's own time per
+/// delivery grows for both alike (a single control chain, used before,
+/// paid less of the writer's queue than 32 chains do, and the bar failed
+/// on load, not on adaptation). The strict 60 x 250 ms is printed too.
 #[tokio::test]
 async fn thirty_two_chains_to_a_250ms_receiver_run_in_parallel() {
     const JOBS: usize = 32;
@@ -140,59 +145,70 @@ async fn thirty_two_chains_to_a_250ms_receiver_run_in_parallel() {
     let dari = FakeDari::start().await;
     let receiver = CountingReceiver::start(Arc::new(|_, _| (204, Duration::from_millis(250), vec![]))).await;
     let control = CountingReceiver::start(Arc::new(|_, _| (204, Duration::from_millis(250), vec![]))).await;
-    for i in 0..=JOBS {
+    for i in 0..2 * JOBS {
         dari.script(&job_id(i), vec![busy_job(EVENTS)]);
     }
-    let text = config_text(&dir.path().join("r.db"), &dari, &[], "")
-        + &format!("[[webhooks]]\nname = \"slow\"\nurl = \"{}\"\nportals = [\"acme/form\"]\n", receiver.url)
-        + &format!("[[webhooks]]\nname = \"control\"\nurl = \"{}\"\nportals = [\"acme/control\"]\n", control.url);
+    let mut text = config_text(&dir.path().join("r.db"), &dari, &[], "")
+        + &format!("[[webhooks]]\nname = \"slow\"\nurl = \"{}\"\nportals = [\"acme/form\"]\n", receiver.url);
+    for c in 0..JOBS {
+        text += &format!(
+            "[[webhooks]]\nname = \"control{c}\"\nurl = \"{}\"\nportals = [\"acme/control{c}\"]\n",
+            control.url
+        );
+    }
     let relay = Relay::start(&text).await;
     let mut watches: Vec<_> = (0..JOBS).map(|i| watch_on("acme/form", &job_id(i))).collect();
-    watches.push(watch_on("acme/control", &job_id(JOBS)));
+    watches.extend((0..JOBS).map(|c| watch_on(&format!("acme/control{c}"), &job_id(JOBS + c))));
     relay.store.add_watches(&watches).unwrap();
     let total = JOBS * (EVENTS + 1);
     eventually(
-        Duration::from_secs(40),
-        || format!("{} of {total} delivered", receiver.seen().len()),
-        || receiver.seen().len() >= total,
+        Duration::from_secs(60),
+        || format!("{} and {} of {total} delivered", receiver.seen().len(), control.seen().len()),
+        || receiver.seen().len() >= total && control.seen().len() >= total,
     )
     .await;
     relay.settle().await;
+    let span = |seen: &[Seen]| {
+        let first = seen.iter().map(|s| s.at).min().unwrap();
+        let last = seen.iter().map(|s| s.at).max().unwrap() + Duration::from_millis(250);
+        (first, last - first)
+    };
     let seen = receiver.seen();
-    let first = seen.iter().map(|s| s.at).min().unwrap();
-    let last = seen.iter().map(|s| s.at).max().unwrap() + Duration::from_millis(250);
-    let took = last - first;
-    let ideal = Duration::from_millis(250) * (EVENTS as u32 + 1);
+    let (first, took) = span(&seen);
     let alone = control.seen();
-    assert_eq!(alone.len(), EVENTS + 1);
-    let one_chain = alone[EVENTS].at - alone[0].at + Duration::from_millis(250);
-    let allowed = one_chain.max(ideal);
+    assert_in_order(&alone, JOBS, EVENTS);
+    let (_, allowed) = span(&alone);
+    let ideal = Duration::from_millis(250) * (EVENTS as u32 + 1);
     let peak = receiver.peak.load(Ordering::SeqCst);
-    eprintln!(
-        "32 chains x 60 at 250 ms: {took:?} (strictly {ideal:?}, one chain alone {one_chain:?}), peak {peak} open"
-    );
-    let starts: Vec<Duration> =
-        (0..JOBS).map(|i| seen.iter().filter(|s| s.job_id == job_id(i)).map(|s| s.at).min().unwrap() - first).collect();
+    let starts: Vec<u128> = (0..JOBS)
+        .map(|i| (seen.iter().filter(|s| s.job_id == job_id(i)).map(|s| s.at).min().unwrap() - first).as_millis())
+        .collect();
     let mut opens: Vec<usize> = seen.iter().map(|s| s.open).collect();
     opens.truncate(200);
-    let mut gaps: Vec<u128> = Vec::new();
-    for i in 0..JOBS {
-        let at: Vec<Instant> = seen.iter().filter(|s| s.job_id == job_id(i)).map(|s| s.at).collect();
-        gaps.extend(at.windows(2).map(|w| (w[1] - w[0]).as_millis().saturating_sub(250)));
-    }
-    gaps.sort();
-    let q = |p: usize| gaps[gaps.len() * p / 100];
-    eprintln!(
-        "chain starts {starts:?}\nopen at arrival {opens:?}\ngap over 250 ms: p10 {} p50 {} p90 {} p99 {} max {}",
-        q(10),
-        q(50),
-        q(90),
-        q(99),
-        gaps[gaps.len() - 1]
+    let gaps = |seen: &[Seen], jobs: std::ops::Range<usize>| {
+        let mut gaps: Vec<u128> = Vec::new();
+        for i in jobs {
+            let at: Vec<Instant> = seen.iter().filter(|s| s.job_id == job_id(i)).map(|s| s.at).collect();
+            gaps.extend(at.windows(2).map(|w| (w[1] - w[0]).as_millis().saturating_sub(250)));
+        }
+        gaps.sort();
+        let q = |p: usize| gaps[(gaps.len() * p / 100).min(gaps.len() - 1)];
+        format!("p10 {} p50 {} p90 {} p99 {} max {}", q(10), q(50), q(90), q(99), q(100))
+    };
+    let report = format!(
+        "32 chains x 60 at 250 ms: {took:?}; 32 control chains: {allowed:?} (strictly {ideal:?}); peak {peak} open\n\
+         chain starts (ms) {starts:?}\nopen at arrival {opens:?}\n\
+         gap over 250 ms (ms), adaptive: {}; control: {}",
+        gaps(&seen, 0..JOBS),
+        gaps(&alone, JOBS..2 * JOBS),
     );
-    assert!(peak >= 16, "at least 16 requests open at once, saw {peak}");
-    assert!(peak <= JOBS, "never more than one attempt per chain: {peak}");
-    assert!(took <= allowed.mul_f64(1.1), "took {took:?}, 32 parallel chains allow {allowed:?} (strictly {ideal:?})");
+    eprintln!("{report}");
+    assert!(peak >= 16, "at least 16 requests open at once, saw {peak}\n{report}");
+    assert!(peak <= JOBS, "never more than one attempt per chain: {peak}\n{report}");
+    assert!(
+        took <= allowed.max(ideal).mul_f64(1.1),
+        "took {took:?}, 32 parallel chains allow {allowed:?} (strictly {ideal:?})\n{report}"
+    );
     assert_in_order(&seen, JOBS, EVENTS);
     let gauge = relay.metrics.webhook_concurrency("slow").unwrap();
     assert!(gauge >= 16, "the gauge shows the grown limit: {gauge}");
