@@ -455,10 +455,15 @@ impl Relay {
 /// with `what` (evaluated then, so it can show what was last seen). The
 /// suite's one "poll until": what the relay does takes real time where its
 /// processes and sockets are the point, and this bounds that wait.
+///
+/// `limit` is real time, also on paused tokio time: there the 20 ms steps
+/// pass at once (driving the relay's timers), while the work waited for
+/// (the deliverer's thread, the writer) still takes real milliseconds, and
+/// a paused-time bound would run out before it is done.
 pub async fn eventually(limit: Duration, what: impl Fn() -> String, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
+    let deadline = std::time::Instant::now() + limit;
     while !done() {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {}", what());
+        assert!(std::time::Instant::now() < deadline, "not within {limit:?}: {}", what());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -477,9 +482,9 @@ pub async fn log_says(log: &std::path::Path, times: usize, text: &str) {
 /// [`eventually`] for a probe that has to await (a request, a query of an
 /// async store).
 pub async fn eventually_async(limit: Duration, what: impl Fn() -> String, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
+    let deadline = std::time::Instant::now() + limit;
     while !done().await {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {}", what());
+        assert!(std::time::Instant::now() < deadline, "not within {limit:?}: {}", what());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

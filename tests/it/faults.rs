@@ -15,7 +15,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text};
+use crate::fakes::{FakeDari, FakeReceiver, Relay, Reply, config_text, eventually};
 
 const JOB: &str = "550e8400-e29b-41d4-a716-446655440000";
 const STATUSES: [&str; 4] = ["pending", "running", "waiting_for_input", "paused"];
@@ -95,17 +95,19 @@ async fn run_case(steps: Vec<(&'static str, usize)>, faults: Vec<(usize, Fault)>
     relay.store.add_watches(&[crate::fakes::watch_on("acme/form", JOB)]).unwrap();
     // Tokio's time is paused: the poller's backoffs, the org's 429 pauses
     // and the request timeouts pass as soon as nothing else is runnable.
-    // What is waited for here is the deliverer (its own thread, real time)
-    // and the writer, so the wait is bounded in real time, not in paused
-    // time, which races ahead while they work.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // What is waited for is the deliverer (its own thread, real time) and
+    // the writer; `eventually` bounds that wait in real time.
     let pending = || relay.store.delivery_counts().unwrap().get("pending").copied().unwrap_or(0);
     let mut got = Vec::new();
-    while !(got.iter().any(|r: &crate::fakes::Received| r.kind() == "job.completed") && pending() == 0) {
-        assert!(std::time::Instant::now() < deadline, "not delivered within 20 s: {} received", got.len());
-        got.extend(receiver.drain());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        Duration::from_secs(20),
+        || "job.completed was not delivered, or deliveries stayed pending".to_owned(),
+        || {
+            got.extend(receiver.drain());
+            got.iter().any(|r| r.kind() == "job.completed") && pending() == 0
+        },
+    )
+    .await;
     relay.stop().await;
     prop_assert!(dari.polls(JOB) >= scripted, "every scripted answer and fault was served: {} polls", dari.polls(JOB));
     let got: Vec<_> = got.into_iter().chain(receiver.drain()).collect();
