@@ -22,7 +22,7 @@ fn kinds(got: &[crate::fakes::Received]) -> Vec<String> {
 }
 
 /// Row 1: unknown fields ignored (passed through), missing optional ones null.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn valid_answer_with_unknown_and_missing_fields() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -41,7 +41,7 @@ async fn valid_answer_with_unknown_and_missing_fields() {
 
 /// Row 2: malformed 200 bodies are transient errors: counted, retried, and
 /// the last-seen state untouched (nothing announced from them).
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn malformed_bodies_are_retried_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -69,7 +69,7 @@ async fn malformed_bodies_are_retried_and_change_nothing() {
 }
 
 /// Row 3: a body over max_response_bytes is refused (a transient error).
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn oversized_body_is_refused_then_recovered() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -91,7 +91,7 @@ async fn oversized_body_is_refused_then_recovered() {
 /// announced normally; one that never appears gets `watch.failed` after
 /// not_found_grace and is no longer polled. (The grace period's timing is
 /// checked on a scripted clock: `poller::tests::a_job_not_found_is_given_up_only_after_its_grace_period`.)
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn not_found_waits_for_the_grace_period_then_fails_the_watch() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -121,7 +121,7 @@ async fn not_found_waits_for_the_grace_period_then_fails_the_watch() {
 
 /// Row 6 and acceptance 3: a 429 with `Retry-After: 2` pauses every poll of
 /// that org for 2 seconds, while another org keeps being polled.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn rate_limited_org_pauses_while_others_continue() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -167,7 +167,7 @@ async fn rate_limited_org_pauses_while_others_continue() {
 
 /// Row 7: 5xx, timeouts and broken connections back off and recover, each
 /// counted under its own outcome; nothing is lost or announced twice.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn server_errors_timeouts_and_resets_back_off_and_recover() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -214,7 +214,7 @@ async fn refused_connection_is_a_transport_error() {
 }
 
 /// `max_requests_per_second` caps one org's requests on top of max_in_flight.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn per_org_rate_limit_holds() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -239,7 +239,7 @@ async fn per_org_rate_limit_holds() {
 }
 
 /// `max_watch_age`: an older watch gets `watch.failed` and stops.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn watch_older_than_max_age_fails() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -258,7 +258,7 @@ async fn watch_older_than_max_age_fails() {
 
 /// Statuses are an open set: any value becomes `job.<normalised>`; only the
 /// configured terminal statuses end polling.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unknown_statuses_are_announced_and_configured_terminals_end_polling() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -331,7 +331,7 @@ async fn rejected_key_is_logged_once_polled_slowly_and_never_leaked() {
 
 /// Polite upstream: never more than `max_in_flight` status requests at once,
 /// all orgs together.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn never_more_than_max_in_flight_requests_at_once() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -22,7 +22,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fakes::{API_KEY, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, eventually, watch_on};
+use crate::fakes::{
+    API_KEY, FakeDari, FakeReceiver, Relay, Reply, SECRET, config_text, eventually, watch_on, within_real_time,
+};
 
 fn job_id(i: usize) -> String {
     format!("{i:08x}-0000-4000-8000-0000000057e5")
@@ -61,6 +63,7 @@ impl Scheduler {
     fn start(text: &str, watches: &[(&str, String)]) -> Scheduler {
         let config = Arc::new(Config::from_toml(text, Path::new("test.toml"), &crate::fakes::env).unwrap());
         let store = Arc::new(Store::open(&config.database).unwrap());
+        store.hold_paused_time_while_writing();
         let added: Vec<_> = watches.iter().map(|(portal, job)| watch_on(portal, job)).collect();
         store.add_watches(&added).unwrap();
         let health = Arc::new(Health::default());
@@ -106,7 +109,7 @@ fn upstream_config(db: &Path, base_url: &str, upstream: &str, orgs: &str) -> Str
 /// scan, which came after the timer in the biased select, never ran: a new
 /// watch was never picked up and the heartbeat went stale while polls were
 /// being served.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_saturated_poller_sleeps_scans_and_beats() {
     let dir = tempfile::tempdir().unwrap();
     let (url, seen) = slow_dari(Duration::from_millis(400)).await;
@@ -118,16 +121,21 @@ async fn a_saturated_poller_sleeps_scans_and_beats() {
     );
     let watches: Vec<_> = (0..6).map(|i| ("acme/form", job_id(i))).collect();
     let scheduler = Scheduler::start(&text, &watches);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // On paused time a spinning loop stops the clock: bounded in real time.
+    let spins = "the scheduler never let paused time pass (it spins)";
+    within_real_time(Duration::from_secs(10), spins, tokio::time::sleep(Duration::from_millis(300))).await;
     let added = job_id(99);
     scheduler.store.add_watches(&[watch_on("acme/form", &added)]).unwrap();
 
     let start = Instant::now();
     let turns_before = scheduler.turns.load(Ordering::Relaxed);
-    while start.elapsed() < Duration::from_millis(2500) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(scheduler.beat_within(Duration::from_millis(800)), "the heartbeat went stale while saturated");
-    }
+    within_real_time(Duration::from_secs(10), spins, async {
+        while start.elapsed() < Duration::from_millis(2500) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(scheduler.beat_within(Duration::from_millis(800)), "the heartbeat went stale while saturated");
+        }
+    })
+    .await;
     let turns = scheduler.turns.load(Ordering::Relaxed) - turns_before;
     let requests = seen.lock().unwrap().clone();
     scheduler.stop().await;
@@ -142,7 +150,7 @@ async fn a_saturated_poller_sleeps_scans_and_beats() {
 /// Item A's siblings: watches held back by a 429 pause or by the org's
 /// `max_requests_per_second` are put off until they can go, and the loop
 /// sleeps meanwhile instead of popping them again and again.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn paused_and_rate_limited_orgs_do_not_spin() {
     let dir = tempfile::tempdir().unwrap();
     let dari = FakeDari::start().await;
@@ -163,9 +171,10 @@ async fn paused_and_rate_limited_orgs_do_not_spin() {
          [orgs.slow]\napi_key_env = \"DARI_API_KEY\"\nmax_requests_per_second = 4",
     );
     let scheduler = Scheduler::start(&text, &watches);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spins = "the scheduler never let paused time pass (it spins)";
+    within_real_time(Duration::from_secs(10), spins, tokio::time::sleep(Duration::from_millis(500))).await;
     let (turns_before, requests_before) = (scheduler.turns.load(Ordering::Relaxed), dari.requests().len());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    within_real_time(Duration::from_secs(10), spins, tokio::time::sleep(Duration::from_secs(2))).await;
     let turns = scheduler.turns.load(Ordering::Relaxed) - turns_before;
     let requests = dari.requests();
     assert!(scheduler.beat_within(Duration::from_millis(800)));

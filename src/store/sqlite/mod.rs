@@ -47,6 +47,8 @@ pub struct Store {
     /// How the writer thread and the store calls are faring, for `/readyz`
     /// and the watchdog; shared with the writer thread.
     vitals: Arc<Vitals>,
+    /// Set by [`Store::hold_paused_time_while_writing`] (tests only).
+    hold_paused_time: AtomicBool,
 }
 
 /// What the store knows of its own health (see [`Store::problems_at`]).
@@ -179,7 +181,36 @@ impl Store {
             writer: Mutex::new(None),
             commits: Arc::new(AtomicU64::new(0)),
             vitals: Arc::new(Vitals::new()),
+            hold_paused_time: AtomicBool::new(false),
         })
+    }
+
+    /// For tests on paused tokio time: while a caller waits for the writer
+    /// thread's answer, paused time must not jump ahead (tokio advances a
+    /// paused clock whenever the runtime has nothing to run, and a wait on
+    /// another thread's answer looks like nothing to run). With this set,
+    /// the wait happens on tokio's blocking pool, which tokio counts as
+    /// work, so a poll's commit takes no virtual time, as it takes almost
+    /// none of the real time a test measures. Store calls other than the
+    /// writer's already run on that pool. Without it (the daemon) the
+    /// answer is awaited directly, with no extra thread hop.
+    #[doc(hidden)]
+    pub fn hold_paused_time_while_writing(&self) {
+        self.hold_paused_time.store(true, Ordering::Relaxed);
+    }
+
+    /// The writer thread's answer to one operation (see
+    /// [`Store::hold_paused_time_while_writing`]).
+    pub(super) async fn writer_answer<T: Send + 'static>(
+        &self,
+        answer: tokio::sync::oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let answered = if self.hold_paused_time.load(Ordering::Relaxed) {
+            tokio::task::spawn_blocking(move || answer.blocking_recv()).await.map_err(StoreError::Task)?
+        } else {
+            answer.await
+        };
+        answered.map_err(|_| writer_gone())?
     }
 
     /// Write transactions committed through this handle so far.
@@ -287,7 +318,7 @@ impl Store {
     pub async fn commit_poll(&self, job_id: String, decide: Decide) -> Result<PollWrite, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.writer()?.send(WriteOp::Poll(job_id, decide, reply)).map_err(|_| writer_gone())?;
-        answer.await.map_err(|_| writer_gone())?
+        self.writer_answer(answer).await
     }
 
     /// Records an attempt and moves its delivery on, through the batching writer.
@@ -299,7 +330,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.writer()?.send(WriteOp::Attempt(id, attempt, outcome, reply)).map_err(|_| writer_gone())?;
-        answer.await.map_err(|_| writer_gone())?
+        self.writer_answer(answer).await
     }
 
     /// The batching writer's queue, starting its thread and connection on
