@@ -11,6 +11,9 @@
 //! of each window from `/proc/stat`. Shared guests lose CPU to neighbours:
 //! compare the round with the least stolen time, and the median.
 //!
+//! `FIXED_RATE_RELAY=<path>` runs another build of `dari-relay` instead of
+//! this one, so two builds can be measured alternately in one run.
+//!
 //! Needs nginx and wrk (Debian: `apt-get install nginx wrk`); without them
 //! it says so and skips. `--smoke` runs one small round quickly, for CI.
 
@@ -209,7 +212,10 @@ fn measure(watches: usize, rounds: usize, smoke: bool, nginx: &Nginx, wrk_path: 
     );
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, config).unwrap();
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_dari-relay"))
+    // FIXED_RATE_RELAY names another build of the binary, to compare two
+    // builds in one run (before and after a change, alternating).
+    let binary = std::env::var_os("FIXED_RATE_RELAY").unwrap_or_else(|| env!("CARGO_BIN_EXE_dari-relay").into());
+    let mut relay = Command::new(binary)
         .args(["run", "--config"])
         .arg(&config_path)
         .env("DARI_API_KEY", "bench-key")

@@ -162,3 +162,22 @@ fn check_config_shows_the_ca_file_and_refuses_a_bad_one() {
         "{stderr}"
     );
 }
+
+/// The status poll's own client (hyper driven directly, issue 18) speaks
+/// TLS to an `https` Dari and checks its certificate against the built-in
+/// roots, as reqwest did: a server signed by the private test CA is refused
+/// with the TLS error, a transport error retried like any other.
+#[tokio::test]
+async fn status_polls_check_the_certificate_of_an_https_dari() {
+    let receiver = private_receiver().await;
+    let origin = receiver.url.trim_end_matches("/hook");
+    let text = format!("[upstream]\nbase_url = \"{origin}\"\nrequest_timeout = \"2s\"\n");
+    let config = dari_relay::config::Config::from_toml(&text, Path::new("t.toml"), &|_| None).unwrap();
+    let client = dari_relay::upstream::UpstreamClient::new(&config.upstream).unwrap();
+    let key = secrecy::SecretString::from("k".to_owned());
+    let err = client.fetch_status(&"acme/form".parse().unwrap(), JOB, &key).await.unwrap_err();
+    assert_eq!(err.label(), "transport_error", "{err}");
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    // The test process names no proxy (CI's neither): the direct client polled.
+    assert!(client.polls_directly() || std::env::var_os("HTTPS_PROXY").is_some());
+}

@@ -8,11 +8,14 @@
 
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use reqwest::{StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
 use crate::vocab::{PortalId, parse_job_id};
+
+mod direct;
 
 /// What went wrong with one status request.
 #[derive(Debug, thiserror::Error)]
@@ -108,10 +111,14 @@ pub fn excerpt(body: &[u8], max: usize) -> String {
 }
 
 /// The HTTP client for Dari. Cheap to clone; all clones share one connection
-/// pool, which is what keeps polls on warm keep-alive connections.
+/// pool, which is what keeps polls on warm keep-alive connections. Status
+/// polls go through hyper's client directly ([`direct`]) unless a proxy is
+/// set in the environment; starting a job, and every poll behind a proxy,
+/// through reqwest.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     http: reqwest::Client,
+    direct: Option<direct::Direct>,
     base_url: Url,
     max_response_bytes: usize,
 }
@@ -130,7 +137,12 @@ impl UpstreamClient {
             .connect_timeout(config.request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
-        Ok(UpstreamClient { http, base_url: config.base_url.clone(), max_response_bytes: config.max_response_bytes })
+        Ok(UpstreamClient {
+            http,
+            direct: direct::Direct::from_env(config),
+            base_url: config.base_url.clone(),
+            max_response_bytes: config.max_response_bytes,
+        })
     }
 
     /// `GET {base}/task/{org}/{endpoint}/status?job_id={job_id}`. Returns the
@@ -141,13 +153,21 @@ impl UpstreamClient {
         portal: &PortalId,
         job_id: &str,
         api_key: &SecretString,
-    ) -> Result<Vec<u8>, UpstreamError> {
+    ) -> Result<Bytes, UpstreamError> {
+        if let Some(direct) = &self.direct {
+            return direct.fetch_status(portal, job_id, api_key, self.max_response_bytes).await;
+        }
         let mut url = self.url(["task", &portal.org, &portal.endpoint, "status"])?;
         url.query_pairs_mut().append_pair("job_id", job_id);
         let response =
             self.http.get(url).header("X-API-Key", api_key.expose_secret()).send().await.map_err(transport_error)?;
-        let response = classify_status(response)?;
-        read_capped(response, self.max_response_bytes).await
+        classify(response.status(), response.headers())?;
+        read_capped(response, self.max_response_bytes).await.map(Bytes::from)
+    }
+
+    /// Whether status polls bypass reqwest (no proxy in the environment).
+    pub fn polls_directly(&self) -> bool {
+        self.direct.is_some()
     }
 }
 
@@ -170,7 +190,7 @@ impl UpstreamClient {
             .send()
             .await
             .map_err(transport_error)?;
-        let response = classify_status(response)?;
+        classify(response.status(), response.headers())?;
         let bytes = read_capped(response, self.max_response_bytes).await?;
         let answer: Value = serde_json::from_slice(&bytes)
             .map_err(|e| UpstreamError::Malformed(format!("{e}; body starts {:?}", excerpt(&bytes, 120))))?;
@@ -195,16 +215,15 @@ impl UpstreamClient {
     }
 }
 
-/// Passes a 2xx answer through; turns any other status into its error.
-fn classify_status(response: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
-    let status = response.status();
+/// Passes a 2xx status; turns any other into its error (a 429's usable
+/// `Retry-After` kept). Both HTTP paths answer through here.
+fn classify(status: StatusCode, headers: &reqwest::header::HeaderMap) -> Result<(), UpstreamError> {
     match status {
-        s if s.is_success() => Ok(response),
+        s if s.is_success() => Ok(()),
         StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(UpstreamError::Unauthorized(status.as_u16())),
         StatusCode::TOO_MANY_REQUESTS => {
-            let retry_after = response
-                .headers()
+            let retry_after = headers
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| crate::retry::parse_retry_after(v, SystemTime::now()));
