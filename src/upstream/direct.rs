@@ -32,7 +32,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{UpstreamError, classify};
+use super::{UpstreamError, classify, innermost};
 use crate::vocab::PortalId;
 
 /// What the `url` crate percent-encodes in a path segment (its
@@ -218,16 +218,6 @@ async fn read_capped(
         (Some(head), None) => head,
         (None, None) => Bytes::new(),
     })
-}
-
-/// A transport error as its innermost cause, the informative part
-/// ("connection refused"), as the reqwest path reports it.
-fn innermost(e: impl std::error::Error) -> UpstreamError {
-    let mut cause: &dyn std::error::Error = &e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    UpstreamError::Transport(cause.to_string())
 }
 
 #[cfg(test)]

@@ -253,8 +253,13 @@ fn transport_error(e: reqwest::Error) -> UpstreamError {
     if e.is_timeout() {
         return UpstreamError::Timeout;
     }
-    // The URL carries no secret here, but the chain can be long: keep the
-    // innermost cause, which is the informative part ("connection refused").
+    // The URL carries no secret here, but the chain can be long.
+    innermost(e)
+}
+
+/// A transport error as its innermost cause, the informative part
+/// ("connection refused"): both HTTP paths report errors through here.
+fn innermost(e: impl std::error::Error) -> UpstreamError {
     let mut cause: &dyn std::error::Error = &e;
     while let Some(next) = cause.source() {
         cause = next;
