@@ -22,8 +22,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Empty};
+use bytes::Bytes;
+use http_body_util::Empty;
 use hyper::http::{HeaderValue, Request, Uri, header};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -32,7 +32,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{UpstreamError, classify, innermost};
+use super::{UpstreamError, classify, content_length, innermost, read_capped};
 use crate::vocab::PortalId;
 
 /// What the `url` crate percent-encodes in a path segment (its
@@ -140,16 +140,11 @@ impl Direct {
         let exchange = async {
             let response = self.client.request(request).await.map_err(innermost)?;
             classify(response.status(), response.headers())?;
-            let declared = content_length(response.headers().get(header::CONTENT_LENGTH));
-            read_capped(response.into_body(), declared, limit).await
+            let declared = content_length(response.headers());
+            read_capped(response.into_body(), declared, limit, innermost).await
         };
         tokio::time::timeout(self.timeout, exchange).await.map_err(|_| UpstreamError::Timeout)?
     }
-}
-
-/// The declared `Content-Length` of an answer, if any.
-fn content_length(value: Option<&HeaderValue>) -> Option<u64> {
-    value.and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok())
 }
 
 /// `base_url` as the prefix of every status URL: no query or fragment, and
@@ -176,48 +171,6 @@ fn status_uri(base: &str, query: Option<&str>, portal: &PortalId, job_id: &str) 
         Some(query) => format!("{base}/task/{org}/{endpoint}/status?{query}&job_id={job}"),
     };
     Uri::try_from(text).map_err(|e| UpstreamError::Transport(format!("cannot build the status URL: {e}")))
-}
-
-/// Reads a body of at most `limit` bytes, refusing a longer one as soon as
-/// its declared length or the bytes read so far exceed the limit. A body
-/// that arrives in one frame (a status answer usually does) is returned
-/// as it is, without a copy.
-async fn read_capped(
-    mut body: hyper::body::Incoming,
-    declared: Option<u64>,
-    limit: usize,
-) -> Result<Bytes, UpstreamError> {
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(UpstreamError::TooLarge(limit));
-    }
-    let mut first: Option<Bytes> = None;
-    let mut more: Option<BytesMut> = None;
-    let mut len = 0usize;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(innermost)?.into_data() else {
-            continue; // trailers: not part of the body
-        };
-        len = len.saturating_add(data.len());
-        if len > limit {
-            return Err(UpstreamError::TooLarge(limit));
-        }
-        match (&mut first, &mut more) {
-            (None, None) => first = Some(data),
-            (Some(head), None) => {
-                let mut joined = BytesMut::with_capacity(declared.map_or(len, |n| n as usize).max(len));
-                joined.extend_from_slice(head);
-                joined.extend_from_slice(&data);
-                first = None;
-                more = Some(joined);
-            }
-            (_, Some(joined)) => joined.extend_from_slice(&data),
-        }
-    }
-    Ok(match (first, more) {
-        (_, Some(joined)) => joined.freeze(),
-        (Some(head), None) => head,
-        (None, None) => Bytes::new(),
-    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use reqwest::{StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
@@ -162,7 +163,7 @@ impl UpstreamClient {
         let response =
             self.http.get(url).header("X-API-Key", api_key.expose_secret()).send().await.map_err(transport_error)?;
         classify(response.status(), response.headers())?;
-        read_capped(response, self.max_response_bytes).await.map(Bytes::from)
+        read_reqwest(response, self.max_response_bytes).await
     }
 
     /// Whether status polls bypass reqwest (no proxy in the environment).
@@ -191,7 +192,7 @@ impl UpstreamClient {
             .await
             .map_err(transport_error)?;
         classify(response.status(), response.headers())?;
-        let bytes = read_capped(response, self.max_response_bytes).await?;
+        let bytes = read_reqwest(response, self.max_response_bytes).await?;
         let answer: Value = serde_json::from_slice(&bytes)
             .map_err(|e| UpstreamError::Malformed(format!("{e}; body starts {:?}", excerpt(&bytes, 120))))?;
         let job_id = answer
@@ -233,20 +234,55 @@ fn classify(status: StatusCode, headers: &reqwest::header::HeaderMap) -> Result<
     }
 }
 
+/// The declared `Content-Length` of an answer, if any.
+fn content_length(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    headers.get(reqwest::header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
 /// Reads a body of at most `limit` bytes, refusing a longer one as soon as
-/// its declared length or the bytes read so far exceed the limit.
-async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, UpstreamError> {
-    if response.content_length().is_some_and(|n| n > limit as u64) {
+/// its declared length or the bytes read so far exceed the limit; `error`
+/// names a failed read. A body that arrives in one frame (a status answer
+/// usually does) is returned as it is, without a copy. Both HTTP paths
+/// read through here.
+async fn read_capped<B>(
+    mut body: B,
+    declared: Option<u64>,
+    limit: usize,
+    error: impl Fn(B::Error) -> UpstreamError,
+) -> Result<Bytes, UpstreamError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    if declared.is_some_and(|n| n > limit as u64) {
         return Err(UpstreamError::TooLarge(limit));
     }
-    let mut body = Vec::with_capacity(response.content_length().unwrap_or(4096).min(limit as u64) as usize);
-    while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
-        if body.len() + chunk.len() > limit {
+    let (mut only, mut joined, mut len) = (None::<Bytes>, BytesMut::new(), 0usize);
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(&error)?.into_data() else {
+            continue; // trailers: not part of the body
+        };
+        len = len.saturating_add(data.len());
+        if len > limit {
             return Err(UpstreamError::TooLarge(limit));
         }
-        body.extend_from_slice(&chunk);
+        if only.is_none() && joined.is_empty() {
+            only = Some(data);
+            continue;
+        }
+        if let Some(head) = only.take() {
+            joined.reserve(declared.map_or(len, |n| n as usize).max(len));
+            joined.extend_from_slice(&head);
+        }
+        joined.extend_from_slice(&data);
     }
-    Ok(body)
+    Ok(only.unwrap_or_else(|| joined.freeze()))
+}
+
+/// A reqwest answer's body, read through [`read_capped`].
+async fn read_reqwest(response: reqwest::Response, limit: usize) -> Result<Bytes, UpstreamError> {
+    let declared = content_length(response.headers());
+    let body = hyper::http::Response::<reqwest::Body>::from(response).into_body();
+    read_capped(body, declared, limit, transport_error).await
 }
 
 fn transport_error(e: reqwest::Error) -> UpstreamError {
@@ -270,6 +306,32 @@ fn innermost(e: impl std::error::Error) -> UpstreamError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The body cap over any framing: one frame comes back as it is (no
+    /// copy), several are joined, and a body over the limit, declared or
+    /// read, is refused.
+    #[tokio::test]
+    async fn bodies_are_read_within_the_cap_and_one_frame_is_not_copied() {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        fn body(parts: &[&Bytes]) -> impl hyper::body::Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
+            let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+                parts.iter().map(|p| Ok(Frame::data((*p).clone()))).collect();
+            StreamBody::new(futures_util::stream::iter(frames))
+        }
+        let never = |e: std::convert::Infallible| match e {};
+        let whole = Bytes::from_static(b"{\"status\":\"running\"}");
+        let read = read_capped(body(&[&whole]), Some(whole.len() as u64), 100, never).await.unwrap();
+        assert_eq!(read.as_ptr(), whole.as_ptr(), "one frame is returned without a copy");
+        let (a, b, c) = (Bytes::from_static(b"ab"), Bytes::from_static(b"cd"), Bytes::from_static(b"ef"));
+        assert_eq!(read_capped(body(&[&a, &b, &c]), None, 6, never).await.unwrap(), "abcdef");
+        assert_eq!(read_capped(body(&[]), None, 6, never).await.unwrap(), "");
+        for (declared, limit) in [(None, 5), (Some(7), 10), (Some(2), 5)] {
+            let refused = read_capped(body(&[&a, &b, &c]), declared, limit, never).await;
+            let expect_refused = limit < 6 || declared.is_some_and(|n| n > limit as u64);
+            assert_eq!(matches!(refused, Err(UpstreamError::TooLarge(_))), expect_refused, "{declared:?} {limit}");
+        }
+    }
 
     #[test]
     fn portal_ids() {

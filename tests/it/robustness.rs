@@ -213,6 +213,45 @@ async fn refused_connection_is_a_transport_error() {
     assert_eq!(err.label(), "transport_error", "{err}");
 }
 
+/// A redirect from Dari is never followed: it would carry `X-API-Key` to
+/// wherever `Location` points. It is an unexpected status (retried with
+/// backoff), and the other host hears nothing.
+#[tokio::test]
+async fn a_redirect_from_dari_is_not_followed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    let elsewhere = axum::Router::new().fallback(move || {
+        let counted = Arc::clone(&counted);
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            "{\"status\": \"running\"}"
+        }
+    });
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = format!("http://{}/stolen", other.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(other, elsewhere).await.unwrap() });
+    let portal = axum::Router::new().route(
+        "/task/{org}/{endpoint}/status",
+        axum::routing::get(move || {
+            let target = target.clone();
+            async move { (axum::http::StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, target)]) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, portal).await.unwrap() });
+
+    let text = format!("[upstream]\nbase_url = \"{base}\"\nrequest_timeout = \"2s\"\n");
+    let config = dari_relay::config::Config::from_toml(&text, std::path::Path::new("t.toml"), &|_| None).unwrap();
+    let client = dari_relay::upstream::UpstreamClient::new(&config.upstream).unwrap();
+    let key = secrecy::SecretString::from("sk-never-elsewhere".to_owned());
+    let err = client.fetch_status(&"acme/form".parse().unwrap(), JOB, &key).await.unwrap_err();
+    assert!(matches!(err, dari_relay::upstream::UpstreamError::Status(307)), "{err}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
+}
+
 /// `max_requests_per_second` caps one org's requests on top of max_in_flight.
 #[tokio::test(start_paused = true)]
 async fn per_org_rate_limit_holds() {
