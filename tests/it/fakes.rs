@@ -425,7 +425,7 @@ impl Relay {
         let config = Arc::new(Config::from_toml(config_text, Path::new("test.toml"), &env).unwrap());
         let store = Arc::new(Store::open(&config.database).unwrap());
         // A test on paused tokio time then sees no time pass while a poll
-        // commits (a no-op for the others, but one thread hop per write).
+        // commits (a no-op for the others, but one thread hop per commit).
         store.hold_paused_time_while_writing();
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());

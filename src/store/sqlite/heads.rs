@@ -50,7 +50,7 @@ impl Store {
         let rows = serde_json::to_string(&rows).expect("names and numbers serialise");
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.writer()?.send(WriteOp::Concurrency(rows, reply)).map_err(|_| writer_gone())?;
-        self.writer_answer(answer).await
+        answer.await.map_err(|_| writer_gone())?
     }
 
     /// Each webhook's adaptive concurrency as last published, with when

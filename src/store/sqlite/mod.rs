@@ -185,26 +185,28 @@ impl Store {
         })
     }
 
-    /// For tests on paused tokio time: while a caller waits for the writer
-    /// thread's answer, paused time must not jump ahead (tokio advances a
+    /// For tests on paused tokio time: while the poller waits for the writer
+    /// thread's answer to a poll's commit, paused time must not jump ahead (tokio advances a
     /// paused clock whenever the runtime has nothing to run, and a wait on
     /// another thread's answer looks like nothing to run). With this set,
     /// the wait happens on tokio's blocking pool, which tokio counts as
     /// work, so a poll's commit takes no virtual time, as it takes almost
-    /// none of the real time a test measures. Store calls other than the
-    /// writer's already run on that pool. Without it (the daemon) the
-    /// answer is awaited directly, with no extra thread hop.
+    /// none of the real time a test measures. The poller's other store
+    /// calls already run on that pool. Without it (the daemon) the answer
+    /// is awaited directly, with no extra thread hop.
     #[doc(hidden)]
     pub fn hold_paused_time_while_writing(&self) {
         self.hold_paused_time.store(true, Ordering::Relaxed);
     }
 
-    /// The writer thread's answer to one operation (see
-    /// [`Store::hold_paused_time_while_writing`]).
-    pub(super) async fn writer_answer<T: Send + 'static>(
+    /// The writer thread's answer to a poll's commit (see
+    /// [`Store::hold_paused_time_while_writing`]). Only the poller runs on
+    /// paused time in tests; the deliverer has a thread and real time of
+    /// its own, so its writes are awaited directly, always.
+    async fn poll_answer(
         &self,
-        answer: tokio::sync::oneshot::Receiver<Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
+        answer: tokio::sync::oneshot::Receiver<Result<PollWrite, StoreError>>,
+    ) -> Result<PollWrite, StoreError> {
         let answered = if self.hold_paused_time.load(Ordering::Relaxed) {
             tokio::task::spawn_blocking(move || answer.blocking_recv()).await.map_err(StoreError::Task)?
         } else {
@@ -318,7 +320,7 @@ impl Store {
     pub async fn commit_poll(&self, job_id: String, decide: Decide) -> Result<PollWrite, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.writer()?.send(WriteOp::Poll(job_id, decide, reply)).map_err(|_| writer_gone())?;
-        self.writer_answer(answer).await
+        self.poll_answer(answer).await
     }
 
     /// Records an attempt and moves its delivery on, through the batching writer.
@@ -330,7 +332,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.writer()?.send(WriteOp::Attempt(id, attempt, outcome, reply)).map_err(|_| writer_gone())?;
-        self.writer_answer(answer).await
+        answer.await.map_err(|_| writer_gone())?
     }
 
     /// The batching writer's queue, starting its thread and connection on
